@@ -28,6 +28,9 @@ pub enum Error {
     #[error("data file {path}, line {line}: {msg}")]
     Data { path: PathBuf, line: usize, msg: String },
 
+    #[error("plot {0}")]
+    Plot(String),
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 

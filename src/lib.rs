@@ -5,6 +5,7 @@
 //! -> `methods` -> `engine` (assemble, decode) -> `eval`, `server`, CLI in `main.rs`.
 
 pub mod error;
+pub mod eval;
 
 pub use error::{Error, Result};
 pub mod kv;

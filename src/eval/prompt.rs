@@ -1,0 +1,172 @@
+//! The LongBench hotpotqa / 2wikimqa / musique prompt, split into the segments whose KV
+//! caches are computed separately: preamble, one segment per document, question.
+//!
+//! LongBench's template is `{instruction}\n\nThe following are given passages.\n{context}\n\n
+//! {instruction}\n\nQuestion: {input}\nAnswer:` with `context` the passages
+//! `Passage {n}:\n{passage}` joined by `\n`. The joining `\n` is put at the end of each
+//! document (and the template's other `\n` opens the question), so every document segment has
+//! the same shape wherever it sits, and the concatenation is the template text exactly.
+
+use super::data::Example;
+
+/// LongBench's instruction, said before the passages and again before the question.
+pub const LONGBENCH_INSTRUCTION: &str =
+    "Answer the question based on the given passages. Only give me the answer and do not output any other words.";
+
+/// A prompt as segments; `preamble + documents.concat() + question` is the full prompt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RagPrompt {
+    pub preamble: String,
+    pub documents: Vec<String>,
+    pub question: String,
+}
+
+impl RagPrompt {
+    /// The full prompt text (before any chat template).
+    pub fn text(&self) -> String {
+        let mut s = self.preamble.clone();
+        for d in &self.documents {
+            s.push_str(d);
+        }
+        s.push_str(&self.question);
+        s
+    }
+}
+
+/// The text of passage `n` (1-based) as it appears inside the context, without the joining
+/// newline: `Passage {n}:\n{title}\n{text}`, or `Passage {n}:\n{text}` when the title is empty
+/// (CacheBlend data, and LongBench data whose passage text already starts with the title).
+pub fn passage(n: usize, title: &str, text: &str) -> String {
+    if title.is_empty() {
+        format!("Passage {n}:\n{text}")
+    } else {
+        format!("Passage {n}:\n{title}\n{text}")
+    }
+}
+
+/// Builds the LongBench prompt for `ex`, one document segment per passage.
+pub fn longbench_prompt(ex: &Example) -> RagPrompt {
+    RagPrompt {
+        preamble: format!("{LONGBENCH_INSTRUCTION}\n\nThe following are given passages.\n"),
+        documents: ex
+            .documents
+            .iter()
+            .enumerate()
+            .map(|(i, d)| format!("{}\n", passage(i + 1, &d.title, &d.text)))
+            .collect(),
+        // With no passages there is no document newline before the template's `\n\n`.
+        question: format!(
+            "{}{LONGBENCH_INSTRUCTION}\n\nQuestion: {}\nAnswer:",
+            if ex.documents.is_empty() {
+                "\n\n"
+            } else {
+                "\n"
+            },
+            ex.question
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::data::{load_examples, Document};
+    use std::path::Path;
+
+    /// LongBench's `dataset2prompt` entry for hotpotqa / 2wikimqa / musique, written out.
+    fn template(context: &str, input: &str) -> String {
+        format!(
+            "Answer the question based on the given passages. Only give me the answer and do not \
+             output any other words.\n\nThe following are given passages.\n{context}\n\nAnswer \
+             the question based on the given passages. Only give me the answer and do not output \
+             any other words.\n\nQuestion: {input}\nAnswer:"
+        )
+    }
+
+    fn example(docs: &[(&str, &str)], question: &str) -> Example {
+        Example {
+            id: "0".into(),
+            question: question.into(),
+            documents: docs
+                .iter()
+                .map(|(t, x)| Document {
+                    title: t.to_string(),
+                    text: x.to_string(),
+                })
+                .collect(),
+            answers: vec!["a".into()],
+        }
+    }
+
+    #[test]
+    fn segments_concatenate_to_the_template_untitled() {
+        let ex = example(
+            &[("", "first doc."), ("", "second\ndoc."), ("", "third")],
+            "Who?",
+        );
+        let p = longbench_prompt(&ex);
+        let context = "Passage 1:\nfirst doc.\nPassage 2:\nsecond\ndoc.\nPassage 3:\nthird";
+        assert_eq!(p.text(), template(context, "Who?"));
+        assert_eq!(
+            p.preamble,
+            "Answer the question based on the given passages. Only give me the answer and do not \
+             output any other words.\n\nThe following are given passages.\n"
+        );
+        assert_eq!(p.documents[1], "Passage 2:\nsecond\ndoc.\n");
+        assert!(p.question.starts_with("\nAnswer the question"));
+        assert!(p.question.ends_with("\n\nQuestion: Who?\nAnswer:"));
+    }
+
+    #[test]
+    fn titles_go_on_their_own_line() {
+        let ex = example(
+            &[("Ed Wood", "Ed Wood was a director."), ("", "no title")],
+            "Q",
+        );
+        let p = longbench_prompt(&ex);
+        assert_eq!(
+            p.documents[0],
+            "Passage 1:\nEd Wood\nEd Wood was a director.\n"
+        );
+        let context = "Passage 1:\nEd Wood\nEd Wood was a director.\nPassage 2:\nno title";
+        assert_eq!(p.text(), template(context, "Q"));
+    }
+
+    #[test]
+    fn no_documents() {
+        let p = longbench_prompt(&example(&[], "Q"));
+        assert!(p.documents.is_empty());
+        assert_eq!(p.text(), template("", "Q"));
+    }
+
+    #[test]
+    fn longbench_record_round_trips_to_its_template() {
+        let context =
+            "Passage 1:\nAnn Roe\nAnn Roe was born in Oslo.\nPassage 2:\nOslo\nOslo is a city.\n";
+        let rec = serde_json::json!({
+            "input": "Where was Ann Roe born?", "context": context,
+            "answers": ["Oslo"], "_id": "x1"
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lb.jsonl");
+        std::fs::write(&path, format!("{rec}\n")).unwrap();
+        let ex = load_examples(&path).unwrap();
+        let p = longbench_prompt(&ex[0]);
+        assert_eq!(p.documents.len(), 2);
+        assert_eq!(p.text(), template(context, "Where was Ann Roe born?"));
+    }
+
+    #[test]
+    fn real_cacheblend_example_matches_template() {
+        let ex = load_examples(Path::new("/work/shared/data/musique_s.jsonl")).unwrap();
+        let p = longbench_prompt(&ex[0]);
+        assert_eq!(p.documents.len(), 10);
+        let context: Vec<String> = ex[0]
+            .documents
+            .iter()
+            .enumerate()
+            .map(|(i, d)| format!("Passage {}:\n{}", i + 1, d.text))
+            .collect();
+        assert_eq!(p.text(), template(&context.join("\n"), &ex[0].question));
+    }
+}
