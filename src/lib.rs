@@ -5,5 +5,6 @@
 //! -> `methods` -> `engine` (assemble, decode) -> `eval`, `server`, CLI in `main.rs`.
 
 pub mod error;
+pub mod store;
 
 pub use error::{Error, Result};
