@@ -1,12 +1,14 @@
 //! samkv: a RAG inference engine that computes each document's KV cache once, stores it, and
 //! combines stored caches at request time (Reuse, CacheBlend, EPIC, Multi-InfLLM, SamKV).
 //!
-//! Modules follow the data path: `model` (runtime) -> `tokenizer` -> `kv` (cache and store)
-//! -> `methods` -> `engine` (assemble, decode) -> `eval`, `server`, CLI in `main.rs`.
+//! Modules follow the data path: `model` (runtime) -> `tokenizer` -> `kv` (in-memory buffers)
+//! and `store` (persistent per-document caches) -> `methods` -> `engine` (assemble, decode)
+//! -> `eval`, `server`, CLI in `main.rs`.
 
 pub mod error;
 pub mod eval;
-
-pub use error::{Error, Result};
 pub mod kv;
 pub mod model;
+pub mod store;
+
+pub use error::{Error, Result};

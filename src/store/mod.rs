@@ -1,0 +1,627 @@
+//! Persistent per-document KV store.
+//!
+//! A document's KV cache is computed once (METHODS.md section 1) and kept here, addressed by
+//! a content hash of everything that determines it (model, tokenizer, the prefix it was computed
+//! after, its tokens). The store holds tensors only; the engine fills and interprets them.
+//!
+//! Layers: [`format`] (one safetensors file per document, checksummed), [`disk::DiskStore`]
+//! (atomic, multi-process safe directory), [`memory::MemoryTier`] (byte-budgeted LRU in front).
+
+pub mod disk;
+pub mod format;
+pub mod memory;
+
+pub use disk::{CorruptEntry, DiskStore, GcReport};
+pub use memory::MemoryTier;
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Tensor};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Version of the on-disk entry layout; bump when the meaning of a field or tensor changes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Everything needed to check that a stored cache fits the request that wants to use it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DocMeta {
+    pub format_version: u32,
+    /// Hash of the weights file / config + tensors.
+    pub model_fingerprint: String,
+    pub tokenizer_fingerprint: String,
+    /// [`prefix_hash`] of the token ids the document was computed after ("" if none).
+    pub prefix_hash: String,
+    /// Number of prefix tokens (the document's first position is `prefix_len`).
+    pub prefix_len: usize,
+    pub n_layers: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Storage dtype of k and v: "f32" | "f16" | "bf16".
+    pub dtype: String,
+    /// "interleaved" | "split_half".
+    pub rope_layout: String,
+    pub rope_base: f64,
+    /// true: keys are stored rotated at `positions`.
+    pub keys_post_rope: bool,
+    /// One per token (normally prefix_len..prefix_len+T).
+    pub positions: Vec<u32>,
+    pub token_ids: Vec<u32>,
+    pub created_unix: u64,
+}
+
+impl DocMeta {
+    /// Number of document tokens (T).
+    pub fn n_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+
+    /// The content address this meta describes.
+    pub fn id(&self) -> DocId {
+        doc_id_from_prefix_hash(
+            &self.model_fingerprint,
+            &self.tokenizer_fingerprint,
+            &self.prefix_hash,
+            &self.token_ids,
+        )
+    }
+
+    /// The candle dtype named by `dtype`.
+    pub fn storage_dtype(&self) -> Result<DType> {
+        parse_storage_dtype(&self.dtype)
+    }
+}
+
+/// Content address of a stored document: 64 lowercase hex chars (sha256).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DocId(pub String);
+
+impl DocId {
+    /// Parses and checks a textual id (so it can safely become a file name).
+    pub fn parse(s: &str) -> Result<DocId> {
+        let id = DocId(s.to_string());
+        if id.is_valid() {
+            Ok(id)
+        } else {
+            Err(Error::InvalidInput(format!(
+                "`{s}` is not a document id (expected 64 lowercase hex characters)"
+            )))
+        }
+    }
+
+    pub fn is_valid(&self) -> bool {
+        self.0.len() == 64
+            && self
+                .0
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for DocId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+// Every variable-length field is length-prefixed so that ("ab","c") and ("a","bc"), or a token
+// moved from the prefix to the document, give different hashes.
+fn hash_str(h: &mut Sha256, s: &str) {
+    h.update((s.len() as u64).to_le_bytes());
+    h.update(s.as_bytes());
+}
+
+fn hash_ids(h: &mut Sha256, ids: &[u32]) {
+    h.update((ids.len() as u64).to_le_bytes());
+    for id in ids {
+        h.update(id.to_le_bytes());
+    }
+}
+
+/// Hash of the prefix token ids stored in [`DocMeta::prefix_hash`]; "" for an empty prefix.
+pub fn prefix_hash(prefix_ids: &[u32]) -> String {
+    if prefix_ids.is_empty() {
+        return String::new();
+    }
+    let mut h = Sha256::new();
+    h.update(b"samkv.prefix.v1");
+    hash_ids(&mut h, prefix_ids);
+    hex::encode(h.finalize())
+}
+
+/// Content address of a document's KV: sha256 over the model and tokenizer fingerprints, the
+/// prefix and the document's token ids.
+pub fn doc_id(model_fp: &str, tokenizer_fp: &str, prefix_ids: &[u32], token_ids: &[u32]) -> DocId {
+    doc_id_from_prefix_hash(model_fp, tokenizer_fp, &prefix_hash(prefix_ids), token_ids)
+}
+
+/// [`doc_id`] when only the prefix's hash is known (as in a stored [`DocMeta`]).
+pub fn doc_id_from_prefix_hash(
+    model_fp: &str,
+    tokenizer_fp: &str,
+    prefix_hash: &str,
+    token_ids: &[u32],
+) -> DocId {
+    let mut h = Sha256::new();
+    h.update(b"samkv.doc.v1");
+    hash_str(&mut h, model_fp);
+    hash_str(&mut h, tokenizer_fp);
+    hash_str(&mut h, prefix_hash);
+    hash_ids(&mut h, token_ids);
+    DocId(hex::encode(h.finalize()))
+}
+
+/// Seconds since the Unix epoch, for [`DocMeta::created_unix`].
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Name used in [`DocMeta::dtype`] for a KV storage dtype, if it is one.
+pub fn dtype_name(dt: DType) -> Option<&'static str> {
+    match dt {
+        DType::F32 => Some("f32"),
+        DType::F16 => Some("f16"),
+        DType::BF16 => Some("bf16"),
+        _ => None,
+    }
+}
+
+/// Parses a KV storage dtype name ("f32" | "f16" | "bf16").
+pub fn parse_storage_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(Error::InvalidInput(format!(
+            "unknown KV storage dtype `{s}` (expected f32, f16 or bf16)"
+        ))),
+    }
+}
+
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+/// One document's KV cache plus per-document side data.
+#[derive(Clone, Debug)]
+pub struct StoredDoc {
+    pub id: DocId,
+    pub meta: DocMeta,
+    /// Per layer, shape (n_kv_heads, T, head_dim).
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    /// Per-document side data for methods (e.g. "samkv.qloc.{layer}"), any dtype/shape.
+    pub side: BTreeMap<String, Tensor>,
+}
+
+impl StoredDoc {
+    /// Builds a document with its id computed from `meta`, checking shapes against `meta`.
+    pub fn new(
+        meta: DocMeta,
+        k: Vec<Tensor>,
+        v: Vec<Tensor>,
+        side: BTreeMap<String, Tensor>,
+    ) -> Result<StoredDoc> {
+        let doc = StoredDoc {
+            id: meta.id(),
+            meta,
+            k,
+            v,
+            side,
+        };
+        doc.validate().map_err(Error::InvalidInput)?;
+        Ok(doc)
+    }
+
+    /// Bytes of k and v.
+    pub fn kv_bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(tensor_bytes).sum()
+    }
+
+    /// Bytes of the side tensors.
+    pub fn side_bytes(&self) -> usize {
+        self.side.values().map(tensor_bytes).sum()
+    }
+
+    /// kv_bytes + side_bytes: what the memory tier charges against its budget.
+    pub fn total_bytes(&self) -> usize {
+        self.kv_bytes() + self.side_bytes()
+    }
+
+    /// Number of document tokens (T).
+    pub fn len(&self) -> usize {
+        self.meta.n_tokens()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A copy with k and v in `dt` (f32, f16 or bf16). Side tensors keep their dtype: methods
+    /// choose their own precision for them.
+    pub fn to_dtype(&self, dt: DType) -> Result<StoredDoc> {
+        let name = dtype_name(dt).ok_or_else(|| {
+            Error::InvalidInput(format!("KV can be stored as f32, f16 or bf16, not {dt:?}"))
+        })?;
+        let conv = |ts: &[Tensor]| -> Result<Vec<Tensor>> {
+            ts.iter().map(|t| Ok(t.to_dtype(dt)?)).collect()
+        };
+        let mut meta = self.meta.clone();
+        meta.dtype = name.to_string();
+        Ok(StoredDoc {
+            id: self.id.clone(),
+            meta,
+            k: conv(&self.k)?,
+            v: conv(&self.v)?,
+            side: self.side.clone(),
+        })
+    }
+
+    /// Checks meta against itself and the tensors; the message says what is inconsistent.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let m = &self.meta;
+        if m.format_version != FORMAT_VERSION {
+            return Err(format!(
+                "format version {} is not the one this samkv writes ({FORMAT_VERSION})",
+                m.format_version
+            ));
+        }
+        let dt = m.storage_dtype().map_err(|e| e.to_string())?;
+        if m.rope_layout != "interleaved" && m.rope_layout != "split_half" {
+            return Err(format!(
+                "rope_layout `{}` is not `interleaved` or `split_half`",
+                m.rope_layout
+            ));
+        }
+        if !(m.rope_base.is_finite() && m.rope_base > 0.0) {
+            return Err(format!(
+                "rope_base {} is not a positive number",
+                m.rope_base
+            ));
+        }
+        if m.n_layers == 0 || m.n_kv_heads == 0 || m.head_dim == 0 {
+            return Err(format!(
+                "n_layers {}, n_kv_heads {}, head_dim {} must all be positive",
+                m.n_layers, m.n_kv_heads, m.head_dim
+            ));
+        }
+        let t = m.n_tokens();
+        if t == 0 {
+            return Err("document has no tokens".to_string());
+        }
+        if m.positions.len() != t {
+            return Err(format!(
+                "{} positions for {t} tokens (need one per token)",
+                m.positions.len()
+            ));
+        }
+        let valid_hash = DocId(m.prefix_hash.clone()).is_valid();
+        if (m.prefix_len == 0) != m.prefix_hash.is_empty() || (m.prefix_len > 0 && !valid_hash) {
+            return Err(format!(
+                "prefix_len {} does not fit prefix_hash `{}` (use prefix_hash() of the prefix ids, \"\" for none)",
+                m.prefix_len, m.prefix_hash
+            ));
+        }
+        for (kind, ts) in [("k", &self.k), ("v", &self.v)] {
+            if ts.len() != m.n_layers {
+                return Err(format!(
+                    "meta says n_layers={} but there are {} `{kind}` tensors",
+                    m.n_layers,
+                    ts.len()
+                ));
+            }
+            let want = [m.n_kv_heads, t, m.head_dim];
+            for (l, x) in ts.iter().enumerate() {
+                if x.dims() != want {
+                    return Err(format!(
+                        "{kind}.{l} has shape {:?} but meta says (n_kv_heads, T, head_dim) = {want:?}",
+                        x.dims()
+                    ));
+                }
+                if x.dtype() != dt {
+                    return Err(format!(
+                        "{kind}.{l} is {:?} but meta says dtype {}",
+                        x.dtype(),
+                        m.dtype
+                    ));
+                }
+            }
+        }
+        if self.side.keys().any(|k| k.is_empty()) {
+            return Err("side tensor with an empty name".to_string());
+        }
+        let id = m.id();
+        if id != self.id {
+            return Err(format!(
+                "id {} does not match the id {id} computed from its meta",
+                self.id
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One row of [`KvStore::list`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct EntryInfo {
+    pub id: DocId,
+    pub bytes: u64,
+    pub tokens: usize,
+    pub model_fingerprint: String,
+    pub format_version: u32,
+    pub created_unix: u64,
+}
+
+/// Counters of a store. Fields a tier does not have stay 0.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StoreStats {
+    /// Persistent entries and their bytes on disk (memory-only store: cached docs).
+    pub entries: usize,
+    pub bytes: u64,
+    /// Gets that returned a document (memory or disk).
+    pub hits: u64,
+    /// Gets that found nothing.
+    pub misses: u64,
+    /// Gets that found a corrupt or incompatible entry.
+    pub errors: u64,
+    pub memory_hits: u64,
+    pub disk_hits: u64,
+    pub memory_entries: usize,
+    pub memory_bytes: usize,
+    pub memory_budget: usize,
+    pub evictions: u64,
+}
+
+/// A content-addressed store of [`StoredDoc`]s.
+pub trait KvStore: Send + Sync {
+    /// Ok(None) when absent; Err(Error::Store) when present but corrupt or incompatible
+    /// (callers then recompute, and may overwrite by removing it first).
+    fn get(&self, id: &DocId) -> Result<Option<Arc<StoredDoc>>>;
+    /// false if it was already there (same id = same content, so nothing is rewritten).
+    fn put(&self, doc: &StoredDoc) -> Result<bool>;
+    fn contains(&self, id: &DocId) -> Result<bool>;
+    fn remove(&self, id: &DocId) -> Result<bool>;
+    fn list(&self) -> Result<Vec<EntryInfo>>;
+    fn stats(&self) -> Result<StoreStats>;
+
+    /// [`KvStore::get`], failing if the entry was computed by a model with another fingerprint.
+    fn get_for_model(&self, id: &DocId, model_fp: &str) -> Result<Option<Arc<StoredDoc>>> {
+        match self.get(id)? {
+            Some(doc) if doc.meta.model_fingerprint != model_fp => Err(Error::Store(format!(
+                "entry {id} was computed by another model (fingerprint {}, expected {model_fp}); recompute it",
+                doc.meta.model_fingerprint
+            ))),
+            other => Ok(other),
+        }
+    }
+}
+
+/// Opens a store from a spec: a directory path (created if needed), wrapped in a memory tier of
+/// `memory_budget` bytes.
+pub fn open_store(spec: &str, memory_budget: usize) -> Result<Arc<dyn KvStore>> {
+    if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+        return Err(Error::Store(format!(
+            "redis stores are not supported yet (`{spec}`); use a directory path"
+        )));
+    }
+    if let Some((scheme, _)) = spec.split_once("://") {
+        return Err(Error::Store(format!(
+            "unknown store scheme `{scheme}://` in `{spec}`; use a directory path"
+        )));
+    }
+    if spec.is_empty() {
+        return Err(Error::InvalidInput(
+            "empty store path; give a directory (default: $SAMKV_STORE or ./samkv-store)".into(),
+        ));
+    }
+    let disk: Arc<dyn KvStore> = Arc::new(DiskStore::open(spec)?);
+    Ok(Arc::new(MemoryTier::new(memory_budget, Some(disk))))
+}
+
+/// $SAMKV_STORE, or ./samkv-store.
+pub fn default_store_dir() -> PathBuf {
+    match std::env::var_os("SAMKV_STORE") {
+        Some(v) if !v.is_empty() => PathBuf::from(v),
+        _ => PathBuf::from("./samkv-store"),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::*;
+    use candle_core::Device;
+
+    /// A small document with random k/v in `dt`, random f32 and fixed u32 side tensors.
+    /// `seed` picks the token ids (and thus the id).
+    pub fn make_doc(
+        n_layers: usize,
+        heads: usize,
+        t: usize,
+        hd: usize,
+        dt: DType,
+        seed: u32,
+    ) -> StoredDoc {
+        let dev = Device::Cpu;
+        let rnd = |shape: (usize, usize, usize)| {
+            Tensor::randn(0f32, 1f32, shape, &dev)
+                .and_then(|x| x.to_dtype(dt))
+                .expect("randn")
+        };
+        let k = (0..n_layers).map(|_| rnd((heads, t, hd))).collect();
+        let v = (0..n_layers).map(|_| rnd((heads, t, hd))).collect();
+        let prefix = [1u32, 2, 3];
+        let meta = DocMeta {
+            format_version: FORMAT_VERSION,
+            model_fingerprint: "model-fp".into(),
+            tokenizer_fingerprint: "tok-fp".into(),
+            prefix_hash: prefix_hash(&prefix),
+            prefix_len: prefix.len(),
+            n_layers,
+            n_kv_heads: heads,
+            head_dim: hd,
+            dtype: dtype_name(dt).expect("kv dtype").into(),
+            rope_layout: "split_half".into(),
+            rope_base: 10000.0,
+            keys_post_rope: true,
+            positions: (3..3 + t as u32).collect(),
+            token_ids: (0..t as u32)
+                .map(|i| seed.wrapping_mul(7919).wrapping_add(i))
+                .collect(),
+            created_unix: 1_700_000_000 + seed as u64,
+        };
+        let mut side = BTreeMap::new();
+        side.insert(
+            "samkv.qloc.1".to_string(),
+            Tensor::randn(0f32, 1f32, (heads * 3, hd), &dev).expect("randn"),
+        );
+        side.insert(
+            "ids".to_string(),
+            Tensor::new(&[seed, 5, 6][..], &dev).expect("tensor"),
+        );
+        StoredDoc::new(meta, k, v, side).expect("valid test doc")
+    }
+
+    /// Raw little-endian bytes of a tensor, to compare tensors exactly.
+    pub fn raw(t: &Tensor) -> Vec<u8> {
+        let mut out = Vec::new();
+        t.write_bytes(&mut out).expect("write_bytes");
+        out
+    }
+
+    pub fn assert_same(a: &StoredDoc, b: &StoredDoc) {
+        assert_eq!(a.id, b.id);
+        assert_eq!(a.meta, b.meta);
+        assert_eq!(a.k.len(), b.k.len());
+        for (x, y) in a.k.iter().zip(&b.k).chain(a.v.iter().zip(&b.v)) {
+            assert_eq!(x.dims(), y.dims());
+            assert_eq!(x.dtype(), y.dtype());
+            assert_eq!(raw(x), raw(y));
+        }
+        assert_eq!(
+            a.side.keys().collect::<Vec<_>>(),
+            b.side.keys().collect::<Vec<_>>()
+        );
+        for (n, x) in &a.side {
+            let y = &b.side[n];
+            assert_eq!(x.dims(), y.dims());
+            assert_eq!(x.dtype(), y.dtype());
+            assert_eq!(raw(x), raw(y));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::make_doc;
+    use super::*;
+
+    #[test]
+    fn doc_id_is_length_prefixed_and_stable() {
+        let a = doc_id("ab", "c", &[], &[1, 2]);
+        assert_eq!(a, doc_id("ab", "c", &[], &[1, 2]));
+        assert!(a.is_valid());
+        assert_ne!(a, doc_id("a", "bc", &[], &[1, 2]));
+        // A token moved between prefix and document changes the id.
+        assert_ne!(
+            doc_id("m", "t", &[1], &[2, 3]),
+            doc_id("m", "t", &[1, 2], &[3])
+        );
+        assert_ne!(doc_id("m", "t", &[], &[1, 2]), doc_id("m", "t", &[1], &[2]));
+        assert_ne!(
+            doc_id("m", "t", &[], &[1, 2]),
+            doc_id("m2", "t", &[], &[1, 2])
+        );
+        assert_eq!(prefix_hash(&[]), "");
+        assert_eq!(prefix_hash(&[7]).len(), 64);
+        assert_eq!(
+            doc_id("m", "t", &[4, 5], &[6]),
+            doc_id_from_prefix_hash("m", "t", &prefix_hash(&[4, 5]), &[6])
+        );
+    }
+
+    #[test]
+    fn doc_id_parse_rejects_paths() {
+        assert!(DocId::parse("../../etc/passwd").is_err());
+        assert!(DocId::parse(&"A".repeat(64)).is_err());
+        assert!(DocId::parse(&"a".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn sizes_len_and_to_dtype() -> Result<()> {
+        let d = make_doc(2, 3, 5, 4, DType::F32, 1);
+        assert_eq!(d.len(), 5);
+        assert!(!d.is_empty());
+        assert_eq!(d.kv_bytes(), 2 * 2 * 3 * 5 * 4 * 4);
+        assert_eq!(d.side_bytes(), 9 * 4 * 4 + 3 * 4);
+        assert_eq!(d.total_bytes(), d.kv_bytes() + d.side_bytes());
+        let h = d.to_dtype(DType::BF16)?;
+        assert_eq!(h.meta.dtype, "bf16");
+        assert_eq!(h.id, d.id);
+        assert!(h.k.iter().chain(&h.v).all(|t| t.dtype() == DType::BF16));
+        assert_eq!(h.side["samkv.qloc.1"].dtype(), DType::F32);
+        assert_eq!(h.kv_bytes() * 2, d.kv_bytes());
+        h.validate().map_err(Error::Store)?;
+        assert!(d.to_dtype(DType::U8).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn new_rejects_inconsistent_meta() {
+        let d = make_doc(2, 3, 5, 4, DType::F32, 1);
+        let mut m = d.meta.clone();
+        m.positions.pop();
+        let e = StoredDoc::new(m, d.k.clone(), d.v.clone(), d.side.clone()).unwrap_err();
+        assert!(e.to_string().contains("positions"), "{e}");
+        let mut m = d.meta.clone();
+        m.head_dim = 8;
+        let e = StoredDoc::new(m, d.k.clone(), d.v.clone(), d.side.clone()).unwrap_err();
+        assert!(e.to_string().contains("head_dim"), "{e}");
+        let mut m = d.meta.clone();
+        m.prefix_len = 0;
+        let e = StoredDoc::new(m, d.k.clone(), d.v.clone(), d.side.clone()).unwrap_err();
+        assert!(e.to_string().contains("prefix_len"), "{e}");
+    }
+
+    #[test]
+    fn open_store_specs() -> Result<()> {
+        let e = open_store("redis://localhost:6379", 1 << 20)
+            .err()
+            .expect("redis refused");
+        assert!(
+            e.to_string().contains("redis stores are not supported yet"),
+            "{e}"
+        );
+        let e = open_store("s3://bucket", 1 << 20)
+            .err()
+            .expect("s3 refused");
+        assert!(e.to_string().contains("unknown store scheme"), "{e}");
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("st");
+        let store = open_store(path.to_str().expect("utf8 path"), 1 << 20)?;
+        let d = make_doc(1, 1, 3, 2, DType::F16, 9);
+        assert!(store.put(&d)?);
+        assert!(store.get(&d.id)?.is_some());
+        assert!(DiskStore::open(&path)?.contains(&d.id)?);
+        assert!(store.get_for_model(&d.id, "model-fp")?.is_some());
+        let e = store.get_for_model(&d.id, "other").unwrap_err();
+        assert!(e.to_string().contains("another model"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn default_dir_follows_env() {
+        // The only test touching SAMKV_STORE, so no race with other tests.
+        std::env::set_var("SAMKV_STORE", "/tmp/x-samkv");
+        assert_eq!(default_store_dir(), PathBuf::from("/tmp/x-samkv"));
+        std::env::remove_var("SAMKV_STORE");
+        assert_eq!(default_store_dir(), PathBuf::from("./samkv-store"));
+    }
+}
