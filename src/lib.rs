@@ -5,5 +5,7 @@
 //! -> `methods` -> `engine` (assemble, decode) -> `eval`, `server`, CLI in `main.rs`.
 
 pub mod error;
+pub mod fetch;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
