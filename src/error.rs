@@ -22,6 +22,9 @@ pub enum Error {
     #[error("chat template: {0}")]
     Template(String),
 
+    #[error("model fetch: {0}")]
+    Fetch(String),
+
     #[error("KV store: {0}")]
     Store(String),
 

@@ -5,10 +5,13 @@
 //! and `store` (persistent per-document caches) -> `methods` -> `engine` (assemble, decode)
 //! -> `eval`, `server`, CLI in `main.rs`.
 
+
 pub mod error;
 pub mod eval;
+pub mod fetch;
 pub mod kv;
 pub mod model;
 pub mod store;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
