@@ -11,6 +11,7 @@ pub mod eval;
 pub mod fetch;
 pub mod kv;
 pub mod model;
+pub mod speed;
 pub mod store;
 pub mod tokenizer;
 

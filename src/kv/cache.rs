@@ -4,7 +4,8 @@
 //! different set per layer). Rows are kept sorted by position, which lets attention skip
 //! keys that lie in every query's future.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use half::f16;
 
 use crate::{Error, Result};
 
@@ -14,12 +15,28 @@ pub struct LayerKv {
     k: Tensor,
     v: Tensor,
     pos: Vec<u32>,
+    /// f16 copy for decoding on CPU (see [`HalfKv`]); built on first use, extended on append,
+    /// dropped by any other change to the rows.
+    half: Option<HalfKv>,
+}
+
+/// An f16 copy of a layer's K/V rows, (kv_heads, cap, head_dim) each, rows `0..len` in sync
+/// with the f32 rows. Decoding one token reads every cached row once, so at long contexts its
+/// speed is bound by memory traffic; reading f16 halves it (llama.cpp's default KV type).
+/// `unusable` marks layers holding values outside f16's range: they keep the f32 path.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct HalfKv {
+    pub(crate) k: Vec<f16>,
+    pub(crate) v: Vec<f16>,
+    pub(crate) cap: usize,
+    pub(crate) len: usize,
+    unusable: bool,
 }
 
 impl LayerKv {
     pub fn empty(kv_heads: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<Self> {
         let k = Tensor::zeros((kv_heads, 0, head_dim), dtype, device)?;
-        Ok(Self { v: k.clone(), k, pos: Vec::new() })
+        Ok(Self { v: k.clone(), k, pos: Vec::new(), half: None })
     }
 
     /// Wraps full tensors (kv_heads, T, head_dim) with their positions.
@@ -33,7 +50,7 @@ impl LayerKv {
                 pos.len()
             )));
         }
-        let mut layer = Self { k, v, pos };
+        let mut layer = Self { k, v, pos, half: None };
         layer.sort_by_position()?;
         Ok(layer)
     }
@@ -96,6 +113,44 @@ impl LayerKv {
         Ok(())
     }
 
+    /// The f16 copy of the valid rows, brought up to date (converting only rows appended since
+    /// the last call). None unless the rows are f32 on the CPU and fit f16's range.
+    pub(crate) fn half(&mut self) -> Result<Option<&HalfKv>> {
+        if self.k.dtype() != DType::F32 || !self.k.device().is_cpu() {
+            return Ok(None);
+        }
+        let (h, cap32, d) = self.k.dims3()?;
+        let len = self.len();
+        let mut hk = self.half.take().unwrap_or_default();
+        if hk.unusable {
+            self.half = Some(hk);
+            return Ok(None);
+        }
+        if hk.len < len {
+            if hk.cap < len {
+                // Grow geometrically like the f32 buffer, moving the rows already converted.
+                let new_cap = len.max(hk.cap * 2).max(16);
+                let mut nk = vec![f16::ZERO; h * new_cap * d];
+                let mut nv = vec![f16::ZERO; h * new_cap * d];
+                for head in 0..h {
+                    let (src, dst) = (head * hk.cap * d, head * new_cap * d);
+                    nk[dst..dst + hk.len * d].copy_from_slice(&hk.k[src..src + hk.len * d]);
+                    nv[dst..dst + hk.len * d].copy_from_slice(&hk.v[src..src + hk.len * d]);
+                }
+                (hk.k, hk.v, hk.cap) = (nk, nv, new_cap);
+            }
+            let ok = convert_rows(&self.k, &mut hk.k, h, cap32, hk.cap, d, hk.len, len)?
+                && convert_rows(&self.v, &mut hk.v, h, cap32, hk.cap, d, hk.len, len)?;
+            if !ok {
+                self.half = Some(HalfKv { unusable: true, ..Default::default() });
+                return Ok(None);
+            }
+            hk.len = len;
+        }
+        self.half = Some(hk);
+        Ok(self.half.as_ref())
+    }
+
     /// Keeps the given rows (indices into the current rows), in position order.
     pub fn select(&self, rows: &[usize]) -> Result<Self> {
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
@@ -117,6 +172,7 @@ impl LayerKv {
             idx[r] = (len + j) as u32;
         }
         let idx_t = Tensor::new(idx.as_slice(), self.k.device())?;
+        self.half = None;
         self.k = Tensor::cat(&[&self.keys()?, k], 1)?.index_select(&idx_t, 1)?;
         self.v = Tensor::cat(&[&self.values()?, v], 1)?.index_select(&idx_t, 1)?;
         Ok(())
@@ -142,11 +198,30 @@ impl LayerKv {
         }
         let idx: Vec<u32> = order.iter().map(|&r| r as u32).collect();
         let idx_t = Tensor::new(idx.as_slice(), self.k.device())?;
+        self.half = None;
         self.k = self.keys()?.index_select(&idx_t, 1)?;
         self.v = self.values()?.index_select(&idx_t, 1)?;
         self.pos = order.iter().map(|&i| self.pos[i]).collect();
         Ok(())
     }
+}
+
+/// Converts rows r0..r1 of each head of an f32 (h, cap32, d) buffer into dst (h, cap16, d).
+/// Returns false if a value is outside f16's finite range.
+#[allow(clippy::too_many_arguments)]
+fn convert_rows(src: &Tensor, dst: &mut [f16], h: usize, cap32: usize, cap16: usize, d: usize, r0: usize, r1: usize) -> Result<bool> {
+    use half::slice::HalfFloatSliceExt;
+    let (storage, layout) = src.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else { return Ok(false) };
+    let Some((off, _)) = layout.contiguous_offsets() else { return Ok(false) };
+    for head in 0..h {
+        let s = &data[off + (head * cap32 + r0) * d..off + (head * cap32 + r1) * d];
+        if s.iter().any(|x| !(x.abs() <= 65000.0)) {
+            return Ok(false);
+        }
+        dst[(head * cap16 + r0) * d..(head * cap16 + r1) * d].convert_from_f32_slice(s);
+    }
+    Ok(true)
 }
 
 /// One [`LayerKv`] per transformer layer.

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
@@ -116,14 +116,14 @@ impl Model {
         let dt = opts.dtype;
         let mode = opts.weights;
         let dense = |q: &QTensor| -> Result<Tensor> { Ok(q.dequantize(device)?.to_dtype(dt)?) };
-        let linear = |q: QTensor, bias: Option<QTensor>| -> Result<Linear> {
-            let is_float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-            let keep_dense = mode != WeightMode::Quantized || is_float;
+        // Parts of one fused projection; float-typed weights (F32/F16) are only kept dense.
+        let linear = |parts: Vec<QTensor>, biases: Vec<Option<QTensor>>| -> Result<Linear> {
+            let is_float =
+                parts.iter().any(|q| matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16));
             let keep_quant = mode != WeightMode::Dense && !is_float && dt == DType::F32;
-            let dense_t = if keep_dense || !keep_quant { Some(dense(&q)?.t()?.contiguous()?) } else { None };
-            let bias = bias.map(|b| dense(&b)).transpose()?;
-            let quant = if keep_quant { Some(QMatMul::from_qtensor(q)?) } else { None };
-            Ok(Linear { quant, dense_t, bias })
+            let keep_dense = mode != WeightMode::Quantized || !keep_quant;
+            let biases = biases.iter().map(|b| b.as_ref().map(&dense).transpose()).collect::<Result<Vec<_>>>()?;
+            Linear::from_quantized(parts, biases, keep_dense.then_some(dt), keep_quant)
         };
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
@@ -133,24 +133,27 @@ impl Model {
                 if content.tensor_infos.contains_key(&name) { Ok(Some(read(&name)?)) } else { Ok(None) }
             };
             let (bq, bk, bv) = (opt_bias("attn_q")?, opt_bias("attn_k")?, opt_bias("attn_v")?);
+            let mut w = |n: &str| read(&format!("{p}.{n}.weight"));
+            let qkv = vec![w("attn_q")?, w("attn_k")?, w("attn_v")?];
+            let wo = w("attn_output")?;
+            let gate_up = vec![w("ffn_gate")?, w("ffn_up")?];
+            let down = w("ffn_down")?;
+            let (attn_norm, ffn_norm) = (w("attn_norm")?, w("ffn_norm")?);
             layers.push(Layer {
-                attn_norm: dense(&read(&format!("{p}.attn_norm.weight"))?)?,
-                wq: linear(read(&format!("{p}.attn_q.weight"))?, bq)?,
-                wk: linear(read(&format!("{p}.attn_k.weight"))?, bk)?,
-                wv: linear(read(&format!("{p}.attn_v.weight"))?, bv)?,
-                wo: linear(read(&format!("{p}.attn_output.weight"))?, None)?,
-                ffn_norm: dense(&read(&format!("{p}.ffn_norm.weight"))?)?,
-                gate: linear(read(&format!("{p}.ffn_gate.weight"))?, None)?,
-                up: linear(read(&format!("{p}.ffn_up.weight"))?, None)?,
-                down: linear(read(&format!("{p}.ffn_down.weight"))?, None)?,
+                attn_norm: dense(&attn_norm)?,
+                qkv: linear(qkv, vec![bq, bk, bv])?,
+                wo: linear(vec![wo], vec![None])?,
+                ffn_norm: dense(&ffn_norm)?,
+                gate_up: linear(gate_up, vec![None, None])?,
+                down: linear(vec![down], vec![None])?,
             });
         }
         let embed_q = read("token_embd.weight")?;
         let embed = dense(&embed_q)?;
         let lm_head = if content.tensor_infos.contains_key("output.weight") {
-            linear(read("output.weight")?, None)?
+            linear(vec![read("output.weight")?], vec![None])?
         } else {
-            linear(embed_q, None)? // tied embeddings
+            linear(vec![embed_q], vec![None])? // tied embeddings
         };
         let norm = dense(&read("output_norm.weight")?)?;
         let fingerprint = file_fingerprint(path)?;
@@ -213,27 +216,28 @@ impl Model {
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("model.layers.{i}");
-            let mut lin = |n: &str, bias: bool| -> Result<Linear> {
-                let w = take(&format!("{p}.{n}.weight"))?;
-                let b = if bias { Some(take(&format!("{p}.{n}.bias"))?) } else { None };
-                Ok(Linear { quant: None, dense_t: Some(w.t()?.contiguous()?), bias: b })
-            };
             let qb = arch == Arch::Qwen2;
+            let mut lin = |names: &[&str], bias: bool| -> Result<Linear> {
+                let mut ws = Vec::with_capacity(names.len());
+                let mut bs = Vec::with_capacity(names.len());
+                for n in names {
+                    ws.push(take(&format!("{p}.{n}.weight"))?);
+                    bs.push(if bias { Some(take(&format!("{p}.{n}.bias"))?) } else { None });
+                }
+                Linear::from_dense(&ws, bs)
+            };
             layers.push(Layer {
-                wq: lin("self_attn.q_proj", qb)?,
-                wk: lin("self_attn.k_proj", qb)?,
-                wv: lin("self_attn.v_proj", qb)?,
-                wo: lin("self_attn.o_proj", false)?,
-                gate: lin("mlp.gate_proj", false)?,
-                up: lin("mlp.up_proj", false)?,
-                down: lin("mlp.down_proj", false)?,
+                qkv: lin(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], qb)?,
+                wo: lin(&["self_attn.o_proj"], false)?,
+                gate_up: lin(&["mlp.gate_proj", "mlp.up_proj"], false)?,
+                down: lin(&["mlp.down_proj"], false)?,
                 attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
                 ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
             });
         }
         let embed = take("model.embed_tokens.weight")?;
         let head = if hf.tie_word_embeddings.unwrap_or(false) { embed.clone() } else { take("lm_head.weight")? };
-        let lm_head = Linear { quant: None, dense_t: Some(head.t()?.contiguous()?), bias: None };
+        let lm_head = Linear::from_dense(&[head], vec![None])?;
         let norm = take("model.norm.weight")?;
         let mut h = Sha256::new();
         h.update(text.as_bytes());
@@ -253,8 +257,9 @@ impl Model {
         let rnd = |r: usize, c: usize| -> Result<Tensor> {
             Ok(Tensor::randn(0f32, std, (r, c), device)?.to_dtype(dtype)?)
         };
-        let lin = |out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear { quant: None, dense_t: Some(rnd(inp, out)?), bias: None })
+        let lin = |outs: &[usize], inp: usize| -> Result<Linear> {
+            let ws = outs.iter().map(|&o| rnd(o, inp)).collect::<Result<Vec<_>>>()?;
+            Linear::from_dense(&ws, vec![None; outs.len()])
         };
         let ones = Tensor::ones(cfg.hidden, dtype, device)?;
         let (qd, kd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
@@ -262,18 +267,15 @@ impl Model {
         for _ in 0..cfg.n_layers {
             layers.push(Layer {
                 attn_norm: ones.clone(),
-                wq: lin(qd, cfg.hidden)?,
-                wk: lin(kd, cfg.hidden)?,
-                wv: lin(kd, cfg.hidden)?,
-                wo: lin(cfg.hidden, qd)?,
+                qkv: lin(&[qd, kd, kd], cfg.hidden)?,
+                wo: lin(&[cfg.hidden], qd)?,
                 ffn_norm: ones.clone(),
-                gate: lin(cfg.ffn, cfg.hidden)?,
-                up: lin(cfg.ffn, cfg.hidden)?,
-                down: lin(cfg.hidden, cfg.ffn)?,
+                gate_up: lin(&[cfg.ffn, cfg.ffn], cfg.hidden)?,
+                down: lin(&[cfg.hidden], cfg.ffn)?,
             });
         }
         let embed = rnd(cfg.vocab, cfg.hidden)?;
-        let lm_head = lin(cfg.vocab, cfg.hidden)?;
+        let lm_head = lin(&[cfg.vocab], cfg.hidden)?;
         let rope = Rope::new(cfg.head_dim, cfg.rope_base, cfg.rope_layout, cfg.rope_scaling, None);
         let fingerprint = format!("random-{seed}-{}x{}", cfg.n_layers, cfg.hidden);
         Ok(Model { cfg, fingerprint, rope, dtype, device: device.clone(), embed, layers, norm: ones, lm_head })

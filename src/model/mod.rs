@@ -5,17 +5,21 @@
 //! (causal by position), held in a [`KvCache`] the caller owns.
 
 mod attention;
+mod attn_cpu;
+mod fused;
+mod linear;
 mod load;
+mod qmm;
 pub mod rope;
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 pub use attention::{attend, mean_rows};
+pub use linear::Linear;
 pub use load::{LoadOptions, WeightMode};
 pub use rope::{Llama3Scaling, Rope, RopeLayout};
 
-use crate::kv::KvCache;
+use crate::kv::{KvCache, LayerKv};
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -42,43 +46,14 @@ pub struct Config {
     pub max_context: usize,
 }
 
-/// Rows at or below which a projection uses the quantized kernel (decode, short questions);
-/// above it a dequantized dense matmul is faster on CPU (measured in docs/PERFORMANCE.md).
-const QUANT_MAX_ROWS: usize = 8;
-
-/// A projection `x @ W^T + b`, kept quantized, dense, or both (then chosen by row count).
-pub struct Linear {
-    quant: Option<QMatMul>,
-    /// W^T, (in, out), contiguous.
-    dense_t: Option<Tensor>,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let rows = x.dim(0)?;
-        let y = match (&self.quant, &self.dense_t) {
-            (Some(q), None) => q.forward(x)?,
-            (Some(q), Some(_)) if rows <= QUANT_MAX_ROWS => q.forward(x)?,
-            (_, Some(w)) => x.matmul(w)?,
-            (None, None) => unreachable!("a Linear always holds weights"),
-        };
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
-    }
-}
-
 struct Layer {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// Q, K and V projections fused.
+    qkv: Linear,
     wo: Linear,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// Gate and up projections fused.
+    gate_up: Linear,
     down: Linear,
 }
 
@@ -90,6 +65,10 @@ pub struct Qkv {
     pub k: Tensor,
     pub v: Tensor,
 }
+
+/// Cached rows from which decoding reads the f16 copy of K/V: below it the f32 rows are
+/// cheap to read and the exact path is kept.
+const HALF_KV_MIN_ROWS: usize = 256;
 
 pub struct Model {
     pub cfg: Config,
@@ -167,9 +146,19 @@ impl Model {
         let layer = &self.layers[l];
         let t = x.dim(0)?;
         let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, c.rms_eps as f32)?;
-        let q = layer.wq.forward(&h)?.reshape((t, c.n_heads, c.head_dim))?.transpose(0, 1)?;
-        let k = layer.wk.forward(&h)?.reshape((t, c.n_kv_heads, c.head_dim))?.transpose(0, 1)?;
-        let v = layer.wv.forward(&h)?.reshape((t, c.n_kv_heads, c.head_dim))?.transpose(0, 1)?;
+        let y = layer.qkv.matmul_fused(&h)?;
+        let fast = fused::qkv_rope(&y, layer.qkv.bias(), &rope.0, &rope.1, self.rope.layout, c.n_heads, c.n_kv_heads, c.head_dim)?;
+        if let Some((q, k, v)) = fast {
+            return Ok(Qkv { q, k, v });
+        }
+        let mut p = layer.qkv.forward_parts(&h)?.into_iter();
+        let (q, k, v) = match (p.next(), p.next(), p.next()) {
+            (Some(q), Some(k), Some(v)) => (q, k, v),
+            _ => unreachable!("the fused QKV projection has three parts"),
+        };
+        let q = q.reshape((t, c.n_heads, c.head_dim))?.transpose(0, 1)?;
+        let k = k.reshape((t, c.n_kv_heads, c.head_dim))?.transpose(0, 1)?;
+        let v = v.reshape((t, c.n_kv_heads, c.head_dim))?.transpose(0, 1)?;
         let q = self.rope.apply(&q, &rope.0, &rope.1)?;
         let k = self.rope.apply(&k, &rope.0, &rope.1)?;
         Ok(Qkv { q, k, v: v.contiguous()? })
@@ -187,13 +176,40 @@ impl Model {
         qpos: &[u32],
         kpos: &[u32],
     ) -> Result<Tensor> {
-        let layer = &self.layers[l];
         let a = attend(q, keys, values, qpos, kpos)?;
-        let x = (x + layer.wo.forward(&a)?)?;
+        self.layer_after_attention(l, x, &a)
+    }
+
+    /// Output projection, residual and MLP on the attention output a (T, heads * head_dim).
+    fn layer_after_attention(&self, l: usize, x: &Tensor, a: &Tensor) -> Result<Tensor> {
+        let layer = &self.layers[l];
+        let x = (x + layer.wo.forward(a)?)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
-        let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-        let m = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
+        let gu = layer.gate_up.matmul_fused(&h)?;
+        let act = match fused::silu_mul(&gu)? {
+            Some(a) => a,
+            None => {
+                let f = gu.dim(1)? / 2;
+                (candle_nn::ops::silu(&gu.narrow(1, 0, f)?)? * gu.narrow(1, f, f)?)?
+            }
+        };
+        let m = layer.down.forward(&act)?;
         Ok((x + m)?)
+    }
+
+    /// Attention of one decoded token over a layer's cache, reading the cache's f16 copy
+    /// once the context is long enough for memory traffic to dominate (see `kv::HalfKv`).
+    fn decode_attention(&self, q: &Tensor, layer_kv: &mut LayerKv, qpos: &[u32]) -> Result<Tensor> {
+        if qpos.len() == 1 && layer_kv.len() >= HALF_KV_MIN_ROWS {
+            // Keys are sorted by position: the visible ones are a prefix.
+            let vis = layer_kv.positions().partition_point(|&p| p <= qpos[0]);
+            if let Some(h) = layer_kv.half()? {
+                if let Some(a) = attn_cpu::decode_half(q, &h.k, &h.v, h.cap, vis)? {
+                    return Ok(a);
+                }
+            }
+        }
+        attend(q, &layer_kv.keys()?, &layer_kv.values()?, qpos, layer_kv.positions())
     }
 
     /// Final norm and LM head for the given rows of x, returned as f32 (rows, vocab).
@@ -223,6 +239,24 @@ impl Model {
         if max_pos >= self.cfg.max_context {
             return Err(Error::ContextTooLong { tokens: max_pos + 1, max: self.cfg.max_context });
         }
+        if self.device.is_cpu() && rayon::current_thread_index().is_none() {
+            // Run the pass on a pool worker: the kernels' parallel loops then start on this
+            // thread and the other workers, still spinning between loops, pick up their share
+            // at once instead of being woken from sleep for every loop (decode runs ~150 short
+            // loops per token).
+            return rayon::scope(|_| self.forward_inner(tokens, positions, cache, logits, capture_layers));
+        }
+        self.forward_inner(tokens, positions, cache, logits, capture_layers)
+    }
+
+    fn forward_inner(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+        capture_layers: &[usize],
+    ) -> Result<ForwardOut> {
         let rope = self.rope_tables(positions)?;
         let mut x = self.embed(tokens)?;
         let mut out = ForwardOut::default();
@@ -230,15 +264,8 @@ impl Model {
             let qkv = self.layer_qkv(l, &x, &rope)?;
             let layer_kv = &mut cache.layers[l];
             layer_kv.append(&qkv.k, &qkv.v, positions)?;
-            x = self.layer_finish(
-                l,
-                &x,
-                &qkv.q,
-                &layer_kv.keys()?,
-                &layer_kv.values()?,
-                positions,
-                layer_kv.positions(),
-            )?;
+            let a = self.decode_attention(&qkv.q, layer_kv, positions)?;
+            x = self.layer_after_attention(l, &x, &a)?;
             if capture_layers.contains(&l) {
                 out.queries.push((l, qkv.q));
             }
