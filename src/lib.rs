@@ -5,11 +5,12 @@
 //! and `store` (persistent per-document caches) -> `methods` -> `engine` (assemble, decode)
 //! -> `eval`, `server`, CLI in `main.rs`.
 
-
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fetch;
 pub mod kv;
+pub mod methods;
 pub mod model;
 pub mod store;
 pub mod tokenizer;

@@ -19,7 +19,11 @@ pub struct LayerKv {
 impl LayerKv {
     pub fn empty(kv_heads: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<Self> {
         let k = Tensor::zeros((kv_heads, 0, head_dim), dtype, device)?;
-        Ok(Self { v: k.clone(), k, pos: Vec::new() })
+        Ok(Self {
+            v: k.clone(),
+            k,
+            pos: Vec::new(),
+        })
     }
 
     /// Wraps full tensors (kv_heads, T, head_dim) with their positions.
@@ -126,7 +130,10 @@ impl LayerKv {
     pub fn gather(&self, rows: &[usize]) -> Result<(Tensor, Tensor)> {
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let idx_t = Tensor::new(idx.as_slice(), self.k.device())?;
-        Ok((self.keys()?.index_select(&idx_t, 1)?, self.values()?.index_select(&idx_t, 1)?))
+        Ok((
+            self.keys()?.index_select(&idx_t, 1)?,
+            self.values()?.index_select(&idx_t, 1)?,
+        ))
     }
 
     fn sort_by_position(&mut self) -> Result<()> {
@@ -156,9 +163,17 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(n_layers: usize, kv_heads: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        n_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let layer = LayerKv::empty(kv_heads, head_dim, dtype, device)?;
-        Ok(Self { layers: vec![layer; n_layers] })
+        Ok(Self {
+            layers: vec![layer; n_layers],
+        })
     }
 
     /// Rows in the largest layer (all layers hold the same rows except after per-layer selection).

@@ -134,7 +134,13 @@ impl Model {
     }
 
     pub fn new_cache(&self) -> Result<KvCache> {
-        KvCache::new(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, self.dtype, &self.device)
+        KvCache::new(
+            self.cfg.n_layers,
+            self.cfg.n_kv_heads,
+            self.cfg.head_dim,
+            self.dtype,
+            &self.device,
+        )
     }
 
     /// Bytes of K+V per token across all layers, in the model's dtype.
@@ -167,12 +173,28 @@ impl Model {
         let layer = &self.layers[l];
         let t = x.dim(0)?;
         let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, c.rms_eps as f32)?;
-        let q = layer.wq.forward(&h)?.reshape((t, c.n_heads, c.head_dim))?.transpose(0, 1)?;
-        let k = layer.wk.forward(&h)?.reshape((t, c.n_kv_heads, c.head_dim))?.transpose(0, 1)?;
-        let v = layer.wv.forward(&h)?.reshape((t, c.n_kv_heads, c.head_dim))?.transpose(0, 1)?;
+        let q = layer
+            .wq
+            .forward(&h)?
+            .reshape((t, c.n_heads, c.head_dim))?
+            .transpose(0, 1)?;
+        let k = layer
+            .wk
+            .forward(&h)?
+            .reshape((t, c.n_kv_heads, c.head_dim))?
+            .transpose(0, 1)?;
+        let v = layer
+            .wv
+            .forward(&h)?
+            .reshape((t, c.n_kv_heads, c.head_dim))?
+            .transpose(0, 1)?;
         let q = self.rope.apply(&q, &rope.0, &rope.1)?;
         let k = self.rope.apply(&k, &rope.0, &rope.1)?;
-        Ok(Qkv { q, k, v: v.contiguous()? })
+        Ok(Qkv {
+            q,
+            k,
+            v: v.contiguous()?,
+        })
     }
 
     /// Step 2 of a layer: attend with queries q (at `qpos`) over keys/values (at `kpos`,
@@ -214,14 +236,21 @@ impl Model {
         capture_layers: &[usize],
     ) -> Result<ForwardOut> {
         if tokens.is_empty() {
-            return Err(Error::InvalidInput("forward needs at least one token".into()));
+            return Err(Error::InvalidInput(
+                "forward needs at least one token".into(),
+            ));
         }
         if tokens.len() != positions.len() {
-            return Err(Error::InvalidInput("one position per token is required".into()));
+            return Err(Error::InvalidInput(
+                "one position per token is required".into(),
+            ));
         }
         let max_pos = positions.iter().copied().max().unwrap_or(0) as usize;
         if max_pos >= self.cfg.max_context {
-            return Err(Error::ContextTooLong { tokens: max_pos + 1, max: self.cfg.max_context });
+            return Err(Error::ContextTooLong {
+                tokens: max_pos + 1,
+                max: self.cfg.max_context,
+            });
         }
         let rope = self.rope_tables(positions)?;
         let mut x = self.embed(tokens)?;
