@@ -67,7 +67,7 @@ enum Cmd {
         cmd: ModelCmd,
     },
     /// Answer a question over documents, streaming the answer.
-    Ask(AskArgs),
+    Ask(Box<AskArgs>),
     /// Prefill documents one by one and store their KV.
     Ingest {
         #[command(flatten)]
