@@ -56,11 +56,13 @@ fn engine() -> &'static Engine {
     .engine
 }
 
+/// musique_s from the shared data folder; `SAMKV_DATA` (a folder) overrides it, e.g. in a
+/// worktree that does not sit beside `shared/`.
 fn data_path() -> PathBuf {
-    std::env::var_os("SAMKV_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/work/shared/data"))
-        .join("musique_s.jsonl")
+    match std::env::var_os("SAMKV_DATA") {
+        Some(d) => PathBuf::from(d).join("musique_s.jsonl"),
+        None => shared_data("musique_s.jsonl"),
+    }
 }
 
 /// Example `i` of musique_s with its first `docs` passages, each cut to `WORDS` words.
