@@ -317,7 +317,10 @@ fn ask(cli: &Cli, models_dir: &std::path::Path, a: &AskArgs) -> Result<()> {
     if let (true, Some(ix)) = (a.docs.is_empty(), &a.index) {
         let hits = samkv::retrieval::Retriever::open(ix)?.search(&a.question, a.retrieve)?;
         if hits.is_empty() {
-            bail!("the index {} has nothing matching the question", ix.display());
+            bail!(
+                "the index {} has nothing matching the question",
+                ix.display()
+            );
         }
         documents.extend(hits.into_iter().map(|h| h.text));
     }

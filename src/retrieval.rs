@@ -57,14 +57,20 @@ impl Retriever {
     /// Opens the index in `dir`, creating the directory and an empty index if needed.
     pub fn open(dir: &Path) -> Result<Retriever> {
         std::fs::create_dir_all(dir).map_err(|e| {
-            Error::Index(format!("cannot create index directory {}: {e}", dir.display()))
+            Error::Index(format!(
+                "cannot create index directory {}: {e}",
+                dir.display()
+            ))
         })?;
         let mut sb = Schema::builder();
         let id = sb.add_text_field("id", STRING | STORED);
         let text = sb.add_text_field("text", TEXT | STORED);
         let schema = sb.build();
         let mdir = MmapDirectory::open(dir).map_err(|e| {
-            Error::Index(format!("cannot open index directory {}: {e}", dir.display()))
+            Error::Index(format!(
+                "cannot open index directory {}: {e}",
+                dir.display()
+            ))
         })?;
         let index = Index::open_or_create(mdir, schema).map_err(|e| {
             Error::Index(format!(
@@ -98,11 +104,9 @@ impl Retriever {
                     tries += 1;
                     std::thread::sleep(LOCK_WAIT);
                 }
-                Err(e) => {
-                    return Err(Error::Index(format!(
-                        "cannot open the index for writing ({e}); is another samkv ingesting into it?"
-                    )))
-                }
+                Err(e) => return Err(Error::Index(format!(
+                    "cannot open the index for writing ({e}); is another samkv ingesting into it?"
+                ))),
             }
         }
     }
@@ -141,10 +145,7 @@ impl Retriever {
 
     /// The text stored under `id`.
     pub fn get(&self, id: &str) -> Result<Option<String>> {
-        let q = TermQuery::new(
-            Term::from_field_text(self.id, id),
-            IndexRecordOption::Basic,
-        );
+        let q = TermQuery::new(Term::from_field_text(self.id, id), IndexRecordOption::Basic);
         Ok(self.run(&q, 1)?.into_iter().next().map(|h| h.text))
     }
 
@@ -163,7 +164,10 @@ impl Retriever {
         if k == 0 {
             return Ok(Vec::new());
         }
-        let mut analyzer = self.index.tokenizer_for_field(self.text).map_err(index_err)?;
+        let mut analyzer = self
+            .index
+            .tokenizer_for_field(self.text)
+            .map_err(index_err)?;
         let mut stream = analyzer.token_stream(query);
         let mut words = Vec::new();
         while stream.advance() {

@@ -179,15 +179,43 @@ impl Metrics {
             );
         }
         let mut gauges: Vec<(&str, &str, u64)> = vec![
-            ("samkv_active_kv_bytes", "KV bytes held by requests being decoded.", self.active_kv_bytes.load(Relaxed)),
-            ("samkv_active_sequences", "Requests being decoded.", self.active_sequences.load(Relaxed)),
-            ("samkv_queue_depth", "Requests admitted and not finished (queued or running).", self.queued.load(Relaxed)),
+            (
+                "samkv_active_kv_bytes",
+                "KV bytes held by requests being decoded.",
+                self.active_kv_bytes.load(Relaxed),
+            ),
+            (
+                "samkv_active_sequences",
+                "Requests being decoded.",
+                self.active_sequences.load(Relaxed),
+            ),
+            (
+                "samkv_queue_depth",
+                "Requests admitted and not finished (queued or running).",
+                self.queued.load(Relaxed),
+            ),
         ];
         if let Some(s) = store {
-            gauges.push(("samkv_store_entries", "Documents in the persistent KV store.", s.entries as u64));
-            gauges.push(("samkv_store_bytes", "Bytes of the persistent KV store.", s.bytes));
-            gauges.push(("samkv_store_memory_bytes", "KV bytes held in the in-memory tier.", s.memory_bytes as u64));
-            gauges.push(("samkv_store_memory_budget_bytes", "Budget of the in-memory tier.", s.memory_budget as u64));
+            gauges.push((
+                "samkv_store_entries",
+                "Documents in the persistent KV store.",
+                s.entries as u64,
+            ));
+            gauges.push((
+                "samkv_store_bytes",
+                "Bytes of the persistent KV store.",
+                s.bytes,
+            ));
+            gauges.push((
+                "samkv_store_memory_bytes",
+                "KV bytes held in the in-memory tier.",
+                s.memory_bytes as u64,
+            ));
+            gauges.push((
+                "samkv_store_memory_budget_bytes",
+                "Budget of the in-memory tier.",
+                s.memory_budget as u64,
+            ));
         }
         for (name, help, v) in gauges {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
@@ -261,8 +289,11 @@ mod tests {
         m.store_errors.fetch_add(2, Relaxed);
         let s = m.render(Some(&StoreSample::default()));
         assert!(s.contains("samkv_requests_total{route=\"/v1/chat/completions\",status=\"400\"} 1"));
-        assert!(s.contains("samkv_request_errors_total{route=\"/v1/chat/completions\",status=\"400\"} 1"));
-        assert!(!s.contains("samkv_request_errors_total{route=\"/v1/chat/completions\",status=\"200\"}"));
+        assert!(s.contains(
+            "samkv_request_errors_total{route=\"/v1/chat/completions\",status=\"400\"} 1"
+        ));
+        assert!(!s
+            .contains("samkv_request_errors_total{route=\"/v1/chat/completions\",status=\"200\"}"));
         assert!(s.contains("samkv_store_errors_total 2\n"));
         for l in s.lines().filter(|l| !l.starts_with('#')) {
             let name = l.split(['{', ' ']).next().unwrap_or_default();

@@ -114,8 +114,10 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
             )
         })?;
         serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| {
-            ApiError::invalid(format!("the request body is not valid for this endpoint: {e}"))
-                .code("invalid_json")
+            ApiError::invalid(format!(
+                "the request body is not valid for this endpoint: {e}"
+            ))
+            .code("invalid_json")
         })
     }
 }
@@ -296,8 +298,10 @@ pub fn parse_messages(msgs: &[ChatMessage]) -> Result<Conversation, ApiError> {
     }
     let question = content_text(&msgs[last_user].content, last_user)?;
     if question.trim().is_empty() {
-        return Err(ApiError::invalid("the last user message is empty; ask something")
-            .param(format!("messages[{last_user}].content")));
+        return Err(
+            ApiError::invalid("the last user message is empty; ask something")
+                .param(format!("messages[{last_user}].content")),
+        );
     }
     Ok(Conversation {
         system: system.join("\n"),
@@ -363,8 +367,10 @@ mod tests {
     fn bad_messages_name_the_field() {
         let e = parse_messages(&msgs(json!([{"role": "system", "content": "x"}]))).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages"));
-        let e = parse_messages(&msgs(json!([{"role": "tool", "content": "x"}, {"role": "user", "content": "q"}])))
-            .unwrap_err();
+        let e = parse_messages(&msgs(
+            json!([{"role": "tool", "content": "x"}, {"role": "user", "content": "q"}]),
+        ))
+        .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].role"));
         let e = parse_messages(&msgs(json!([{"role": "user", "content": 3}]))).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].content"));
@@ -384,7 +390,11 @@ mod tests {
                 DocRef::Inline("t".into())
             ]
         );
-        for bad in [json!(3), json!({"id": "x", "text": "y"}), json!({"txt": "y"})] {
+        for bad in [
+            json!(3),
+            json!({"id": "x", "text": "y"}),
+            json!({"txt": "y"}),
+        ] {
             let e = parse_documents(&[json!("a"), bad]).unwrap_err();
             assert_eq!(e.param.as_deref(), Some("documents[1]"));
         }

@@ -297,7 +297,10 @@ mod tests {
     #[test]
     fn unreachable_redis_keeps_a_local_copy() -> Result<()> {
         let m = Arc::new(Metrics::default());
-        let r = Registry::in_redis(Arc::new(RedisConn::open("redis://127.0.0.1:1/")?), m.clone());
+        let r = Registry::in_redis(
+            Arc::new(RedisConn::open("redis://127.0.0.1:1/")?),
+            m.clone(),
+        );
         r.put(rec("x"));
         assert_eq!(r.get("x"), Some(rec("x")));
         assert_eq!(r.get("nope"), None);

@@ -70,7 +70,9 @@ async fn track(State(st): St, req: Request, next: Next) -> Response {
     resp
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::internal(format!("internal error: {e}")))
@@ -134,9 +136,9 @@ fn sampling(st: &AppState, f: &SamplingFields) -> Result<Sampling, ApiError> {
         return Err(ApiError::invalid("stop takes up to 4 non-empty strings").param("stop"));
     }
     // OpenAI samples differently each time unless a seed is given.
-    let seed = f.seed.unwrap_or_else(|| {
-        now_unix() ^ SEEDS.fetch_add(0x9e37_79b9_7f4a_7c15, Relaxed)
-    });
+    let seed = f
+        .seed
+        .unwrap_or_else(|| now_unix() ^ SEEDS.fetch_add(0x9e37_79b9_7f4a_7c15, Relaxed));
     Ok(Sampling {
         temperature: temperature as f32,
         top_p: top_p as f32,
@@ -151,7 +153,11 @@ fn sampling(st: &AppState, f: &SamplingFields) -> Result<Sampling, ApiError> {
 fn method(st: &AppState, kv: Option<&Value>) -> Result<Box<dyn Method>, ApiError> {
     let mut base = match serde_json::to_value(&st.defaults) {
         Ok(Value::Object(o)) => o,
-        _ => return Err(ApiError::internal("cannot read the default method settings")),
+        _ => {
+            return Err(ApiError::internal(
+                "cannot read the default method settings",
+            ))
+        }
     };
     match kv {
         None | Some(Value::Null) => {}
@@ -634,16 +640,17 @@ async fn upload(State(st): St, ApiJson(req): ApiJson<DocumentUpload>) -> ApiResu
     check_text(&st, &req.text, "text")?;
     let id = match req.id {
         Some(id) if !valid_id(&id) => {
-            return Err(ApiError::invalid(
-                "id must be 1-128 characters from A-Z a-z 0-9 . _ : -",
+            return Err(
+                ApiError::invalid("id must be 1-128 characters from A-Z a-z 0-9 . _ : -")
+                    .param("id"),
             )
-            .param("id"))
         }
         Some(id) => id,
         None => text_id(&req.text),
     };
     let (st2, id2) = (st.clone(), id.clone());
-    if let Some(old) = blocking(move || st2.registry.get(&id2)).await? {
+    let old = blocking(move || st2.registry.get(&id2)).await?;
+    if let Some(old) = &old {
         if old.text != req.text {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -654,9 +661,12 @@ async fn upload(State(st): St, ApiJson(req): ApiJson<DocumentUpload>) -> ApiResu
             .code("document_exists"));
         }
     }
-    let mut rx = submit(&st, Work::Ingest {
-        text: req.text.clone(),
-    })?;
+    let mut rx = submit(
+        &st,
+        Work::Ingest {
+            text: req.text.clone(),
+        },
+    )?;
     let (kv_id, tokens, cached) = match rx.recv().await {
         Some(Event::Ingested {
             kv_id,
@@ -666,13 +676,18 @@ async fn upload(State(st): St, ApiJson(req): ApiJson<DocumentUpload>) -> ApiResu
         Some(Event::Failed(e)) => return Err(e.param("text")),
         _ => return Err(worker_gone()),
     };
+    // Uploading the same document again keeps its metadata unless new metadata is given.
+    let (metadata, created) = match old {
+        Some(o) if req.metadata.is_null() => (o.metadata, o.created),
+        _ => (req.metadata, now_unix()),
+    };
     let rec = DocRecord {
         id,
         text: req.text,
-        metadata: req.metadata,
+        metadata,
         tokens,
         kv_id,
-        created: now_unix(),
+        created,
     };
     let st2 = st.clone();
     let rec2 = rec.clone();
@@ -765,7 +780,10 @@ mod tests {
         let docs = vec!["A doc.".to_string()];
         let p = chat_prompt(&conv("", ""), &docs);
         let rp = RagPrompt::for_question(&docs, "Who?");
-        assert_eq!((p.preamble, p.documents, p.question), (rp.preamble, rp.documents, rp.question));
+        assert_eq!(
+            (p.preamble, p.documents, p.question),
+            (rp.preamble, rp.documents, rp.question)
+        );
     }
 
     #[test]
@@ -773,7 +791,12 @@ mod tests {
         let docs = vec!["A doc.".to_string()];
         let p = chat_prompt(&conv("Be terse.", "User: hi\nAssistant: hello\n"), &docs);
         assert!(p.preamble.starts_with("Be terse.\n\n"));
-        assert!(p.question.contains("User: hi\nAssistant: hello\nQuestion: Who?"), "{}", p.question);
+        assert!(
+            p.question
+                .contains("User: hi\nAssistant: hello\nQuestion: Who?"),
+            "{}",
+            p.question
+        );
         let p = chat_prompt(&conv("S", "User: hi\n"), &[]);
         assert_eq!(p.preamble, "S\n\n");
         assert_eq!(p.question, "User: hi\nWho?");

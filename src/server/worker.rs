@@ -82,7 +82,9 @@ pub enum Work {
     Generate(Box<GenerateWork>),
     /// Prefill and store one document (computed after the default preamble, as chat
     /// requests without a system message use it).
-    Ingest { text: String },
+    Ingest {
+        text: String,
+    },
 }
 
 pub struct Job {
@@ -96,10 +98,20 @@ pub struct Job {
 /// (at any point); or `Ingested`.
 #[derive(Debug)]
 pub enum Event {
-    Started { usage: Usage, method: String },
+    Started {
+        usage: Usage,
+        method: String,
+    },
     Text(String),
-    Done { finish: FinishReason, completion_tokens: usize },
-    Ingested { kv_id: String, tokens: usize, cached: bool },
+    Done {
+        finish: FinishReason,
+        completion_tokens: usize,
+    },
+    Ingested {
+        kv_id: String,
+        tokens: usize,
+        cached: bool,
+    },
     Failed(ApiError),
 }
 
@@ -125,7 +137,9 @@ pub fn spawn(
 /// One running generation.
 struct Seq {
     events: UnboundedSender<Event>,
-    _permit: Permit,
+    /// Released before the final event, so a client that sends its next request as soon as
+    /// it has the answer finds the slot free.
+    permit: Option<Permit>,
     received: Instant,
     cache: KvCache,
     logits: Tensor,
@@ -210,6 +224,7 @@ impl Seq {
 
     /// Sends what is left and the final event.
     fn finish(&mut self, reason: FinishReason, metrics: &Metrics) {
+        self.permit = None;
         if reason == FinishReason::Cancelled {
             metrics.cancelled.fetch_add(1, Relaxed);
             return;
@@ -284,13 +299,14 @@ impl Worker {
             }
             let (engine, metrics) = (&self.engine, &*self.metrics);
             running.retain_mut(|s| {
-                let r = catch_unwind(AssertUnwindSafe(|| s.step(engine, metrics)))
-                    .unwrap_or_else(|p| {
+                let r = catch_unwind(AssertUnwindSafe(|| s.step(engine, metrics))).unwrap_or_else(
+                    |p| {
                         Err(crate::Error::InvalidInput(format!(
                             "internal error: {}",
                             panic_message(p)
                         )))
-                    });
+                    },
+                );
                 match r {
                     Ok(None) => true,
                     Ok(Some(reason)) => {
@@ -299,6 +315,7 @@ impl Worker {
                     }
                     Err(e) => {
                         tracing::error!("decoding failed: {e}");
+                        s.permit = None;
                         let _ = s
                             .events
                             .send(Event::Failed(ApiError::internal(e.to_string())));
@@ -316,50 +333,56 @@ impl Worker {
 
     /// Runs a job up to its first token; returns the sequence to decode, if any.
     fn start(&mut self, job: Job) -> Option<Seq> {
-        if job.events.is_closed() {
+        let Job {
+            work,
+            events,
+            received,
+            permit,
+        } = job;
+        if events.is_closed() {
             self.metrics.cancelled.fetch_add(1, Relaxed);
             return None;
         }
         self.metrics
             .queue_wait
-            .observe(job.received.elapsed().as_secs_f64());
-        match job.work {
+            .observe(received.elapsed().as_secs_f64());
+        match work {
             Work::Ingest { text } => {
                 let ev = match self.ingest(&text) {
                     Ok(ev) => ev,
-                    Err(e) => Event::Failed(e.into()),
+                    Err(e) => Event::Failed(e),
                 };
-                let _ = job.events.send(ev);
+                drop(permit);
+                let _ = events.send(ev);
                 None
             }
-            Work::Generate(w) => {
-                match self.assemble(&w) {
-                    Ok((a, usage, method)) => {
-                        let _ = job.events.send(Event::Started { usage, method });
-                        let pos = a.cache.next_position();
-                        Some(Seq {
-                            events: job.events,
-                            _permit: job.permit,
-                            received: job.received,
-                            cache: a.cache,
-                            logits: a.logits,
-                            sampler: Sampler::new(w.sampling.clone()),
-                            stream: self.engine.tokenizer.stream_decoder(),
-                            params: w.sampling,
-                            ignore_eos: w.ignore_eos,
-                            pos,
-                            tokens: Vec::new(),
-                            text: String::new(),
-                            sent: 0,
-                            last_token: None,
-                        })
-                    }
-                    Err(e) => {
-                        let _ = job.events.send(Event::Failed(e));
-                        None
-                    }
+            Work::Generate(w) => match self.assemble(&w) {
+                Ok((a, usage, method)) => {
+                    let _ = events.send(Event::Started { usage, method });
+                    let pos = a.cache.next_position();
+                    Some(Seq {
+                        events,
+                        permit: Some(permit),
+                        received,
+                        cache: a.cache,
+                        logits: a.logits,
+                        sampler: Sampler::new(w.sampling.clone()),
+                        stream: self.engine.tokenizer.stream_decoder(),
+                        params: w.sampling,
+                        ignore_eos: w.ignore_eos,
+                        pos,
+                        tokens: Vec::new(),
+                        text: String::new(),
+                        sent: 0,
+                        last_token: None,
+                    })
                 }
-            }
+                Err(e) => {
+                    drop(permit);
+                    let _ = events.send(Event::Failed(e));
+                    None
+                }
+            },
         }
     }
 

@@ -12,9 +12,9 @@ pub mod format;
 pub mod memory;
 pub mod redis;
 
+pub use self::redis::RedisStore;
 pub use disk::{CorruptEntry, DiskStore, GcReport};
 pub use memory::MemoryTier;
-pub use self::redis::RedisStore;
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};

@@ -127,7 +127,10 @@ impl RedisConn {
                 if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
                     st.down_until = Some(Instant::now() + RETRY_AFTER);
                 }
-                Err(Error::Store(format!("Redis at {}: {what}: {e}", self.shown)))
+                Err(Error::Store(format!(
+                    "Redis at {}: {what}: {e}",
+                    self.shown
+                )))
             }
         }
     }
@@ -170,9 +173,9 @@ impl RedisStore {
         let mut out = Vec::with_capacity(keys.len());
         // MGET in chunks: one round trip per chunk, bounded reply size.
         for chunk in keys.chunks(256) {
-            let vals: Vec<Option<String>> = self
-                .conn
-                .run("listing entries", |c| redis::cmd("MGET").arg(chunk).query(c))?;
+            let vals: Vec<Option<String>> = self.conn.run("listing entries", |c| {
+                redis::cmd("MGET").arg(chunk).query(c)
+            })?;
             for (k, v) in chunk.iter().zip(vals) {
                 let Some(id) = k.strip_prefix("samkv:meta:") else {
                     continue;
@@ -196,9 +199,9 @@ impl RedisStore {
 
 impl KvStore for RedisStore {
     fn get(&self, id: &DocId) -> Result<Option<Arc<StoredDoc>>> {
-        let bytes: Option<Vec<u8>> = self
-            .conn
-            .run("reading a document", |c| redis::cmd("GET").arg(kv_key(id)).query(c))?;
+        let bytes: Option<Vec<u8>> = self.conn.run("reading a document", |c| {
+            redis::cmd("GET").arg(kv_key(id)).query(c)
+        })?;
         match bytes {
             None => Ok(None),
             Some(b) => Ok(Some(Arc::new(decode(&b, Some(id)).map_err(|e| {
