@@ -104,9 +104,11 @@ impl Retriever {
                     tries += 1;
                     std::thread::sleep(LOCK_WAIT);
                 }
-                Err(e) => return Err(Error::Index(format!(
+                Err(e) => {
+                    return Err(Error::Index(format!(
                     "cannot open the index for writing ({e}); is another samkv ingesting into it?"
-                ))),
+                )))
+                }
             }
         }
     }
