@@ -67,7 +67,7 @@ enum Cmd {
         cmd: ModelCmd,
     },
     /// Answer a question over documents, streaming the answer.
-    Ask(AskArgs),
+    Ask(Box<AskArgs>),
     /// Prefill documents one by one and store their KV.
     Ingest {
         #[command(flatten)]
@@ -87,6 +87,20 @@ enum Cmd {
         method: MethodConfig,
         #[command(flatten)]
         opts: samkv::server::ServeOptions,
+    },
+    /// Time to first token of Reuse vs Recompute, store load cost and dtype fidelity.
+    BenchReuse {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text source (a QA data file; its passages are joined into documents).
+        #[arg(long, default_value = "../shared/data/musique_s.jsonl")]
+        data: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        docs: usize,
+        #[arg(long, default_value_t = 500)]
+        doc_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
     },
     /// Inspect and manage the KV store.
     Store {
@@ -246,6 +260,29 @@ fn run(cli: Cli) -> Result<()> {
             )?)
         }
         Cmd::Store { cmd } => store_cmd(&cli, cmd),
+        Cmd::BenchReuse {
+            model,
+            data,
+            docs,
+            doc_tokens,
+            reps,
+        } => {
+            let mut e = engine(&cli, &models_dir, model)?;
+            let args = samkv::eval::reuse_bench::ReuseBenchArgs {
+                data: data.clone(),
+                docs: *docs,
+                doc_tokens: *doc_tokens,
+                reps: *reps,
+            };
+            let b = samkv::eval::reuse_bench::run(&mut e, &args)?;
+            println!(
+                "model {} ({} threads)\n{}",
+                model.model,
+                candle_core::utils::get_num_threads(),
+                samkv::eval::reuse_bench::markdown(&b)
+            );
+            Ok(())
+        }
     }
 }
 

@@ -48,3 +48,16 @@ pub fn argmax(a: &[f32]) -> usize {
         .map(|x| x.0)
         .unwrap()
 }
+
+/// A file of the project's shared data (`../shared/data` beside the repository).
+pub fn shared_data(file: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data")
+        .join(file);
+    assert!(
+        p.exists(),
+        "{} is missing: the shared data folder must sit beside the repository",
+        p.display()
+    );
+    p
+}

@@ -179,7 +179,10 @@ mod tests {
 
     #[test]
     fn real_cacheblend_example_matches_template() {
-        let ex = load_examples(Path::new("/work/shared/data/musique_s.jsonl")).unwrap();
+        let ex = load_examples(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/musique_s.jsonl"),
+        )
+        .unwrap();
         let p = longbench_prompt(&ex[0]);
         assert_eq!(p.documents.len(), 10);
         let context: Vec<String> = ex[0]
