@@ -80,14 +80,7 @@ enum Cmd {
         index: Option<PathBuf>,
     },
     /// Serve an OpenAI-compatible HTTP API.
-    Serve {
-        #[command(flatten)]
-        model: ModelArgs,
-        #[command(flatten)]
-        method: MethodConfig,
-        #[command(flatten)]
-        opts: samkv::server::ServeOptions,
-    },
+    Serve(Box<ServeArgs>),
     /// Time to first token of Reuse vs Recompute, store load cost and dtype fidelity.
     BenchReuse {
         #[command(flatten)]
@@ -107,6 +100,16 @@ enum Cmd {
         #[command(subcommand)]
         cmd: StoreCmd,
     },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    method: MethodConfig,
+    #[command(flatten)]
+    opts: samkv::server::ServeOptions,
 }
 
 #[derive(Subcommand)]
@@ -241,11 +244,12 @@ fn run(cli: Cli) -> Result<()> {
             paths,
             index,
         } => ingest(&cli, &models_dir, model, paths, index.as_deref()),
-        Cmd::Serve {
-            model,
-            method,
-            opts,
-        } => {
+        Cmd::Serve(s) => {
+            let ServeArgs {
+                model,
+                method,
+                opts,
+            } = s.as_ref();
             let e = engine(&cli, &models_dir, model)?;
             let spec = cli
                 .store

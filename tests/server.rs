@@ -307,7 +307,7 @@ fn streaming_cancellation_and_queue_limit() {
         let r = a
             .post(format!("{s_url}/v1/completions"))
             .header("content-type", "application/json")
-            .send(json!({"prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": true, "temperature": 0}).to_string())
+            .send(json!({"prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": true, "temperature": 0}).to_string())
             .expect("POST");
         r.status().as_u16()
     });
