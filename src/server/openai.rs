@@ -6,9 +6,12 @@ use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde_json::{json, Value};
 
 use crate::engine::FinishReason;
+use crate::store::now_unix;
 use crate::Error;
 
 /// An error answered as `{"error": {"message", "type", "param", "code"}}`.
@@ -337,6 +340,104 @@ pub fn finish_reason(f: FinishReason) -> &'static str {
         // Nobody reads a cancelled answer; "stop" keeps clients' enums closed.
         FinishReason::Cancelled => "stop",
     }
+}
+
+/// Formats one request's responses (chat or text completion).
+pub(crate) struct Reply {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub chat: bool,
+    /// samkv's extension object on full responses and the last chunk.
+    pub extra: Value,
+}
+
+impl Reply {
+    pub fn new(model: &str, chat: bool, extra: Value) -> Reply {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let created = now_unix();
+        let prefix = if chat { "chatcmpl" } else { "cmpl" };
+        Reply {
+            id: format!("{prefix}-{created:x}{:06x}", N.fetch_add(1, Relaxed)),
+            created,
+            model: model.to_string(),
+            chat,
+            extra,
+        }
+    }
+
+    fn head(&self, object: &str) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), json!(self.id));
+        m.insert("object".into(), json!(object));
+        m.insert("created".into(), json!(self.created));
+        m.insert("model".into(), json!(self.model));
+        m
+    }
+
+    pub fn chunk(&self, role: bool, text: Option<&str>, finish: Option<&str>) -> String {
+        let object = if self.chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let mut m = self.head(object);
+        let choice = if self.chat {
+            let mut delta = serde_json::Map::new();
+            if role {
+                delta.insert("role".into(), json!("assistant"));
+            }
+            if let Some(t) = text {
+                delta.insert("content".into(), json!(t));
+            }
+            json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
+        } else {
+            json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null})
+        };
+        m.insert("choices".into(), json!([choice]));
+        if finish.is_some() {
+            m.insert("samkv".into(), self.extra.clone());
+        }
+        Value::Object(m).to_string()
+    }
+
+    pub fn usage_chunk(&self, usage: &Usage) -> String {
+        let object = if self.chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let mut m = self.head(object);
+        m.insert("choices".into(), json!([]));
+        m.insert("usage".into(), json!(usage));
+        Value::Object(m).to_string()
+    }
+
+    pub fn full(&self, text: &str, finish: &str, usage: &Usage) -> Value {
+        let (object, choice) = if self.chat {
+            (
+                "chat.completion",
+                json!({"index": 0, "message": {"role": "assistant", "content": text},
+                       "finish_reason": finish, "logprobs": null}),
+            )
+        } else {
+            (
+                "text_completion",
+                json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null}),
+            )
+        };
+        let mut m = self.head(object);
+        m.insert("choices".into(), json!([choice]));
+        m.insert("usage".into(), json!(usage));
+        m.insert("samkv".into(), self.extra.clone());
+        Value::Object(m)
+    }
+}
+
+pub fn complete_usage(mut u: Usage, completion_tokens: usize) -> Usage {
+    u.completion_tokens = completion_tokens;
+    u.total_tokens = u.prompt_tokens + completion_tokens;
+    u
 }
 
 #[cfg(test)]

@@ -368,104 +368,6 @@ fn worker_gone() -> ApiError {
     ApiError::internal("the model thread stopped during the request")
 }
 
-/// Formats one request's responses (chat or text completion).
-struct Reply {
-    id: String,
-    created: u64,
-    model: String,
-    chat: bool,
-    /// samkv's extension object on full responses and the last chunk.
-    extra: Value,
-}
-
-impl Reply {
-    fn new(st: &AppState, chat: bool, extra: Value) -> Reply {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let created = now_unix();
-        let prefix = if chat { "chatcmpl" } else { "cmpl" };
-        Reply {
-            id: format!("{prefix}-{created:x}{:06x}", N.fetch_add(1, Relaxed)),
-            created,
-            model: st.model.clone(),
-            chat,
-            extra,
-        }
-    }
-
-    fn head(&self, object: &str) -> serde_json::Map<String, Value> {
-        let mut m = serde_json::Map::new();
-        m.insert("id".into(), json!(self.id));
-        m.insert("object".into(), json!(object));
-        m.insert("created".into(), json!(self.created));
-        m.insert("model".into(), json!(self.model));
-        m
-    }
-
-    fn chunk(&self, role: bool, text: Option<&str>, finish: Option<&str>) -> String {
-        let object = if self.chat {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
-        let mut m = self.head(object);
-        let choice = if self.chat {
-            let mut delta = serde_json::Map::new();
-            if role {
-                delta.insert("role".into(), json!("assistant"));
-            }
-            if let Some(t) = text {
-                delta.insert("content".into(), json!(t));
-            }
-            json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
-        } else {
-            json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null})
-        };
-        m.insert("choices".into(), json!([choice]));
-        if finish.is_some() {
-            m.insert("samkv".into(), self.extra.clone());
-        }
-        Value::Object(m).to_string()
-    }
-
-    fn usage_chunk(&self, usage: &Usage) -> String {
-        let object = if self.chat {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
-        let mut m = self.head(object);
-        m.insert("choices".into(), json!([]));
-        m.insert("usage".into(), json!(usage));
-        Value::Object(m).to_string()
-    }
-
-    fn full(&self, text: &str, finish: &str, usage: &Usage) -> Value {
-        let (object, choice) = if self.chat {
-            (
-                "chat.completion",
-                json!({"index": 0, "message": {"role": "assistant", "content": text},
-                       "finish_reason": finish, "logprobs": null}),
-            )
-        } else {
-            (
-                "text_completion",
-                json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null}),
-            )
-        };
-        let mut m = self.head(object);
-        m.insert("choices".into(), json!([choice]));
-        m.insert("usage".into(), json!(usage));
-        m.insert("samkv".into(), self.extra.clone());
-        Value::Object(m)
-    }
-}
-
-fn complete_usage(mut u: Usage, completion_tokens: usize) -> Usage {
-    u.completion_tokens = completion_tokens;
-    u.total_tokens = u.prompt_tokens + completion_tokens;
-    u
-}
-
 /// Sends the work, waits for its first token, then answers with JSON or an SSE stream.
 async fn generate(
     st: &AppState,
@@ -585,7 +487,7 @@ async fn chat(State(st): St, ApiJson(req): ApiJson<ChatRequest>) -> ApiResult {
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let reply = Reply::new(&st, true, extra);
+    let reply = Reply::new(&st.model, true, extra);
     generate(&st, work, reply, req.sampling.stream, include_usage).await
 }
 
@@ -619,7 +521,7 @@ async fn completions(State(st): St, ApiJson(req): ApiJson<CompletionRequest>) ->
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let reply = Reply::new(&st, false, json!({}));
+    let reply = Reply::new(&st.model, false, json!({}));
     generate(&st, work, reply, req.sampling.stream, include_usage).await
 }
 
