@@ -12,6 +12,8 @@ pub mod fetch;
 pub mod kv;
 pub mod methods;
 pub mod model;
+pub mod retrieval;
+pub mod server;
 pub mod store;
 pub mod tokenizer;
 
