@@ -608,14 +608,12 @@ pub fn local_recompute(
     plan: &Plan,
     p: &SamKvParams,
 ) -> Result<(KvCache, Tensor, Vec<usize>)> {
+    let layers = concat.layers.iter();
+    let layers = layers.map(|l| l.select(&rows_of(l, &plan.retained)?));
     let mut cache = KvCache {
-        layers: concat
-            .layers
-            .iter()
-            .map(|l| l.select(&rows_of(l, &plan.retained)?))
-            .collect::<Result<Vec<_>>>()?,
+        layers: layers.collect::<Result<Vec<_>>>()?,
     };
-    drop(concat);
+    drop(concat); // the full rows are not needed past this point
     if !p.recompute {
         let logits = prefill_question(ctx.model, ctx, &mut cache)?;
         return Ok((
@@ -834,14 +832,8 @@ mod tests {
         close(&k, &[0.1 + 2.7, 0., -1., -1.]);
         close(&v, &[0.1 + 2.7, 0., -1., -1.]);
         // Orthogonal (c = 0): weight theta + (1 - theta) / 2 on the new row.
-        let (k, _) = cosine_fusion(
-            &t(&[1., 0.], &[1, 1, 2]),
-            &t(&[1., 0.], &[1, 1, 2]),
-            &t(&[0., 1.], &[1, 1, 2]),
-            &t(&[0., 1.], &[1, 1, 2]),
-            0.5,
-        )
-        .unwrap();
+        let (a, b) = (t(&[1., 0.], &[1, 1, 2]), t(&[0., 1.], &[1, 1, 2]));
+        let (k, _) = cosine_fusion(&a, &a, &b, &b, 0.5).unwrap();
         close(&k, &[0.25, 0.75]);
     }
 }
