@@ -9,9 +9,11 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fetch;
+pub mod gpu_bench;
 pub mod kv;
 pub mod methods;
 pub mod model;
+pub mod selfcheck;
 pub mod store;
 pub mod tokenizer;
 

@@ -81,6 +81,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: StoreCmd,
     },
+    /// Time every method at production shape with random weights (e.g. on a GPU).
+    BenchGpu(Box<samkv::gpu_bench::BenchGpuArgs>),
+    /// Check the runtime on --device against the CPU, and the methods' invariants there.
+    Selfcheck(samkv::selfcheck::SelfcheckArgs),
 }
 
 #[derive(Subcommand)]
@@ -206,6 +210,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Ask(a) => ask(&cli, &models_dir, a),
         Cmd::Ingest { model, paths } => ingest(&cli, &models_dir, model, paths),
         Cmd::Store { cmd } => store_cmd(&cli, cmd),
+        Cmd::BenchGpu(a) => Ok(samkv::gpu_bench::run(a, device(&cli.device)?)?),
+        Cmd::Selfcheck(a) => Ok(samkv::selfcheck::run(a, device(&cli.device)?, &models_dir)?),
     }
 }
 
