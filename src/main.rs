@@ -76,6 +76,20 @@ enum Cmd {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Time to first token of Reuse vs Recompute, store load cost and dtype fidelity.
+    BenchReuse {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text source (a QA data file; its passages are joined into documents).
+        #[arg(long, default_value = "../shared/data/musique_s.jsonl")]
+        data: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        docs: usize,
+        #[arg(long, default_value_t = 500)]
+        doc_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// Inspect and manage the KV store.
     Store {
         #[command(subcommand)]
@@ -210,6 +224,29 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Ask(a) => ask(&cli, &models_dir, a),
         Cmd::Ingest { model, paths } => ingest(&cli, &models_dir, model, paths),
         Cmd::Store { cmd } => store_cmd(&cli, cmd),
+        Cmd::BenchReuse {
+            model,
+            data,
+            docs,
+            doc_tokens,
+            reps,
+        } => {
+            let mut e = engine(&cli, &models_dir, model)?;
+            let args = samkv::eval::reuse_bench::ReuseBenchArgs {
+                data: data.clone(),
+                docs: *docs,
+                doc_tokens: *doc_tokens,
+                reps: *reps,
+            };
+            let b = samkv::eval::reuse_bench::run(&mut e, &args)?;
+            println!(
+                "model {} ({} threads)\n{}",
+                model.model,
+                candle_core::utils::get_num_threads(),
+                samkv::eval::reuse_bench::markdown(&b)
+            );
+            Ok(())
+        }
         Cmd::BenchGpu(a) => Ok(samkv::gpu_bench::run(a, device(&cli.device)?)?),
         Cmd::Selfcheck(a) => Ok(samkv::selfcheck::run(a, device(&cli.device)?, &models_dir)?),
     }

@@ -4,6 +4,7 @@ pub mod data;
 pub mod metrics;
 pub mod plot;
 pub mod prompt;
+pub mod reuse_bench;
 
 pub use data::{load_examples, Document, Example};
 pub use metrics::{best_f1, exact_match, kl_divergence, median, normalize_answer, qa_f1};
