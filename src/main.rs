@@ -100,6 +100,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: StoreCmd,
     },
+    /// Time every method at production shape with random weights (e.g. on a GPU).
+    BenchGpu(Box<samkv::gpu_bench::BenchGpuArgs>),
+    /// Check the runtime on --device against the CPU, and the methods' invariants there.
+    Selfcheck(samkv::selfcheck::SelfcheckArgs),
 }
 
 #[derive(clap::Args)]
@@ -287,6 +291,8 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Cmd::BenchGpu(a) => Ok(samkv::gpu_bench::run(a, device(&cli.device)?)?),
+        Cmd::Selfcheck(a) => Ok(samkv::selfcheck::run(a, device(&cli.device)?, &models_dir)?),
     }
 }
 
