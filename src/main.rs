@@ -76,11 +76,21 @@ enum Cmd {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Benchmark methods on a QA data file: F1, agreement with Recompute, cost.
+    Bench(Box<BenchCmd>),
     /// Inspect and manage the KV store.
     Store {
         #[command(subcommand)]
         cmd: StoreCmd,
     },
+}
+
+#[derive(clap::Args)]
+struct BenchCmd {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    bench: samkv::eval::bench::BenchArgs,
 }
 
 #[derive(Subcommand)]
@@ -206,6 +216,25 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Ask(a) => ask(&cli, &models_dir, a),
         Cmd::Ingest { model, paths } => ingest(&cli, &models_dir, model, paths),
         Cmd::Store { cmd } => store_cmd(&cli, cmd),
+        Cmd::Bench(b) => {
+            let specs = b.bench.plan()?;
+            let e = engine(&cli, &models_dir, &b.model)?;
+            let extra = [
+                ("model", b.model.model.clone()),
+                ("weights", format!("{:?}", b.model.weights)),
+            ];
+            let s = samkv::eval::bench::run(&e, &b.bench, &specs, &extra)?;
+            print!(
+                "{}",
+                std::fs::read_to_string(b.bench.out.join("summary.md"))?
+            );
+            println!(
+                "{} examples; results in {}",
+                s.examples,
+                b.bench.out.display()
+            );
+            Ok(())
+        }
     }
 }
 
