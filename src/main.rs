@@ -78,6 +78,20 @@ enum Cmd {
     },
     /// Benchmark methods on a QA data file: F1, agreement with Recompute, cost.
     Bench(Box<BenchCmd>),
+    /// Time to first token of Reuse vs Recompute, store load cost and dtype fidelity.
+    BenchReuse {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text source (a QA data file; its passages are joined into documents).
+        #[arg(long, default_value = "../shared/data/musique_s.jsonl")]
+        data: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        docs: usize,
+        #[arg(long, default_value_t = 500)]
+        doc_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// Inspect and manage the KV store.
     Store {
         #[command(subcommand)]
@@ -232,6 +246,29 @@ fn run(cli: Cli) -> Result<()> {
                 "{} examples; results in {}",
                 s.examples,
                 b.bench.out.display()
+            );
+            Ok(())
+        }
+        Cmd::BenchReuse {
+            model,
+            data,
+            docs,
+            doc_tokens,
+            reps,
+        } => {
+            let mut e = engine(&cli, &models_dir, model)?;
+            let args = samkv::eval::reuse_bench::ReuseBenchArgs {
+                data: data.clone(),
+                docs: *docs,
+                doc_tokens: *doc_tokens,
+                reps: *reps,
+            };
+            let b = samkv::eval::reuse_bench::run(&mut e, &args)?;
+            println!(
+                "model {} ({} threads)\n{}",
+                model.model,
+                candle_core::utils::get_num_threads(),
+                samkv::eval::reuse_bench::markdown(&b)
             );
             Ok(())
         }

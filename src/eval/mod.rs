@@ -6,6 +6,7 @@ pub mod metrics;
 pub mod plot;
 pub mod prompt;
 pub mod report;
+pub mod reuse_bench;
 pub mod sweep;
 
 pub use data::{load_examples, Document, Example};

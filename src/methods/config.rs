@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Method, Recompute, Reuse};
+use super::{CacheBlend, Epic, Method, Recompute, Reuse};
 use crate::{Error, Result};
 
 pub const METHOD_NAMES: &[&str] = &[
@@ -115,6 +115,14 @@ impl MethodConfig {
         match self.method.as_str() {
             "recompute" => Ok(Box::new(Recompute)),
             "reuse" => Ok(Box::new(Reuse)),
+            // check_layer is validated against the model's depth when the method assembles.
+            "cacheblend" => Ok(Box::new(CacheBlend::new(
+                self.ratio,
+                self.check_layer,
+                self.deviation.parse()?,
+                self.gradual,
+            )?)),
+            "epic" => Ok(Box::new(Epic { k: self.epic_k })),
             other if METHOD_NAMES.contains(&other) => Err(Error::InvalidInput(format!(
                 "method `{other}` is not available in this build yet"
             ))),

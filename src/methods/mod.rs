@@ -6,7 +6,9 @@
 //! partial recompute ([`recompute_layers`]) that CacheBlend, EPIC and SamKV drive with
 //! different row sets.
 
+pub mod cacheblend;
 pub mod config;
+pub mod epic;
 pub mod recompute;
 pub mod reuse;
 
@@ -15,7 +17,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
+pub use cacheblend::{CacheBlend, Deviation};
 pub use config::{MethodConfig, METHOD_NAMES};
+pub use epic::Epic;
 pub use recompute::Recompute;
 pub use reuse::Reuse;
 
