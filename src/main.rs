@@ -81,6 +81,8 @@ enum Cmd {
     },
     /// Serve an OpenAI-compatible HTTP API.
     Serve(Box<ServeArgs>),
+    /// Benchmark methods on a QA data file: F1, agreement with Recompute, cost.
+    Bench(Box<BenchCmd>),
     /// Time to first token of Reuse vs Recompute, store load cost and dtype fidelity.
     BenchReuse {
         #[command(flatten)]
@@ -114,6 +116,14 @@ struct ServeArgs {
     method: MethodConfig,
     #[command(flatten)]
     opts: samkv::server::ServeOptions,
+}
+
+#[derive(clap::Args)]
+struct BenchCmd {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    bench: samkv::eval::bench::BenchArgs,
 }
 
 #[derive(Subcommand)]
@@ -268,6 +278,25 @@ fn run(cli: Cli) -> Result<()> {
             )?)
         }
         Cmd::Store { cmd } => store_cmd(&cli, cmd),
+        Cmd::Bench(b) => {
+            let specs = b.bench.plan()?;
+            let e = engine(&cli, &models_dir, &b.model)?;
+            let extra = [
+                ("model", b.model.model.clone()),
+                ("weights", format!("{:?}", b.model.weights)),
+            ];
+            let s = samkv::eval::bench::run(&e, &b.bench, &specs, &extra)?;
+            print!(
+                "{}",
+                std::fs::read_to_string(b.bench.out.join("summary.md"))?
+            );
+            println!(
+                "{} examples; results in {}",
+                s.examples,
+                b.bench.out.display()
+            );
+            Ok(())
+        }
         Cmd::BenchReuse {
             model,
             data,
