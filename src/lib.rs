@@ -13,7 +13,9 @@ pub mod gpu_bench;
 pub mod kv;
 pub mod methods;
 pub mod model;
+pub mod retrieval;
 pub mod selfcheck;
+pub mod server;
 pub mod store;
 pub mod tokenizer;
 
