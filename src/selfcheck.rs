@@ -42,8 +42,9 @@ struct Diff {
     rel: f32,
     kl: f64,
     argmax: (usize, usize),
-    /// Reference's gap between its two largest logits.
+    /// Reference's gap between its two largest logits, and its largest.
     margin: f32,
+    top: f32,
 }
 
 fn diff(reference: &[f32], other: &[f32]) -> Diff {
@@ -62,6 +63,7 @@ fn diff(reference: &[f32], other: &[f32]) -> Diff {
         kl: kl_divergence(reference, other),
         argmax: (argmax(reference), argmax(other)),
         margin: sorted.first().copied().unwrap_or(0.0) - sorted.get(1).copied().unwrap_or(0.0),
+        top: hi,
     }
 }
 
@@ -106,9 +108,15 @@ impl Tol {
     }
 
     /// Within tolerance, and the same greedy token unless the reference's top two are
-    /// too close to call at this precision.
+    /// within a few units of the last place of this dtype at that magnitude.
     fn ok(&self, d: &Diff, dt: DType) -> bool {
-        let close_call = dt != DType::F32 && d.margin < 0.5;
+        let mantissa = match dt {
+            DType::BF16 => 7,
+            DType::F16 => 10,
+            _ => 23,
+        };
+        let ulp = 2f32.powi(d.top.abs().max(1.0).log2().floor() as i32 - mantissa);
+        let close_call = dt != DType::F32 && d.margin <= 4.0 * ulp;
         let rel_ok = self.rel.is_infinite() || d.rel < self.rel;
         rel_ok && d.kl < self.kl && (d.argmax.0 == d.argmax.1 || close_call)
     }
