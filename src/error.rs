@@ -29,7 +29,14 @@ pub enum Error {
     Store(String),
 
     #[error("data file {path}, line {line}: {msg}")]
-    Data { path: PathBuf, line: usize, msg: String },
+    Data {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+
+    #[error("search index: {0}")]
+    Index(String),
 
     #[error("plot {0}")]
     Plot(String),

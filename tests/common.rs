@@ -10,7 +10,11 @@ pub fn model_path(file: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"));
     let p = dir.join(file);
-    assert!(p.exists(), "{} is missing: run `cargo run --release -- model fetch` for it first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo run --release -- model fetch` for it first",
+        p.display()
+    );
     p
 }
 
@@ -22,16 +26,38 @@ pub fn token_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut s = seed;
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) % vocab as u64) as u32
         })
         .collect()
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 pub fn argmax(a: &[f32]) -> usize {
-    a.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map(|x| x.0).unwrap()
+    a.iter()
+        .enumerate()
+        .max_by(|x, y| x.1.total_cmp(y.1))
+        .map(|x| x.0)
+        .unwrap()
+}
+
+/// A file of the project's shared data (`../shared/data` beside the repository).
+pub fn shared_data(file: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data")
+        .join(file);
+    assert!(
+        p.exists(),
+        "{} is missing: the shared data folder must sit beside the repository",
+        p.display()
+    );
+    p
 }

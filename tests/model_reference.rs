@@ -20,23 +20,48 @@ use samkv::model::{LoadOptions, Logits, Model, WeightMode};
 fn reference_logits(path: &std::path::Path, ids: &[u32], qwen: bool) -> Vec<f32> {
     let mut f = std::fs::File::open(path).unwrap();
     let content = gguf_file::Content::read(&mut f).unwrap();
-    let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let out = if qwen {
-        let mut m = candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
+        let mut m = candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(
+            content,
+            &mut f,
+            &Device::Cpu,
+        )
+        .unwrap();
         m.forward(&x, 0).unwrap()
     } else {
-        let mut m = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
+        let mut m = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+            content,
+            &mut f,
+            &Device::Cpu,
+        )
+        .unwrap();
         m.forward(&x, 0).unwrap()
     };
     out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
 fn ours(path: &std::path::Path, ids: &[u32], weights: WeightMode) -> Vec<f32> {
-    let m = Model::load(path, &LoadOptions { weights, ..Default::default() }).unwrap();
+    let m = Model::load(
+        path,
+        &LoadOptions {
+            weights,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let pos: Vec<u32> = (0..ids.len() as u32).collect();
     let mut cache = m.new_cache().unwrap();
     let out = m.forward(ids, &pos, &mut cache, Logits::Last, &[]).unwrap();
-    out.logits.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    out.logits
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
 }
 
 fn compare(file: &'static str, qwen: bool, n: usize, mode: WeightMode, tol: f32) {
@@ -47,7 +72,10 @@ fn compare(file: &'static str, qwen: bool, n: usize, mode: WeightMode, tol: f32)
         let o = ours(&path, &ids, mode);
         let d = max_abs_diff(&r, &o);
         eprintln!("{file} {mode:?} {n} tokens: max |logit diff| = {d:.6}");
-        assert!(d < tol, "{file} {mode:?}: logits differ by {d} (tolerance {tol})");
+        assert!(
+            d < tol,
+            "{file} {mode:?}: logits differ by {d} (tolerance {tol})"
+        );
         assert_eq!(argmax(&o), argmax(&r));
     })
     .join()

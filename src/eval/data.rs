@@ -475,7 +475,7 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    const SHARED: &str = "/work/shared/data";
+    const SHARED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data");
 
     fn write_temp(content: &str) -> tempfile::NamedTempFile {
         let mut f = tempfile::NamedTempFile::new().expect("temp file");

@@ -33,6 +33,27 @@ impl RagPrompt {
     }
 }
 
+impl RagPrompt {
+    /// The LongBench layout for free-standing documents (`samkv ask`, the server): passages are
+    /// not numbered, so a document's text, and with it its cached KV, does not depend on where
+    /// it sits in a request.
+    pub fn for_question(documents: &[String], question: &str) -> RagPrompt {
+        RagPrompt {
+            preamble: format!("{LONGBENCH_INSTRUCTION}\n\nThe following are given passages.\n"),
+            documents: documents.iter().map(|d| Self::document(d)).collect(),
+            question: format!(
+                "{}{LONGBENCH_INSTRUCTION}\n\nQuestion: {question}\nAnswer:",
+                if documents.is_empty() { "\n\n" } else { "\n" }
+            ),
+        }
+    }
+
+    /// One free-standing document segment: `Passage:\n{text}\n`.
+    pub fn document(text: &str) -> String {
+        format!("Passage:\n{}\n", text.trim_end())
+    }
+}
+
 /// The text of passage `n` (1-based) as it appears inside the context, without the joining
 /// newline: `Passage {n}:\n{title}\n{text}`, or `Passage {n}:\n{text}` when the title is empty
 /// (CacheBlend data, and LongBench data whose passage text already starts with the title).
@@ -158,7 +179,10 @@ mod tests {
 
     #[test]
     fn real_cacheblend_example_matches_template() {
-        let ex = load_examples(Path::new("/work/shared/data/musique_s.jsonl")).unwrap();
+        let ex = load_examples(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/musique_s.jsonl"),
+        )
+        .unwrap();
         let p = longbench_prompt(&ex[0]);
         assert_eq!(p.documents.len(), 10);
         let context: Vec<String> = ex[0]

@@ -36,7 +36,12 @@ pub(crate) struct HalfKv {
 impl LayerKv {
     pub fn empty(kv_heads: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<Self> {
         let k = Tensor::zeros((kv_heads, 0, head_dim), dtype, device)?;
-        Ok(Self { v: k.clone(), k, pos: Vec::new(), half: None })
+        Ok(Self {
+            v: k.clone(),
+            k,
+            pos: Vec::new(),
+            half: None,
+        })
     }
 
     /// Wraps full tensors (kv_heads, T, head_dim) with their positions.
@@ -50,7 +55,12 @@ impl LayerKv {
                 pos.len()
             )));
         }
-        let mut layer = Self { k, v, pos, half: None };
+        let mut layer = Self {
+            k,
+            v,
+            pos,
+            half: None,
+        };
         layer.sort_by_position()?;
         Ok(layer)
     }
@@ -142,7 +152,10 @@ impl LayerKv {
             let ok = convert_rows(&self.k, &mut hk.k, h, cap32, hk.cap, d, hk.len, len)?
                 && convert_rows(&self.v, &mut hk.v, h, cap32, hk.cap, d, hk.len, len)?;
             if !ok {
-                self.half = Some(HalfKv { unusable: true, ..Default::default() });
+                self.half = Some(HalfKv {
+                    unusable: true,
+                    ..Default::default()
+                });
                 return Ok(None);
             }
             hk.len = len;
@@ -182,7 +195,10 @@ impl LayerKv {
     pub fn gather(&self, rows: &[usize]) -> Result<(Tensor, Tensor)> {
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let idx_t = Tensor::new(idx.as_slice(), self.k.device())?;
-        Ok((self.keys()?.index_select(&idx_t, 1)?, self.values()?.index_select(&idx_t, 1)?))
+        Ok((
+            self.keys()?.index_select(&idx_t, 1)?,
+            self.values()?.index_select(&idx_t, 1)?,
+        ))
     }
 
     fn sort_by_position(&mut self) -> Result<()> {
@@ -209,14 +225,28 @@ impl LayerKv {
 /// Converts rows r0..r1 of each head of an f32 (h, cap32, d) buffer into dst (h, cap16, d).
 /// Returns false if a value is outside f16's finite range.
 #[allow(clippy::too_many_arguments)]
-fn convert_rows(src: &Tensor, dst: &mut [f16], h: usize, cap32: usize, cap16: usize, d: usize, r0: usize, r1: usize) -> Result<bool> {
+fn convert_rows(
+    src: &Tensor,
+    dst: &mut [f16],
+    h: usize,
+    cap32: usize,
+    cap16: usize,
+    d: usize,
+    r0: usize,
+    r1: usize,
+) -> Result<bool> {
     use half::slice::HalfFloatSliceExt;
     let (storage, layout) = src.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else { return Ok(false) };
-    let Some((off, _)) = layout.contiguous_offsets() else { return Ok(false) };
+    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+        return Ok(false);
+    };
+    let Some((off, _)) = layout.contiguous_offsets() else {
+        return Ok(false);
+    };
     for head in 0..h {
         let s = &data[off + (head * cap32 + r0) * d..off + (head * cap32 + r1) * d];
-        if s.iter().any(|x| !(x.abs() <= 65000.0)) {
+        // Also catches NaN: f16 cannot hold what f32 has here, so keep reading f32.
+        if !s.iter().all(|x| x.abs() <= 65000.0) {
             return Ok(false);
         }
         dst[(head * cap16 + r0) * d..(head * cap16 + r1) * d].convert_from_f32_slice(s);
@@ -231,9 +261,17 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(n_layers: usize, kv_heads: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        n_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let layer = LayerKv::empty(kv_heads, head_dim, dtype, device)?;
-        Ok(Self { layers: vec![layer; n_layers] })
+        Ok(Self {
+            layers: vec![layer; n_layers],
+        })
     }
 
     /// Rows in the largest layer (all layers hold the same rows except after per-layer selection).

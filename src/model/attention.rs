@@ -64,7 +64,11 @@ fn attend_ops(q: &Tensor, k: &Tensor, v: &Tensor, qpos: &[u32], kpos: &[u32]) ->
         outs.push(o);
         start += n;
     }
-    Ok(if outs.len() == 1 { outs.pop().expect("one block") } else { Tensor::cat(&outs, 0)? })
+    Ok(if outs.len() == 1 {
+        outs.pop().expect("one block")
+    } else {
+        Tensor::cat(&outs, 0)?
+    })
 }
 
 /// Softmax in f32 whatever the activation dtype: bf16 scores lose too much in exp/sum.
@@ -78,10 +82,18 @@ fn softmax(scores: &Tensor) -> Result<Tensor> {
 }
 
 /// (n, visible) additive mask: 0 where key position <= query position, -inf elsewhere.
-fn causal_mask(qpos: &[u32], kpos: &[u32], dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+fn causal_mask(
+    qpos: &[u32],
+    kpos: &[u32],
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     let mut m = Vec::with_capacity(qpos.len() * kpos.len());
     for &qp in qpos {
-        m.extend(kpos.iter().map(|&kp| if kp <= qp { 0f32 } else { f32::NEG_INFINITY }));
+        m.extend(
+            kpos.iter()
+                .map(|&kp| if kp <= qp { 0f32 } else { f32::NEG_INFINITY }),
+        );
     }
     Ok(Tensor::from_vec(m, (qpos.len(), kpos.len()), device)?.to_dtype(dtype)?)
 }
@@ -92,6 +104,12 @@ pub fn mean_rows(x: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-pub(crate) fn attend_ops_for_test(q: &Tensor, k: &Tensor, v: &Tensor, qpos: &[u32], kpos: &[u32]) -> Result<Tensor> {
+pub(crate) fn attend_ops_for_test(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    qpos: &[u32],
+    kpos: &[u32],
+) -> Result<Tensor> {
     attend_ops(q, k, v, qpos, kpos)
 }

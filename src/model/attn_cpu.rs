@@ -28,13 +28,19 @@ struct View<'a, T = f32> {
 
 /// A 3-D f32 CPU tensor with a contiguous last dim, viewed in place.
 fn view<'a>(storage: &'a Storage, t: &Tensor) -> Option<View<'a>> {
-    let Storage::Cpu(CpuStorage::F32(data)) = storage else { return None };
+    let Storage::Cpu(CpuStorage::F32(data)) = storage else {
+        return None;
+    };
     let l = t.layout();
     let st = l.stride();
     if st.len() != 3 || (st[2] != 1 && t.dim(2).ok()? > 1) {
         return None;
     }
-    Some(View { data: &data[l.start_offset()..], s_head: st[0], s_row: st[1] })
+    Some(View {
+        data: &data[l.start_offset()..],
+        s_head: st[0],
+        s_row: st[1],
+    })
 }
 
 #[derive(Clone, Copy)]
@@ -44,7 +50,13 @@ unsafe impl Sync for OutPtr {}
 
 /// None when the inputs are not f32 CPU tensors with contiguous rows (the caller then uses
 /// candle ops). Shapes as in [`super::attend`].
-pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, qpos: &[u32], kpos: &[u32]) -> Result<Option<Tensor>> {
+pub(crate) fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    qpos: &[u32],
+    kpos: &[u32],
+) -> Result<Option<Tensor>> {
     let (h, tq, d) = q.dims3()?;
     let (hkv, tk, _) = k.dims3()?;
     if tq == 0 || tk == 0 || h % hkv != 0 {
@@ -59,7 +71,10 @@ pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, qpos: &[u32], kpos: &[u
     let group = h / hkv;
     let scale = 1.0 / (d as f32).sqrt();
     // Visible prefix length of each query.
-    let vis: Vec<usize> = qpos.iter().map(|&p| kpos.partition_point(|&kp| kp <= p)).collect();
+    let vis: Vec<usize> = qpos
+        .iter()
+        .map(|&p| kpos.partition_point(|&kp| kp <= p))
+        .collect();
     #[cfg(target_arch = "x86_64")]
     if tq == 1 && (d == 64 || d == 128) && super::qmm::available() {
         let mut out = vec![0f32; h * d];
@@ -70,25 +85,29 @@ pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, qpos: &[u32], kpos: &[u
     let mut buf = OutBuf::new(tq * h * d);
     let optr = OutPtr(buf.ptr());
     let nblocks = tq.div_ceil(QUERY_BLOCK);
-    let tasks: Vec<(usize, usize)> = (0..hkv).flat_map(|g| (0..nblocks).map(move |b| (g, b))).collect();
+    let tasks: Vec<(usize, usize)> = (0..hkv)
+        .flat_map(|g| (0..nblocks).map(move |b| (g, b)))
+        .collect();
     let run = |&(g, b): &(usize, usize)| {
         let i0 = b * QUERY_BLOCK;
         let n = QUERY_BLOCK.min(tq - i0);
         let vis_b = &vis[i0..i0 + n];
         let c = vis_b.iter().copied().max().unwrap_or(0);
         SCORES.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        if buf.len() < n * c.max(1) {
-            buf.resize(n * c.max(1), 0.0);
-        }
-        let scores = &mut buf[..n * c.max(1)];
-        for hh in g * group..(g + 1) * group {
-            // SAFETY: each task writes rows i0..i0+n of its own heads' columns of `out`; all
-            // pointers stay inside the views' buffers (checked by the dims above).
-            unsafe {
-                head_block(&qv, &kv, &vv, hh, g, i0, n, c, d, h, scale, vis_b, scores, optr);
+            let mut buf = buf.borrow_mut();
+            if buf.len() < n * c.max(1) {
+                buf.resize(n * c.max(1), 0.0);
             }
-        }
+            let scores = &mut buf[..n * c.max(1)];
+            for hh in g * group..(g + 1) * group {
+                // SAFETY: each task writes rows i0..i0+n of its own heads' columns of `out`; all
+                // pointers stay inside the views' buffers (checked by the dims above).
+                unsafe {
+                    head_block(
+                        &qv, &kv, &vv, hh, g, i0, n, c, d, h, scale, vis_b, scores, optr,
+                    );
+                }
+            }
         });
     };
     if tasks.len() == 1 || tq * tk < 1 << 14 {
@@ -209,17 +228,43 @@ impl KvElem for half::f16 {
 
 /// One decode step over the f16 copy of a layer's cache: q (heads, 1, d) attends to the first
 /// `vis` rows of K/V (kv_heads, cap, d). None when the shapes or CPU do not suit the kernel.
-pub(crate) fn decode_half(q: &Tensor, k: &[half::f16], v: &[half::f16], cap: usize, vis: usize) -> Result<Option<Tensor>> {
+pub(crate) fn decode_half(
+    q: &Tensor,
+    k: &[half::f16],
+    v: &[half::f16],
+    cap: usize,
+    vis: usize,
+) -> Result<Option<Tensor>> {
     let (h, tq, d) = q.dims3()?;
     let hkv = k.len() / (cap * d).max(1);
     #[cfg(target_arch = "x86_64")]
     if tq == 1 && (d == 64 || d == 128) && hkv > 0 && h % hkv == 0 && super::qmm::available() {
         let (qs, _) = q.storage_and_layout();
-        let Some(qv) = view(&qs, q) else { return Ok(None) };
-        let kv = View { data: k, s_head: cap * d, s_row: d };
-        let vv = View { data: v, s_head: cap * d, s_row: d };
+        let Some(qv) = view(&qs, q) else {
+            return Ok(None);
+        };
+        let kv = View {
+            data: k,
+            s_head: cap * d,
+            s_row: d,
+        };
+        let vv = View {
+            data: v,
+            s_head: cap * d,
+            s_row: d,
+        };
         let mut out = vec![0f32; h * d];
-        decode(&qv, &kv, &vv, h, hkv, d, vis, 1.0 / (d as f32).sqrt(), &mut out);
+        decode(
+            &qv,
+            &kv,
+            &vv,
+            h,
+            hkv,
+            d,
+            vis,
+            1.0 / (d as f32).sqrt(),
+            &mut out,
+        );
         drop(qs);
         return Ok(Some(Tensor::from_vec(out, (1, h * d), q.device())?));
     }
@@ -251,7 +296,9 @@ fn decode<T: KvElem>(
     }
     let group = h / hkv;
     let nchunks = vis.div_ceil(DECODE_CHUNK);
-    let tasks: Vec<(usize, usize)> = (0..hkv).flat_map(|g| (0..nchunks).map(move |c| (g, c))).collect();
+    let tasks: Vec<(usize, usize)> = (0..hkv)
+        .flat_map(|g| (0..nchunks).map(move |c| (g, c)))
+        .collect();
     // Per task: for each head of the group, (max, sum, d outputs).
     let stride = 2 + d;
     let run = |&(g, c): &(usize, usize)| -> Vec<f32> {
@@ -295,7 +342,9 @@ fn decode<T: KvElem>(
     };
     for g in 0..hkv {
         for r in 0..group {
-            let ps: Vec<&[f32]> = (0..nchunks).map(|c| &parts[g * nchunks + c][r * stride..(r + 1) * stride]).collect();
+            let ps: Vec<&[f32]> = (0..nchunks)
+                .map(|c| &parts[g * nchunks + c][r * stride..(r + 1) * stride])
+                .collect();
             let m = ps.iter().map(|p| p[0]).fold(f32::NEG_INFINITY, f32::max);
             let w: Vec<f32> = ps.iter().map(|p| (p[0] - m).exp()).collect();
             let total: f32 = ps.iter().zip(&w).map(|(p, w)| p[1] * w).sum();
@@ -413,7 +462,11 @@ unsafe fn max_avx512(x: &[f32]) -> f32 {
     let mut i = 0;
     while i < x.len() {
         let rem = x.len() - i;
-        let mask: __mmask16 = if rem >= 16 { 0xFFFF } else { (1u32 << rem) as u16 - 1 };
+        let mask: __mmask16 = if rem >= 16 {
+            0xFFFF
+        } else {
+            (1u32 << rem) as u16 - 1
+        };
         m = _mm512_mask_max_ps(m, mask, m, _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i)));
         i += 16;
     }
@@ -428,7 +481,11 @@ unsafe fn scale_avx512(x: &mut [f32], s: f32) {
     let mut i = 0;
     while i < x.len() {
         let rem = x.len() - i;
-        let mask: __mmask16 = if rem >= 16 { 0xFFFF } else { (1u32 << rem) as u16 - 1 };
+        let mask: __mmask16 = if rem >= 16 {
+            0xFFFF
+        } else {
+            (1u32 << rem) as u16 - 1
+        };
         let p = x.as_mut_ptr().add(i);
         _mm512_mask_storeu_ps(p, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, p), vs));
         i += 16;
@@ -461,17 +518,33 @@ unsafe fn exp_sub_sum_avx512(x: &mut [f32], max: f32) -> f32 {
     let ln2_hi = _mm512_set1_ps(0.693_145_75);
     let ln2_lo = _mm512_set1_ps(1.428_606_8e-6);
     let lo = _mm512_set1_ps(-87.0);
-    let c = [1.0f32 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0].map(|v| _mm512_set1_ps(v));
+    let c = [
+        1.0f32 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ]
+    .map(|v| _mm512_set1_ps(v));
     let mut acc = _mm512_setzero_ps();
     let n = x.len();
     let mut i = 0;
     while i < n {
         let rem = n - i;
-        let mask: __mmask16 = if rem >= 16 { 0xFFFF } else { (1u32 << rem) as u16 - 1 };
+        let mask: __mmask16 = if rem >= 16 {
+            0xFFFF
+        } else {
+            (1u32 << rem) as u16 - 1
+        };
         let p = x.as_mut_ptr().add(i);
         let v = _mm512_maskz_loadu_ps(mask, p);
         let t = _mm512_max_ps(_mm512_sub_ps(v, vmax), lo);
-        let k = _mm512_roundscale_ps(_mm512_mul_ps(t, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        let k = _mm512_roundscale_ps(
+            _mm512_mul_ps(t, log2e),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
         let r = _mm512_fnmadd_ps(k, ln2_lo, _mm512_fnmadd_ps(k, ln2_hi, t));
         let mut y = c[0];
         for ci in &c[1..] {
@@ -515,9 +588,17 @@ mod tests {
         let kpos: Vec<u32> = (0..tk as u32).map(|i| 10 + 2 * i).collect();
         let mut qpos: Vec<u32> = (0..tq as u32).map(|i| 4 * i + 11).rev().collect();
         let ours = attend(&q, &k, &v, &qpos, &kpos).unwrap().unwrap();
-        let reference = super::super::attention::attend_ops_for_test(&q, &k, &v, &qpos, &kpos).unwrap();
+        let reference =
+            super::super::attention::attend_ops_for_test(&q, &k, &v, &qpos, &kpos).unwrap();
         assert_eq!(ours.dims(), &[tq, h * d]);
-        let diff = (ours - reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let diff = (ours - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
         let diff = diff.to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "max diff {diff}");
         // Keys all after the query: no visible key gives a zero row, not NaN.
@@ -525,7 +606,13 @@ mod tests {
         let ours = attend(&q, &k, &v, &qpos, &kpos).unwrap().unwrap();
         let row = ours.get(7).unwrap().to_vec1::<f32>().unwrap();
         assert!(row.iter().all(|&x| x == 0.0), "{row:?}");
-        assert!(ours.get(8).unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite() && *x != 0.0));
+        assert!(ours
+            .get(8)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|x| x.is_finite() && *x != 0.0));
     }
 
     /// One query (the decode kernel, key chunks merged) against candle ops.
@@ -541,10 +628,21 @@ mod tests {
             let kpos: Vec<u32> = (0..tk as u32).collect();
             let qpos = [tk as u32 - 3];
             let ours = attend(&q, &k, &v, &qpos, &kpos).unwrap().unwrap();
-            let reference = super::super::attention::attend_ops_for_test(&q, &k, &v, &qpos, &kpos).unwrap();
-            let diff = (ours - reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let reference =
+                super::super::attention::attend_ops_for_test(&q, &k, &v, &qpos, &kpos).unwrap();
+            let diff = (ours - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
             let diff = diff.to_scalar::<f32>().unwrap();
-            assert!(diff < 1e-5, "h {h} hkv {hkv} d {d} tk {tk}: max diff {diff}");
+            assert!(
+                diff < 1e-5,
+                "h {h} hkv {hkv} d {d} tk {tk}: max diff {diff}"
+            );
         }
     }
 }

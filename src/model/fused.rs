@@ -30,7 +30,7 @@ pub(crate) fn qkv_rope(
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let t = y.dim(0)?;
     let width = (h + 2 * hkv) * d;
-    if y.dims() != [t, width] || cos.dims() != [t, d / 2] || d % 2 != 0 {
+    if y.dims() != [t, width] || cos.dims() != [t, d / 2] || !d.is_multiple_of(2) {
         return Ok(None);
     }
     let bias_v = match bias {
@@ -43,14 +43,21 @@ pub(crate) fn qkv_rope(
     let res = with_cpu_f32(y, |ys| {
         with_cpu_f32(cos, |cs| {
             with_cpu_f32(sin, |ss| {
-                let (mut q, mut k, mut v) = (OutBuf::new(h * t * d), OutBuf::new(hkv * t * d), OutBuf::new(hkv * t * d));
+                let (mut q, mut k, mut v) = (
+                    OutBuf::new(h * t * d),
+                    OutBuf::new(hkv * t * d),
+                    OutBuf::new(hkv * t * d),
+                );
                 let ptrs = [SendPtr(q.ptr()), SendPtr(k.ptr()), SendPtr(v.ptr())];
                 let work = |r0: usize| {
                     let mut row = vec![0f32; width];
                     for r in r0..(r0 + ROWS_PER_TASK).min(t) {
                         let src = &ys[r * width..(r + 1) * width];
                         match &bias_v {
-                            Some(b) => row.iter_mut().zip(src.iter().zip(b)).for_each(|(o, (x, b))| *o = x + b),
+                            Some(b) => row
+                                .iter_mut()
+                                .zip(src.iter().zip(b))
+                                .for_each(|(o, (x, b))| *o = x + b),
                             None => row.copy_from_slice(src),
                         }
                         let c = &cs[r * d / 2..(r + 1) * d / 2];
@@ -78,7 +85,11 @@ pub(crate) fn qkv_rope(
                     }
                 };
                 if t >= 2 * ROWS_PER_TASK {
-                    (0..t).step_by(ROWS_PER_TASK).collect::<Vec<_>>().into_par_iter().for_each(work);
+                    (0..t)
+                        .step_by(ROWS_PER_TASK)
+                        .collect::<Vec<_>>()
+                        .into_par_iter()
+                        .for_each(work);
                 } else {
                     (0..t).step_by(ROWS_PER_TASK).for_each(work);
                 }
@@ -87,7 +98,9 @@ pub(crate) fn qkv_rope(
             })
         })
     });
-    let Some(Some(Some((q, k, v)))) = res else { return Ok(None) };
+    let Some(Some(Some((q, k, v)))) = res else {
+        return Ok(None);
+    };
     let dev = y.device();
     Ok(Some((
         Tensor::from_vec(q, (h, t, d), dev)?,
@@ -148,7 +161,10 @@ pub(crate) fn silu_mul(y: &Tensor) -> Result<Option<Tensor>> {
             }
         };
         if t >= 2 * ROWS_PER_TASK {
-            ys.par_chunks(w).enumerate().with_min_len(ROWS_PER_TASK).for_each(work);
+            ys.par_chunks(w)
+                .enumerate()
+                .with_min_len(ROWS_PER_TASK)
+                .for_each(work);
         } else {
             ys.chunks(w).enumerate().for_each(work);
         }

@@ -86,11 +86,18 @@ impl Linear {
             }
             None => None,
         };
-        let bias = fuse_bias(&biases, &outs, dense_t.as_ref().map_or(DType::F32, |t| t.dtype()))?;
+        let bias = fuse_bias(
+            &biases,
+            &outs,
+            dense_t.as_ref().map_or(DType::F32, |t| t.dtype()),
+        )?;
         let quant = if keep_quant {
             // One packed matrix for all parts when they share a type: one kernel call.
             let refs: Vec<&QTensor> = parts.iter().collect();
-            match (parts.len() > 1).then(|| Packed::from_qtensors(&refs)).flatten() {
+            match (parts.len() > 1)
+                .then(|| Packed::from_qtensors(&refs))
+                .flatten()
+            {
                 Some(p) => vec![Quant::Packed(p)],
                 None => parts
                     .into_iter()
@@ -103,16 +110,32 @@ impl Linear {
         } else {
             Vec::new()
         };
-        Ok(Self { quant, dense_t, bias, outs })
+        Ok(Self {
+            quant,
+            dense_t,
+            bias,
+            outs,
+        })
     }
 
     /// Dense parts given as (out, in) weights.
     pub(crate) fn from_dense(ws: &[Tensor], biases: Vec<Option<Tensor>>) -> Result<Self> {
-        let outs: Vec<usize> = ws.iter().map(|w| w.dim(0)).collect::<candle_core::Result<_>>()?;
-        let ts: Vec<Tensor> = ws.iter().map(|w| w.t()).collect::<candle_core::Result<_>>()?;
+        let outs: Vec<usize> = ws
+            .iter()
+            .map(|w| w.dim(0))
+            .collect::<candle_core::Result<_>>()?;
+        let ts: Vec<Tensor> = ws
+            .iter()
+            .map(|w| w.t())
+            .collect::<candle_core::Result<_>>()?;
         let dense_t = Tensor::cat(&ts, 1)?.contiguous()?;
         let bias = fuse_bias(&biases, &outs, dense_t.dtype())?;
-        Ok(Self { quant: Vec::new(), dense_t: Some(dense_t), bias, outs })
+        Ok(Self {
+            quant: Vec::new(),
+            dense_t: Some(dense_t),
+            bias,
+            outs,
+        })
     }
 
     /// Fused bias of all parts, if any part has one.
@@ -146,9 +169,13 @@ impl Linear {
     /// All parts side by side without bias, (rows, sum of outs).
     pub(crate) fn matmul_fused(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.dim(0)?;
-        let use_quant = !self.quant.is_empty() && (self.dense_t.is_none() || rows <= QUANT_MAX_ROWS);
+        let use_quant =
+            !self.quant.is_empty() && (self.dense_t.is_none() || rows <= QUANT_MAX_ROWS);
         if !use_quant {
-            let w = self.dense_t.as_ref().expect("a Linear holds dense weights when it has no quantized ones");
+            let w = self
+                .dense_t
+                .as_ref()
+                .expect("a Linear holds dense weights when it has no quantized ones");
             return Ok(x.matmul(w)?);
         }
         let x_c = x.contiguous()?;
@@ -181,7 +208,11 @@ impl Linear {
                 });
             }
         }
-        Ok(if outs.len() == 1 { outs.swap_remove(0) } else { Tensor::cat(&outs, 1)? })
+        Ok(if outs.len() == 1 {
+            outs.swap_remove(0)
+        } else {
+            Tensor::cat(&outs, 1)?
+        })
     }
 }
 
@@ -190,7 +221,12 @@ fn fuse_bias(biases: &[Option<Tensor>], outs: &[usize], dtype: DType) -> Result<
     if biases.iter().all(Option::is_none) {
         return Ok(None);
     }
-    let device = biases.iter().flatten().next().map(|b| b.device().clone()).expect("one bias");
+    let device = biases
+        .iter()
+        .flatten()
+        .next()
+        .map(|b| b.device().clone())
+        .expect("one bias");
     let parts: Vec<Tensor> = biases
         .iter()
         .zip(outs)

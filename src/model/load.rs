@@ -13,7 +13,17 @@ use super::{Arch, Config, Layer, Linear, Llama3Scaling, Model, Rope, RopeLayout}
 use crate::{Error, Result};
 
 /// How GGUF weights are held in memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightMode {
     /// Quantized blocks only: least memory; prefill is slow on CPU.
@@ -35,12 +45,19 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, weights: WeightMode::Auto }
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            weights: WeightMode::Auto,
+        }
     }
 }
 
 fn file_err(path: &Path, msg: impl Into<String>) -> Error {
-    Error::ModelFile { path: path.to_path_buf(), msg: msg.into() }
+    Error::ModelFile {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 impl Model {
@@ -57,8 +74,12 @@ impl Model {
 
     pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Model> {
         let mut file = std::fs::File::open(path).map_err(|e| file_err(path, e.to_string()))?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| file_err(path, format!("not a readable GGUF file ({e}); re-fetch it with `samkv model fetch`")))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            file_err(
+                path,
+                format!("not a readable GGUF file ({e}); re-fetch it with `samkv model fetch`"),
+            )
+        })?;
         let md = |k: &str| content.metadata.get(k);
         let arch_name = md("general.architecture")
             .and_then(|v| v.to_string().ok().cloned())
@@ -77,7 +98,9 @@ impl Model {
                 .ok_or_else(|| file_err(path, format!("GGUF metadata lacks {key}")))
         };
         let get_f = |k: &str, default: f64| -> f64 {
-            md(&format!("{a}.{k}")).and_then(|v| v.to_f32().ok()).map_or(default, f64::from)
+            md(&format!("{a}.{k}"))
+                .and_then(|v| v.to_f32().ok())
+                .map_or(default, f64::from)
         };
         let hidden = get_u("embedding_length")?;
         let n_heads = get_u("attention.head_count")?;
@@ -98,19 +121,30 @@ impl Model {
             vocab,
             rope_base: get_f("rope.freq_base", 10000.0),
             // GGUF's llama conversion permutes Q/K rows for interleaved pairs; qwen2 does not.
-            rope_layout: if arch == Arch::Llama { RopeLayout::Interleaved } else { RopeLayout::SplitHalf },
+            rope_layout: if arch == Arch::Llama {
+                RopeLayout::Interleaved
+            } else {
+                RopeLayout::SplitHalf
+            },
             rope_scaling: None,
             rms_eps: get_f("attention.layer_norm_rms_epsilon", 1e-5),
             max_context: get_u("context_length").unwrap_or(4096),
         };
         let device = &opts.device;
         let mut read = |name: &str| -> Result<QTensor> {
-            content
-                .tensor(&mut file, name, device)
-                .map_err(|e| file_err(path, format!("tensor {name}: {e} (file truncated or corrupt? re-fetch it)")))
+            content.tensor(&mut file, name, device).map_err(|e| {
+                file_err(
+                    path,
+                    format!("tensor {name}: {e} (file truncated or corrupt? re-fetch it)"),
+                )
+            })
         };
         let freq_factors = match content.tensor_infos.contains_key("rope_freqs.weight") {
-            true => Some(read("rope_freqs.weight")?.dequantize(&Device::Cpu)?.to_vec1::<f32>()?),
+            true => Some(
+                read("rope_freqs.weight")?
+                    .dequantize(&Device::Cpu)?
+                    .to_vec1::<f32>()?,
+            ),
             false => None,
         };
         let dt = opts.dtype;
@@ -118,11 +152,15 @@ impl Model {
         let dense = |q: &QTensor| -> Result<Tensor> { Ok(q.dequantize(device)?.to_dtype(dt)?) };
         // Parts of one fused projection; float-typed weights (F32/F16) are only kept dense.
         let linear = |parts: Vec<QTensor>, biases: Vec<Option<QTensor>>| -> Result<Linear> {
-            let is_float =
-                parts.iter().any(|q| matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16));
+            let is_float = parts
+                .iter()
+                .any(|q| matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16));
             let keep_quant = mode != WeightMode::Dense && !is_float && dt == DType::F32;
             let keep_dense = mode != WeightMode::Quantized || !keep_quant;
-            let biases = biases.iter().map(|b| b.as_ref().map(&dense).transpose()).collect::<Result<Vec<_>>>()?;
+            let biases = biases
+                .iter()
+                .map(|b| b.as_ref().map(&dense).transpose())
+                .collect::<Result<Vec<_>>>()?;
             Linear::from_quantized(parts, biases, keep_dense.then_some(dt), keep_quant)
         };
         let mut layers = Vec::with_capacity(cfg.n_layers);
@@ -130,9 +168,17 @@ impl Model {
             let p = format!("blk.{i}");
             let mut opt_bias = |n: &str| -> Result<Option<QTensor>> {
                 let name = format!("{p}.{n}.bias");
-                if content.tensor_infos.contains_key(&name) { Ok(Some(read(&name)?)) } else { Ok(None) }
+                if content.tensor_infos.contains_key(&name) {
+                    Ok(Some(read(&name)?))
+                } else {
+                    Ok(None)
+                }
             };
-            let (bq, bk, bv) = (opt_bias("attn_q")?, opt_bias("attn_k")?, opt_bias("attn_v")?);
+            let (bq, bk, bv) = (
+                opt_bias("attn_q")?,
+                opt_bias("attn_k")?,
+                opt_bias("attn_v")?,
+            );
             let mut w = |n: &str| read(&format!("{p}.{n}.weight"));
             let qkv = vec![w("attn_q")?, w("attn_k")?, w("attn_v")?];
             let wo = w("attn_output")?;
@@ -157,27 +203,53 @@ impl Model {
         };
         let norm = dense(&read("output_norm.weight")?)?;
         let fingerprint = file_fingerprint(path)?;
-        let rope = Rope::new(cfg.head_dim, cfg.rope_base, cfg.rope_layout, None, freq_factors.as_deref());
-        Ok(Model { cfg, fingerprint, rope, dtype: dt, device: device.clone(), embed, layers, norm, lm_head })
+        let rope = Rope::new(
+            cfg.head_dim,
+            cfg.rope_base,
+            cfg.rope_layout,
+            None,
+            freq_factors.as_deref(),
+        );
+        Ok(Model {
+            cfg,
+            fingerprint,
+            rope,
+            dtype: dt,
+            device: device.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
     }
 
     pub fn load_hf(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| file_err(&cfg_path, e.to_string()))?;
-        let hf: HfConfig = serde_json::from_str(&text).map_err(|e| file_err(&cfg_path, e.to_string()))?;
+        let text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| file_err(&cfg_path, e.to_string()))?;
+        let hf: HfConfig =
+            serde_json::from_str(&text).map_err(|e| file_err(&cfg_path, e.to_string()))?;
         let arch = match hf.architectures.first().map(String::as_str) {
             Some("LlamaForCausalLM" | "MistralForCausalLM") => Arch::Llama,
             Some("Qwen2ForCausalLM") => Arch::Qwen2,
             Some(other) => return Err(Error::UnknownArch(other.to_string())),
             None => return Err(file_err(&cfg_path, "config.json has no `architectures`")),
         };
-        let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads);
+        let head_dim = hf
+            .head_dim
+            .unwrap_or(hf.hidden_size / hf.num_attention_heads);
         let rope_scaling = hf.rope_scaling.as_ref().and_then(|s| {
-            (s.get("rope_type").or(s.get("type")).and_then(|v| v.as_str()) == Some("llama3")).then(|| Llama3Scaling {
+            (s.get("rope_type")
+                .or(s.get("type"))
+                .and_then(|v| v.as_str())
+                == Some("llama3"))
+            .then(|| Llama3Scaling {
                 factor: s["factor"].as_f64().unwrap_or(8.0),
                 low_freq_factor: s["low_freq_factor"].as_f64().unwrap_or(1.0),
                 high_freq_factor: s["high_freq_factor"].as_f64().unwrap_or(4.0),
-                original_max_position_embeddings: s["original_max_position_embeddings"].as_f64().unwrap_or(8192.0),
+                original_max_position_embeddings: s["original_max_position_embeddings"]
+                    .as_f64()
+                    .unwrap_or(8192.0),
             })
         });
         let cfg = Config {
@@ -201,16 +273,22 @@ impl Model {
             .collect();
         files.sort();
         if files.is_empty() {
-            return Err(file_err(dir, "no *.safetensors files in the model directory"));
+            return Err(file_err(
+                dir,
+                "no *.safetensors files in the model directory",
+            ));
         }
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for f in &files {
-            let t = candle_core::safetensors::load(f, &opts.device).map_err(|e| file_err(f, e.to_string()))?;
+            let t = candle_core::safetensors::load(f, &opts.device)
+                .map_err(|e| file_err(f, e.to_string()))?;
             tensors.extend(t);
         }
         let dt = opts.dtype;
         let mut take = |name: &str| -> Result<Tensor> {
-            let t = tensors.remove(name).ok_or_else(|| file_err(dir, format!("missing tensor {name}")))?;
+            let t = tensors
+                .remove(name)
+                .ok_or_else(|| file_err(dir, format!("missing tensor {name}")))?;
             Ok(t.to_dtype(dt)?)
         };
         let mut layers = Vec::with_capacity(cfg.n_layers);
@@ -222,12 +300,19 @@ impl Model {
                 let mut bs = Vec::with_capacity(names.len());
                 for n in names {
                     ws.push(take(&format!("{p}.{n}.weight"))?);
-                    bs.push(if bias { Some(take(&format!("{p}.{n}.bias"))?) } else { None });
+                    bs.push(if bias {
+                        Some(take(&format!("{p}.{n}.bias"))?)
+                    } else {
+                        None
+                    });
                 }
                 Linear::from_dense(&ws, bs)
             };
             layers.push(Layer {
-                qkv: lin(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], qb)?,
+                qkv: lin(
+                    &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                    qb,
+                )?,
                 wo: lin(&["self_attn.o_proj"], false)?,
                 gate_up: lin(&["mlp.gate_proj", "mlp.up_proj"], false)?,
                 down: lin(&["mlp.down_proj"], false)?,
@@ -236,7 +321,11 @@ impl Model {
             });
         }
         let embed = take("model.embed_tokens.weight")?;
-        let head = if hf.tie_word_embeddings.unwrap_or(false) { embed.clone() } else { take("lm_head.weight")? };
+        let head = if hf.tie_word_embeddings.unwrap_or(false) {
+            embed.clone()
+        } else {
+            take("lm_head.weight")?
+        };
         let lm_head = Linear::from_dense(&[head], vec![None])?;
         let norm = take("model.norm.weight")?;
         let mut h = Sha256::new();
@@ -245,8 +334,24 @@ impl Model {
             h.update(file_fingerprint(f)?.as_bytes());
         }
         let fingerprint = hex::encode(h.finalize());
-        let rope = Rope::new(cfg.head_dim, cfg.rope_base, cfg.rope_layout, cfg.rope_scaling, None);
-        Ok(Model { cfg, fingerprint, rope, dtype: dt, device: opts.device.clone(), embed, layers, norm, lm_head })
+        let rope = Rope::new(
+            cfg.head_dim,
+            cfg.rope_base,
+            cfg.rope_layout,
+            cfg.rope_scaling,
+            None,
+        );
+        Ok(Model {
+            cfg,
+            fingerprint,
+            rope,
+            dtype: dt,
+            device: opts.device.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
     }
 
     /// A model of the given shape with seeded random weights, for speed measurements at
@@ -258,7 +363,10 @@ impl Model {
             Ok(Tensor::randn(0f32, std, (r, c), device)?.to_dtype(dtype)?)
         };
         let lin = |outs: &[usize], inp: usize| -> Result<Linear> {
-            let ws = outs.iter().map(|&o| rnd(o, inp)).collect::<Result<Vec<_>>>()?;
+            let ws = outs
+                .iter()
+                .map(|&o| rnd(o, inp))
+                .collect::<Result<Vec<_>>>()?;
             Linear::from_dense(&ws, vec![None; outs.len()])
         };
         let ones = Tensor::ones(cfg.hidden, dtype, device)?;
@@ -276,9 +384,25 @@ impl Model {
         }
         let embed = rnd(cfg.vocab, cfg.hidden)?;
         let lm_head = lin(&[cfg.vocab], cfg.hidden)?;
-        let rope = Rope::new(cfg.head_dim, cfg.rope_base, cfg.rope_layout, cfg.rope_scaling, None);
+        let rope = Rope::new(
+            cfg.head_dim,
+            cfg.rope_base,
+            cfg.rope_layout,
+            cfg.rope_scaling,
+            None,
+        );
         let fingerprint = format!("random-{seed}-{}x{}", cfg.n_layers, cfg.hidden);
-        Ok(Model { cfg, fingerprint, rope, dtype, device: device.clone(), embed, layers, norm: ones, lm_head })
+        Ok(Model {
+            cfg,
+            fingerprint,
+            rope,
+            dtype,
+            device: device.clone(),
+            embed,
+            layers,
+            norm: ones,
+            lm_head,
+        })
     }
 }
 

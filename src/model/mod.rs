@@ -6,6 +6,7 @@
 
 mod attention;
 mod attn_cpu;
+mod batch;
 mod fused;
 mod linear;
 mod load;
@@ -113,7 +114,13 @@ impl Model {
     }
 
     pub fn new_cache(&self) -> Result<KvCache> {
-        KvCache::new(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, self.dtype, &self.device)
+        KvCache::new(
+            self.cfg.n_layers,
+            self.cfg.n_kv_heads,
+            self.cfg.head_dim,
+            self.dtype,
+            &self.device,
+        )
     }
 
     /// Bytes of K+V per token across all layers, in the model's dtype.
@@ -147,7 +154,16 @@ impl Model {
         let t = x.dim(0)?;
         let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, c.rms_eps as f32)?;
         let y = layer.qkv.matmul_fused(&h)?;
-        let fast = fused::qkv_rope(&y, layer.qkv.bias(), &rope.0, &rope.1, self.rope.layout, c.n_heads, c.n_kv_heads, c.head_dim)?;
+        let fast = fused::qkv_rope(
+            &y,
+            layer.qkv.bias(),
+            &rope.0,
+            &rope.1,
+            self.rope.layout,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+        )?;
         if let Some((q, k, v)) = fast {
             return Ok(Qkv { q, k, v });
         }
@@ -161,11 +177,16 @@ impl Model {
         let v = v.reshape((t, c.n_kv_heads, c.head_dim))?.transpose(0, 1)?;
         let q = self.rope.apply(&q, &rope.0, &rope.1)?;
         let k = self.rope.apply(&k, &rope.0, &rope.1)?;
-        Ok(Qkv { q, k, v: v.contiguous()? })
+        Ok(Qkv {
+            q,
+            k,
+            v: v.contiguous()?,
+        })
     }
 
     /// Step 2 of a layer: attend with queries q (at `qpos`) over keys/values (at `kpos`,
     /// sorted), then output projection, residual and MLP. Returns the new residual stream.
+    #[allow(clippy::too_many_arguments)] // the rows to attend over are the caller's choice
     pub fn layer_finish(
         &self,
         l: usize,
@@ -209,7 +230,13 @@ impl Model {
                 }
             }
         }
-        attend(q, &layer_kv.keys()?, &layer_kv.values()?, qpos, layer_kv.positions())
+        attend(
+            q,
+            &layer_kv.keys()?,
+            &layer_kv.values()?,
+            qpos,
+            layer_kv.positions(),
+        )
     }
 
     /// Final norm and LM head for the given rows of x, returned as f32 (rows, vocab).
@@ -230,21 +257,30 @@ impl Model {
         capture_layers: &[usize],
     ) -> Result<ForwardOut> {
         if tokens.is_empty() {
-            return Err(Error::InvalidInput("forward needs at least one token".into()));
+            return Err(Error::InvalidInput(
+                "forward needs at least one token".into(),
+            ));
         }
         if tokens.len() != positions.len() {
-            return Err(Error::InvalidInput("one position per token is required".into()));
+            return Err(Error::InvalidInput(
+                "one position per token is required".into(),
+            ));
         }
         let max_pos = positions.iter().copied().max().unwrap_or(0) as usize;
         if max_pos >= self.cfg.max_context {
-            return Err(Error::ContextTooLong { tokens: max_pos + 1, max: self.cfg.max_context });
+            return Err(Error::ContextTooLong {
+                tokens: max_pos + 1,
+                max: self.cfg.max_context,
+            });
         }
         if self.device.is_cpu() && rayon::current_thread_index().is_none() {
             // Run the pass on a pool worker: the kernels' parallel loops then start on this
             // thread and the other workers, still spinning between loops, pick up their share
             // at once instead of being woken from sleep for every loop (decode runs ~150 short
             // loops per token).
-            return rayon::scope(|_| self.forward_inner(tokens, positions, cache, logits, capture_layers));
+            return rayon::scope(|_| {
+                self.forward_inner(tokens, positions, cache, logits, capture_layers)
+            });
         }
         self.forward_inner(tokens, positions, cache, logits, capture_layers)
     }

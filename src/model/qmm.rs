@@ -90,10 +90,6 @@ impl Packed {
         self.n
     }
 
-    pub(crate) fn bytes(&self) -> usize {
-        self.lines.len() * 64
-    }
-
     /// Packs one or more CPU QTensors of the same type and input size, rows stacked in order
     /// (fused Q/K/V or gate/up). None when the type or shape is not handled here.
     pub(crate) fn from_qtensors(parts: &[&QTensor]) -> Option<Self> {
@@ -101,7 +97,9 @@ impl Packed {
             return None;
         }
         let kind = QKind::of(parts[0].dtype())?;
-        if std::env::var("SAMKV_DBG_NOPACK").is_ok_and(|v| v.contains(&format!("{kind:?}")) || (v == "fused" && parts.len() > 1)) {
+        if std::env::var("SAMKV_DBG_NOPACK")
+            .is_ok_and(|v| v.contains(&format!("{kind:?}")) || (v == "fused" && parts.len() > 1))
+        {
             return None;
         }
         let k = parts[0].shape().dims2().ok()?.1;
@@ -129,7 +127,8 @@ impl Packed {
             for b in 0..nb {
                 let dst = &mut lines[(t * nb + b) * lpb..(t * nb + b + 1) * lpb];
                 for r in 0..TILE {
-                    let blk = &rows[t * TILE + r][b * kind.block_bytes()..(b + 1) * kind.block_bytes()];
+                    let blk =
+                        &rows[t * TILE + r][b * kind.block_bytes()..(b + 1) * kind.block_bytes()];
                     pack_block(kind, blk, r, dst);
                 }
             }
@@ -211,7 +210,10 @@ impl QActs {
             sum: vec![0; m * nb],
             gsum: vec![0; m * k / 4],
         };
-        type Row<'a> = ((&'a [f32], (&'a mut [i8], &'a mut [i32])), ((&'a mut [f32], &'a mut [f32]), &'a mut [i32]));
+        type Row<'a> = (
+            (&'a [f32], (&'a mut [i8], &'a mut [i32])),
+            ((&'a mut [f32], &'a mut [f32]), &'a mut [i32]),
+        );
         let work = |((xr, (qr, gr)), ((dr, sr), sumr)): Row| {
             for b in 0..nb {
                 let xs = &xr[b * QK..(b + 1) * QK];
@@ -232,12 +234,24 @@ impl QActs {
         };
         if m >= 32 {
             let qs_rows = a.qs.par_chunks_mut(k).zip(a.gsum.par_chunks_mut(k / 4));
-            let meta = a.d.par_chunks_mut(nb).zip(a.s.par_chunks_mut(nb)).zip(a.sum.par_chunks_mut(nb));
-            x.par_chunks(k).zip(qs_rows).zip(meta).with_min_len(16).for_each(work);
+            let meta =
+                a.d.par_chunks_mut(nb)
+                    .zip(a.s.par_chunks_mut(nb))
+                    .zip(a.sum.par_chunks_mut(nb));
+            x.par_chunks(k)
+                .zip(qs_rows)
+                .zip(meta)
+                .with_min_len(16)
+                .for_each(work);
         } else {
-            x.chunks(k).zip(a.qs.chunks_mut(k).zip(a.gsum.chunks_mut(k / 4))).zip(
-                a.d.chunks_mut(nb).zip(a.s.chunks_mut(nb)).zip(a.sum.chunks_mut(nb)),
-            ).for_each(work);
+            x.chunks(k)
+                .zip(a.qs.chunks_mut(k).zip(a.gsum.chunks_mut(k / 4)))
+                .zip(
+                    a.d.chunks_mut(nb)
+                        .zip(a.s.chunks_mut(nb))
+                        .zip(a.sum.chunks_mut(nb)),
+                )
+                .for_each(work);
         }
         a
     }
@@ -282,7 +296,10 @@ unsafe fn quantize_block_avx512(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
     let q0 = round(x0);
     let q1 = round(x1);
     _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(q0));
-    _mm_storeu_si128(q.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(q1));
+    _mm_storeu_si128(
+        q.as_mut_ptr().add(16) as *mut __m128i,
+        _mm512_cvtsepi32_epi8(q1),
+    );
     (d, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)))
 }
 
@@ -322,12 +339,17 @@ pub(crate) fn matmul(parts: &[&Packed], x: &[f32], m: usize) -> Vec<Vec<f32>> {
     if units.len() * m * k < 1 << 16 {
         units.iter().for_each(run);
     } else {
-        let per = units.len().div_ceil(8 * rayon::current_num_threads()).max(1);
+        let per = units
+            .len()
+            .div_ceil(8 * rayon::current_num_threads())
+            .max(1);
         units.par_iter().with_min_len(per).for_each(run);
     }
     // The units cover every (row, 16-column tile) of every part: all elements are written.
     // SAFETY: see above.
-    bufs.into_iter().map(|b| unsafe { b.assume_init() }).collect()
+    bufs.into_iter()
+        .map(|b| unsafe { b.assume_init() })
+        .collect()
 }
 
 /// Rows r0..r1 of tile t, in groups of up to 8 rows sharing the unpacked weights.
@@ -380,7 +402,13 @@ unsafe fn tile_kernel<const MR: usize>(_: &Packed, _: &QActs, _: usize, _: usize
 /// activation rounding would otherwise amplify last-bit differences layer after layer.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn kernel<const MR: usize, const KIND: u8>(p: &Packed, a: &QActs, t: usize, r: usize, out: SendPtr) {
+unsafe fn kernel<const MR: usize, const KIND: u8>(
+    p: &Packed,
+    a: &QActs,
+    t: usize,
+    r: usize,
+    out: SendPtr,
+) {
     use std::arch::x86_64::*;
     let nb = p.k / QK;
     let lpb = p.kind.lines();
@@ -404,19 +432,32 @@ unsafe fn kernel<const MR: usize, const KIND: u8>(p: &Packed, a: &QActs, t: usiz
                 let sixteen = _mm512_set1_epi8(16);
                 for c in 0..4 {
                     wv[c] = _mm512_mask_add_epi8(wv[c], *masks.add(2 * c), wv[c], sixteen);
-                    wv[c + 4] = _mm512_mask_add_epi8(wv[c + 4], *masks.add(2 * c + 1), wv[c + 4], sixteen);
+                    wv[c + 4] =
+                        _mm512_mask_add_epi8(wv[c + 4], *masks.add(2 * c + 1), wv[c + 4], sixteen);
                 }
             }
         }
-        let mw = if KIND == 0 { _mm512_cvtph_ps(_mm256_load_si256(sc.add(32) as *const __m256i)) } else { dw };
+        let mw = if KIND == 0 {
+            _mm512_cvtph_ps(_mm256_load_si256(sc.add(32) as *const __m256i))
+        } else {
+            dw
+        };
         for (i, acc) in acc.iter_mut().enumerate() {
             let row = r + i;
             let y = a.qs.as_ptr().add(row * a.k + b * QK) as *const i32;
             let mut s0 = _mm512_setzero_si512();
             let mut s1 = _mm512_setzero_si512();
             for g in 0..4 {
-                s0 = _mm512_dpbusd_epi32(s0, wv[g], _mm512_set1_epi32(std::ptr::read_unaligned(y.add(g))));
-                s1 = _mm512_dpbusd_epi32(s1, wv[g + 4], _mm512_set1_epi32(std::ptr::read_unaligned(y.add(g + 4))));
+                s0 = _mm512_dpbusd_epi32(
+                    s0,
+                    wv[g],
+                    _mm512_set1_epi32(std::ptr::read_unaligned(y.add(g))),
+                );
+                s1 = _mm512_dpbusd_epi32(
+                    s1,
+                    wv[g + 4],
+                    _mm512_set1_epi32(std::ptr::read_unaligned(y.add(g + 4))),
+                );
             }
             let mut si = _mm512_add_epi32(s0, s1);
             let mi = row * nb + b;
@@ -424,8 +465,15 @@ unsafe fn kernel<const MR: usize, const KIND: u8>(p: &Packed, a: &QActs, t: usiz
                 si = _mm512_sub_epi32(si, _mm512_set1_epi32(16 * *a.sum.get_unchecked(mi)));
             }
             // candle: sumf += sumi * d_w * d_x (+ m_w * s_x for Q4_1)
-            let t = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(si), dw), _mm512_set1_ps(*a.d.get_unchecked(mi)));
-            let t = if KIND == 0 { _mm512_add_ps(t, _mm512_mul_ps(mw, _mm512_set1_ps(*a.s.get_unchecked(mi)))) } else { t };
+            let t = _mm512_mul_ps(
+                _mm512_mul_ps(_mm512_cvtepi32_ps(si), dw),
+                _mm512_set1_ps(*a.d.get_unchecked(mi)),
+            );
+            let t = if KIND == 0 {
+                _mm512_add_ps(t, _mm512_mul_ps(mw, _mm512_set1_ps(*a.s.get_unchecked(mi))))
+            } else {
+                t
+            };
             *acc = _mm512_add_ps(*acc, t);
         }
     }
@@ -487,12 +535,19 @@ mod tests {
         let p = Packed::from_qtensors(&[&q]).unwrap();
         let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let ours = matmul(&[&p], &xv, m).remove(0);
-        let reference = candle_core::quantized::QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
+        let reference = candle_core::quantized::QMatMul::from_qtensor(q)
+            .unwrap()
+            .forward(&x)
+            .unwrap();
         let reference = reference.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let max = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
         for (o, r) in ours.iter().zip(&reference) {
             // Bit-exact: the model test relies on it (see `kernel`).
-            assert_eq!(o.to_bits(), r.to_bits(), "{dt:?} m={m}: {o} vs candle {r} (max {max})");
+            assert_eq!(
+                o.to_bits(),
+                r.to_bits(),
+                "{dt:?} m={m}: {o} vs candle {r} (max {max})"
+            );
         }
     }
 
@@ -503,10 +558,22 @@ mod tests {
         }
         // Random blocks plus blocks whose scaled values fall exactly on .5 (rounding ties).
         let mut blocks: Vec<Vec<f32>> = (0..50)
-            .map(|i| (0..32).map(|j| ((i * 37 + j * 11) % 101) as f32 * 0.37 - 18.0).collect())
+            .map(|i| {
+                (0..32)
+                    .map(|j| ((i * 37 + j * 11) % 101) as f32 * 0.37 - 18.0)
+                    .collect()
+            })
             .collect();
-        blocks.push((0..32).map(|j| if j == 0 { 127.0 } else { j as f32 - 15.5 }).collect());
-        blocks.push((0..32).map(|j| if j == 0 { -127.0 } else { 0.5 - j as f32 }).collect());
+        blocks.push(
+            (0..32)
+                .map(|j| if j == 0 { 127.0 } else { j as f32 - 15.5 })
+                .collect(),
+        );
+        blocks.push(
+            (0..32)
+                .map(|j| if j == 0 { -127.0 } else { 0.5 - j as f32 })
+                .collect(),
+        );
         blocks.push(vec![0.0; 32]);
         for b in &blocks {
             let (mut q1, mut q2) = ([0i8; 32], [0i8; 32]);
@@ -539,7 +606,12 @@ mod dbg_tests {
         let path = "/work/main/models/SmolLM2-135M-Instruct.Q4_1.gguf";
         let mut f = std::fs::File::open(path).unwrap();
         let c = gguf_file::Content::read(&mut f).unwrap();
-        for name in ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_down.weight", "blk.0.ffn_gate.weight"] {
+        for name in [
+            "blk.0.attn_q.weight",
+            "blk.0.attn_k.weight",
+            "blk.0.ffn_down.weight",
+            "blk.0.ffn_gate.weight",
+        ] {
             let q = c.tensor(&mut f, name, &Device::Cpu).unwrap();
             let k = q.shape().dims2().unwrap().1;
             for m in [1usize, 5] {
@@ -548,12 +620,27 @@ mod dbg_tests {
                 let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let ours = matmul(&[&p], &xv, m).remove(0);
                 let q2 = c.tensor(&mut f, name, &Device::Cpu).unwrap();
-                let r = candle_core::quantized::QMatMul::from_qtensor(q2).unwrap().forward(&x).unwrap();
+                let r = candle_core::quantized::QMatMul::from_qtensor(q2)
+                    .unwrap()
+                    .forward(&x)
+                    .unwrap();
                 let r = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let d = ours.iter().zip(&r).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let d = ours
+                    .iter()
+                    .zip(&r)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
                 let mx = r.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let worst = ours.iter().zip(&r).enumerate().max_by(|a, b| (a.1 .0 - a.1 .1).abs().total_cmp(&(b.1 .0 - b.1 .1).abs())).unwrap();
-                eprintln!("{name} m={m}: max diff {d} (max |y| {mx}) worst idx {} {:?}", worst.0, worst.1);
+                let worst = ours
+                    .iter()
+                    .zip(&r)
+                    .enumerate()
+                    .max_by(|a, b| (a.1 .0 - a.1 .1).abs().total_cmp(&(b.1 .0 - b.1 .1).abs()))
+                    .unwrap();
+                eprintln!(
+                    "{name} m={m}: max diff {d} (max |y| {mx}) worst idx {} {:?}",
+                    worst.0, worst.1
+                );
             }
         }
     }
@@ -565,7 +652,10 @@ mod dbg_tests2 {
     #[test]
     fn dbg_model_layers() {
         let path = std::path::Path::new("/work/main/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        let opts = LoadOptions { weights: WeightMode::Quantized, ..Default::default() };
+        let opts = LoadOptions {
+            weights: WeightMode::Quantized,
+            ..Default::default()
+        };
         let a = Model::load(path, &opts).unwrap();
         unsafe { std::env::set_var("SAMKV_DBG_NOPACK", "Q4_1") };
         let b = Model::load(path, &opts).unwrap();
@@ -574,27 +664,68 @@ mod dbg_tests2 {
         let xa = a.embed(&toks).unwrap();
         let rope = a.rope_tables(&pos).unwrap();
         let diff = |x: &candle_core::Tensor, y: &candle_core::Tensor| -> f32 {
-            (x - y).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+            (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
         };
         let qa = a.layer_qkv(0, &xa, &rope).unwrap();
         let qb = b.layer_qkv(0, &xa, &rope).unwrap();
-        eprintln!("q {} k {} v {}", diff(&qa.q, &qb.q), diff(&qa.k, &qb.k), diff(&qa.v, &qb.v));
-        let fa = a.layer_finish(0, &xa, &qa.q, &qa.k, &qa.v, &pos, &pos).unwrap();
-        let fb = b.layer_finish(0, &xa, &qa.q, &qa.k, &qa.v, &pos, &pos).unwrap();
+        eprintln!(
+            "q {} k {} v {}",
+            diff(&qa.q, &qb.q),
+            diff(&qa.k, &qb.k),
+            diff(&qa.v, &qb.v)
+        );
+        let fa = a
+            .layer_finish(0, &xa, &qa.q, &qa.k, &qa.v, &pos, &pos)
+            .unwrap();
+        let fb = b
+            .layer_finish(0, &xa, &qa.q, &qa.k, &qa.v, &pos, &pos)
+            .unwrap();
         eprintln!("finish {}", diff(&fa, &fb));
         let mut xa2 = xa.clone();
         let mut xb2 = xa.clone();
         for l in 0..a.n_layers() {
             let qa = a.layer_qkv(l, &xa2, &rope).unwrap();
             let qb = b.layer_qkv(l, &xb2, &rope).unwrap();
-            xa2 = a.layer_finish(l, &xa2, &qa.q, &qa.k, &qa.v, &pos, &pos).unwrap();
-            xb2 = b.layer_finish(l, &xb2, &qb.q, &qb.k, &qb.v, &pos, &pos).unwrap();
-            eprintln!("layer {l}: {} (max {})", diff(&xa2, &xb2), xb2.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap());
+            xa2 = a
+                .layer_finish(l, &xa2, &qa.q, &qa.k, &qa.v, &pos, &pos)
+                .unwrap();
+            xb2 = b
+                .layer_finish(l, &xb2, &qb.q, &qb.k, &qb.v, &pos, &pos)
+                .unwrap();
+            eprintln!(
+                "layer {l}: {} (max {})",
+                diff(&xa2, &xb2),
+                xb2.abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            );
         }
         let mut ca = a.new_cache().unwrap();
         let mut cb = b.new_cache().unwrap();
-        let la = a.forward(&toks, &pos, &mut ca, Logits::Last, &[]).unwrap().logits.unwrap();
-        let lb = b.forward(&toks, &pos, &mut cb, Logits::Last, &[]).unwrap().logits.unwrap();
+        let la = a
+            .forward(&toks, &pos, &mut ca, Logits::Last, &[])
+            .unwrap()
+            .logits
+            .unwrap();
+        let lb = b
+            .forward(&toks, &pos, &mut cb, Logits::Last, &[])
+            .unwrap()
+            .logits
+            .unwrap();
         eprintln!("logits {}", diff(&la, &lb));
     }
 }

@@ -80,7 +80,12 @@ impl Rope {
 
     /// cos and sin of shape (T, head_dim/2) for signed offsets (positions or position deltas).
     /// Angles are computed in f64: positions reach 1e5 and f32 would lose the low bits.
-    pub fn tables(&self, offsets: &[i64], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn tables(
+        &self,
+        offsets: &[i64],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(offsets.len() * half);
         let mut sin = Vec::with_capacity(offsets.len() * half);

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs samkv's test suite on a fresh machine: fetches the models the tests use (with samkv's
+# own command; verified by sha256), starts what the tests need, then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo run --release --quiet -- model fetch smollm2 qwen2.5-coder-0.5b
+if [ -f .ci/redis.sh ]; then bash .ci/redis.sh; fi
+cargo test --release

@@ -1,0 +1,358 @@
+//! The engine: tokenizes a request into preamble, documents and question, loads (or computes
+//! and stores) each document's KV, hands them to a [`Method`] to assemble, and decodes.
+
+pub mod generate;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+
+pub use generate::{generate, FinishReason, Generation, Sampling};
+
+use crate::methods::{Assembled, Context, Method, Segment};
+use crate::model::{mean_rows, Logits, Model};
+use crate::store::{
+    doc_id, now_unix, prefix_hash, DocId, DocMeta, KvStore, StoredDoc, FORMAT_VERSION,
+};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+/// Numbers of trailing tokens over which SamKV's document-local query summaries are pooled
+/// at ingestion (the paper's "large" and "small" settings); other values are computed on
+/// demand.
+pub const QLOC_WINDOWS: [usize; 2] = [128, 16];
+
+/// Side-data key of the document-local query summary pooled over the last `n` tokens:
+/// an f32 tensor (layers, heads, head_dim).
+pub fn qloc_key(n: usize) -> String {
+    format!("samkv.qloc.{n}")
+}
+
+/// A RAG request in text form. The preamble and question are wrapped in the model's chat
+/// template (when it has one) by the engine.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Prompt {
+    pub preamble: String,
+    pub documents: Vec<String>,
+    pub question: String,
+}
+
+impl From<crate::eval::RagPrompt> for Prompt {
+    fn from(p: crate::eval::RagPrompt) -> Self {
+        Prompt {
+            preamble: p.preamble,
+            documents: p.documents,
+            question: p.question,
+        }
+    }
+}
+
+/// The request's token ids, segment by segment.
+#[derive(Clone, Debug)]
+pub struct Tokenized {
+    pub prefix: Vec<u32>,
+    pub documents: Vec<Vec<u32>>,
+    pub question: Vec<u32>,
+}
+
+/// Where a document's KV came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Store,
+    Computed,
+}
+
+pub struct Engine {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub store: Arc<dyn KvStore>,
+    /// Wrap prompts in the model's chat template.
+    pub chat: bool,
+    /// Dtype K/V are stored in.
+    pub store_dtype: DType,
+}
+
+/// A request's context, ready for a method, with where each document came from.
+pub struct Prepared {
+    pub segments: Vec<Segment>,
+    pub question: Vec<u32>,
+    pub sources: Vec<Source>,
+    pub load_ms: f64,
+    pub compute_ms: f64,
+}
+
+impl Engine {
+    pub fn new(model: Model, tokenizer: Tokenizer, store: Arc<dyn KvStore>) -> Self {
+        Self {
+            model,
+            tokenizer,
+            store,
+            chat: true,
+            store_dtype: DType::F16,
+        }
+    }
+
+    pub fn tokenize(&self, p: &Prompt) -> Result<Tokenized> {
+        if p.question.trim().is_empty() {
+            return Err(Error::InvalidInput(
+                "the question is empty; ask something".into(),
+            ));
+        }
+        let (pre, post) = if self.chat && self.tokenizer.has_chat_template() {
+            self.tokenizer.chat_wrap()?
+        } else {
+            (String::new(), String::new())
+        };
+        let mut prefix = Vec::new();
+        if self.tokenizer.add_bos() {
+            prefix.extend(self.tokenizer.bos_id());
+        }
+        prefix.extend(self.tokenizer.encode(&format!("{pre}{}", p.preamble))?);
+        let documents = p
+            .documents
+            .iter()
+            .map(|d| self.tokenizer.encode(d))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(i) = documents.iter().position(|d| d.is_empty()) {
+            return Err(Error::InvalidInput(format!("document {} is empty", i + 1)));
+        }
+        let question = self.tokenizer.encode(&format!("{}{post}", p.question))?;
+        let total = prefix.len() + documents.iter().map(Vec::len).sum::<usize>() + question.len();
+        if total >= self.model.cfg.max_context {
+            return Err(Error::ContextTooLong {
+                tokens: total,
+                max: self.model.cfg.max_context,
+            });
+        }
+        Ok(Tokenized {
+            prefix,
+            documents,
+            question,
+        })
+    }
+
+    /// The content address of a document computed after `prefix`.
+    pub fn doc_id(&self, prefix: &[u32], tokens: &[u32]) -> DocId {
+        doc_id(
+            &self.model.fingerprint,
+            &self.tokenizer.fingerprint(),
+            prefix,
+            tokens,
+        )
+    }
+
+    /// Reads a document's KV from the store, or computes and stores it. A corrupt or
+    /// foreign entry is reported in the log and recomputed, never used.
+    pub fn document_kv(
+        &self,
+        prefix: &[u32],
+        prefix_kv: Option<&StoredDoc>,
+        tokens: &[u32],
+    ) -> Result<(Arc<StoredDoc>, Source)> {
+        let id = self.doc_id(prefix, tokens);
+        match self.store.get_for_model(&id, &self.model.fingerprint) {
+            Ok(Some(doc)) if doc.meta.token_ids == tokens => return Ok((doc, Source::Store)),
+            Ok(Some(_)) => tracing::warn!("store entry {id} holds other tokens; recomputing"),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!("store entry {id} is unusable ({e}); recomputing it");
+                let _ = self.store.remove(&id);
+            }
+        }
+        let doc = self.compute_document(prefix, prefix_kv, tokens)?;
+        if let Err(e) = self.store.put(&doc) {
+            tracing::warn!("could not store document {id}: {e}");
+        }
+        Ok((Arc::new(doc), Source::Computed))
+    }
+
+    /// Prefills one document on its own, after the prefix (whose KV is given), and packs its
+    /// rows with the side data methods need (SamKV's document-local query summaries).
+    pub fn compute_document(
+        &self,
+        prefix: &[u32],
+        prefix_kv: Option<&StoredDoc>,
+        tokens: &[u32],
+    ) -> Result<StoredDoc> {
+        let m = &self.model;
+        let mut cache = m.new_cache()?;
+        if let Some(p) = prefix_kv {
+            for (l, layer) in cache.layers.iter_mut().enumerate() {
+                let k = p.k[l].to_device(m.device())?.to_dtype(m.dtype())?;
+                let v = p.v[l].to_device(m.device())?.to_dtype(m.dtype())?;
+                layer.append(&k, &v, &p.meta.positions)?;
+            }
+        }
+        let start = prefix.len() as u32;
+        let positions: Vec<u32> = (start..start + tokens.len() as u32).collect();
+        let all_layers: Vec<usize> = (0..m.n_layers()).collect();
+        let out = m.forward(tokens, &positions, &mut cache, Logits::None, &all_layers)?;
+        let mut side = BTreeMap::new();
+        for n in QLOC_WINDOWS {
+            side.insert(qloc_key(n), pool_queries(&out.queries, tokens.len(), n)?);
+        }
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        let skip = prefix_kv.map_or(0, |p| p.meta.positions.len());
+        for layer in &cache.layers {
+            ks.push(
+                layer
+                    .keys()?
+                    .narrow(1, skip, tokens.len())?
+                    .to_dtype(self.store_dtype)?
+                    .contiguous()?,
+            );
+            vs.push(
+                layer
+                    .values()?
+                    .narrow(1, skip, tokens.len())?
+                    .to_dtype(self.store_dtype)?
+                    .contiguous()?,
+            );
+        }
+        let c = &m.cfg;
+        let meta = DocMeta {
+            format_version: FORMAT_VERSION,
+            model_fingerprint: m.fingerprint.clone(),
+            tokenizer_fingerprint: self.tokenizer.fingerprint(),
+            prefix_hash: prefix_hash(prefix),
+            prefix_len: prefix.len(),
+            n_layers: c.n_layers,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            dtype: crate::store::dtype_name(self.store_dtype)
+                .unwrap_or("f32")
+                .to_string(),
+            rope_layout: c.rope_layout.as_str().to_string(),
+            rope_base: c.rope_base,
+            keys_post_rope: true,
+            positions,
+            token_ids: tokens.to_vec(),
+            created_unix: now_unix(),
+        };
+        StoredDoc::new(meta, ks, vs, side)
+    }
+
+    /// Loads or computes the KV of every segment of a tokenized request.
+    pub fn prepare(&self, t: &Tokenized) -> Result<Prepared> {
+        let mut segments = Vec::with_capacity(t.documents.len() + 1);
+        let mut sources = Vec::with_capacity(t.documents.len() + 1);
+        let (mut load_ms, mut compute_ms) = (0.0, 0.0);
+        let mut timed = |prefix: &[u32],
+                         pkv: Option<&StoredDoc>,
+                         toks: &[u32]|
+         -> Result<(Arc<StoredDoc>, Source)> {
+            let t0 = Instant::now();
+            let r = self.document_kv(prefix, pkv, toks)?;
+            let el = t0.elapsed().as_secs_f64() * 1e3;
+            match r.1 {
+                Source::Store => load_ms += el,
+                Source::Computed => compute_ms += el,
+            }
+            Ok(r)
+        };
+        let prefix_kv = if t.prefix.is_empty() {
+            None
+        } else {
+            let (kv, src) = timed(&[], None, &t.prefix)?;
+            segments.push(Segment {
+                tokens: t.prefix.clone(),
+                start: 0,
+                kv: kv.clone(),
+                is_preamble: true,
+            });
+            sources.push(src);
+            Some(kv)
+        };
+        let mut start = t.prefix.len() as u32;
+        for d in &t.documents {
+            let (kv, src) = timed(&t.prefix, prefix_kv.as_deref(), d)?;
+            segments.push(Segment {
+                tokens: d.clone(),
+                start,
+                kv,
+                is_preamble: false,
+            });
+            sources.push(src);
+            start += d.len() as u32;
+        }
+        Ok(Prepared {
+            segments,
+            question: t.question.clone(),
+            sources,
+            load_ms,
+            compute_ms,
+        })
+    }
+
+    /// Tokenizes, prepares and assembles a request with `method`. The returned stats count
+    /// loading from the store in `load_ms` and in time to first token.
+    pub fn assemble(&self, prompt: &Prompt, method: &dyn Method) -> Result<(Assembled, Prepared)> {
+        let t = self.tokenize(prompt)?;
+        let prepared = self.prepare(&t)?;
+        let ctx = Context {
+            model: &self.model,
+            segments: prepared.segments.clone(),
+            question: prepared.question.clone(),
+        };
+        let t0 = Instant::now();
+        let mut a = method.assemble(&ctx)?;
+        a.stats.load_ms += prepared.load_ms;
+        a.stats.ttft_ms = prepared.load_ms + t0.elapsed().as_secs_f64() * 1e3;
+        Ok((a, prepared))
+    }
+
+    /// Assembles and decodes; `on_text` receives the answer as it is generated.
+    pub fn answer(
+        &self,
+        prompt: &Prompt,
+        method: &dyn Method,
+        sampling: &Sampling,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<(Generation, Assembled)> {
+        let (mut a, _) = self.assemble(prompt, method)?;
+        let logits = a.logits.clone();
+        let g = generate(
+            &self.model,
+            &self.tokenizer,
+            &mut a.cache,
+            &logits,
+            sampling,
+            on_text,
+        )?;
+        Ok((g, a))
+    }
+}
+
+/// Mean of each captured layer's query states over the last `n` tokens: (layers, heads, d).
+fn pool_queries(queries: &[(usize, Tensor)], t: usize, n: usize) -> Result<Tensor> {
+    let take = n.min(t);
+    let pooled = queries
+        .iter()
+        .map(|(_, q)| mean_rows(&q.narrow(1, t - take, take)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&pooled, 0)?)
+}
+
+/// Loads a model file or directory and its tokenizer.
+pub fn load_model(
+    path: &std::path::Path,
+    opts: &crate::model::LoadOptions,
+) -> Result<(Model, Tokenizer)> {
+    let model = Model::load(path, opts)?;
+    let tokenizer = if path.is_dir() {
+        Tokenizer::from_hf_dir(path)?
+    } else {
+        let mut f = std::fs::File::open(path)?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| {
+            Error::ModelFile {
+                path: path.to_path_buf(),
+                msg: e.to_string(),
+            }
+        })?;
+        Tokenizer::from_gguf(&content)?
+    };
+    Ok((model, tokenizer))
+}

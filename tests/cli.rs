@@ -1,0 +1,216 @@
+//! The `samkv` binary on bad input (clear error, non-zero exit, never a panic) and concurrent
+//! ingestion into one store.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn samkv(args: &[&str], store: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_samkv"))
+        .args(args)
+        .env("SAMKV_STORE", store)
+        .env_remove("SAMKV_MODELS")
+        .output()
+        .expect("run samkv")
+}
+
+/// Asserts a clean failure whose message contains `needle`.
+fn fails_with(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "samkv panicked: {err}");
+    assert!(err.contains("error:"), "no error line: {err}");
+    assert!(
+        err.contains(needle),
+        "error should mention {needle:?}: {err}"
+    );
+}
+
+#[test]
+fn missing_model_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = samkv(
+        &[
+            "ask",
+            "--model",
+            "/nonexistent/model.gguf",
+            "--method",
+            "reuse",
+            "hi?",
+        ],
+        tmp.path(),
+    );
+    fails_with(&out, "/nonexistent/model.gguf");
+}
+
+#[test]
+fn unknown_model_name_lists_the_known_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = samkv(
+        &["ask", "--model", "gpt-17", "--method", "reuse", "hi?"],
+        tmp.path(),
+    );
+    fails_with(&out, "smollm2");
+}
+
+#[test]
+fn truncated_model_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(model_path(SMOLLM2)).unwrap();
+    let cut = tmp.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let out = samkv(
+        &[
+            "ask",
+            "--model",
+            cut.to_str().unwrap(),
+            "--method",
+            "reuse",
+            "hi?",
+        ],
+        tmp.path(),
+    );
+    fails_with(&out, "truncated");
+}
+
+#[test]
+fn unknown_architecture() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("gpt2.gguf");
+    let t = candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &candle_core::Device::Cpu)
+        .unwrap();
+    let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+    let arch = gguf_file::Value::String("gpt2".into());
+    let mut f = std::fs::File::create(&path).unwrap();
+    gguf_file::write(
+        &mut f,
+        &[("general.architecture", &arch)],
+        &[("token_embd.weight", &q)],
+    )
+    .unwrap();
+    drop(f);
+    let out = samkv(
+        &[
+            "ask",
+            "--model",
+            path.to_str().unwrap(),
+            "--method",
+            "reuse",
+            "hi?",
+        ],
+        tmp.path(),
+    );
+    fails_with(&out, "unsupported model architecture `gpt2`");
+}
+
+#[test]
+fn prompt_over_the_context_length() {
+    let tmp = tempfile::tempdir().unwrap();
+    let doc = tmp.path().join("long.txt");
+    std::fs::write(&doc, "word ".repeat(9000)).unwrap();
+    let model = model_path(SMOLLM2);
+    let out = samkv(
+        &[
+            "ask",
+            "--model",
+            model.to_str().unwrap(),
+            "--doc",
+            doc.to_str().unwrap(),
+            "--method",
+            "reuse",
+            "hi?",
+        ],
+        tmp.path(),
+    );
+    fails_with(&out, "context length");
+}
+
+#[test]
+fn empty_question() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_path(SMOLLM2);
+    let out = samkv(
+        &["ask", "--model", model.to_str().unwrap(), "  "],
+        tmp.path(),
+    );
+    fails_with(&out, "question is empty");
+}
+
+#[test]
+fn unknown_method() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_path(SMOLLM2);
+    let out = samkv(
+        &[
+            "ask",
+            "--model",
+            model.to_str().unwrap(),
+            "--method",
+            "magic",
+            "hi?",
+        ],
+        tmp.path(),
+    );
+    fails_with(&out, "unknown method `magic`");
+}
+
+/// Two processes ingest overlapping document sets into one store at once: every document
+/// ends up stored exactly once and readable.
+#[test]
+fn concurrent_ingest_stores_each_document_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let docs = tmp.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    let text = std::fs::read_to_string(shared_data("musique_s.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let mut paths = Vec::new();
+    for (i, c) in first["ctxs"].as_array().unwrap().iter().take(6).enumerate() {
+        let words: Vec<&str> = c["text"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .take(60)
+            .collect();
+        let p = docs.join(format!("d{i}.txt"));
+        std::fs::write(&p, words.join(" ")).unwrap();
+        paths.push(p.to_str().unwrap().to_string());
+    }
+    let store = tmp.path().join("store");
+    let model = model_path(SMOLLM2);
+    let spawn = |set: &[String]| {
+        let mut args = vec![
+            "ingest".to_string(),
+            "--model".into(),
+            model.to_str().unwrap().into(),
+        ];
+        args.extend(set.iter().cloned());
+        Command::new(env!("CARGO_BIN_EXE_samkv"))
+            .args(&args)
+            .env("SAMKV_STORE", &store)
+            .spawn()
+            .unwrap()
+    };
+    // Sets {0..4} and {2..6}: documents 2 and 3 are ingested by both.
+    let mut a = spawn(&paths[0..4]);
+    let mut b = spawn(&paths[2..6]);
+    assert!(a.wait().unwrap().success());
+    assert!(b.wait().unwrap().success());
+    let ls = samkv(&["store", "ls"], &store);
+    assert!(ls.status.success());
+    let listing = String::from_utf8_lossy(&ls.stdout);
+    // Six documents plus the shared preamble, each once.
+    assert_eq!(listing.lines().count(), 7, "{listing}");
+    let verify = samkv(&["store", "verify"], &store);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}
