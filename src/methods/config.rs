@@ -93,7 +93,8 @@ pub struct MethodConfig {
     /// documents' blocks.
     #[arg(long, default_value = "per-doc", value_parser = ["per-doc", "global"])]
     pub selection: String,
-    /// SamKV with global selection: fraction of middle blocks kept across all documents.
+    /// SamKV with global selection: fraction of the documents' tokens retained, anchors
+    /// included (the paper's "15% of the sequence").
     #[arg(long, default_value_t = 0.15)]
     pub keep: f64,
     /// SamKV: skip the local recompute (sparsify only).

@@ -36,8 +36,9 @@ use crate::{Error, Result};
 pub enum Selection {
     /// Each document keeps `floor(num_blocks * P_i)` blocks (paper Eq. 2).
     PerDoc,
-    /// The "globally most critical blocks": one top-k over every document's blocks, with a
-    /// budget of `floor(keep * total middle blocks)` per stable layer.
+    /// The "globally most critical blocks": one ranking over every document's blocks, within
+    /// a budget for the whole request: the retained context (anchors plus every selected
+    /// block) is at most `keep` of the documents' tokens.
     Global { keep: f64 },
 }
 
@@ -514,24 +515,39 @@ pub fn block_selection(
     keep_ratios: &[f64],
     selection: Selection,
 ) -> Vec<Vec<u32>> {
-    scores
-        .iter()
-        .map(|layer| {
-            let chosen: Vec<Vec<usize>> = match selection {
-                Selection::PerDoc => layer
+    let chosen: Vec<Vec<Vec<usize>>> = match selection {
+        Selection::PerDoc => scores
+            .iter()
+            .map(|layer| {
+                layer
                     .iter()
                     .zip(keep_ratios)
                     .map(|((sc, _), &p)| select_blocks(sc, p))
-                    .collect(),
-                Selection::Global { keep } => {
-                    let sc: Vec<Vec<f32>> = layer.iter().map(|x| x.0.clone()).collect();
-                    let total: usize = sc.iter().map(Vec::len).sum();
-                    select_blocks_global(&sc, (keep * total as f64).floor() as usize)
-                }
-            };
+                    .collect()
+            })
+            .collect(),
+        Selection::Global { keep } => {
+            let doc_tokens: usize = docs.iter().map(|d| d.rows.len()).sum();
+            let anchor_tokens: usize = docs.iter().map(|d| d.anchor_positions().count()).sum();
+            let budget =
+                ((keep * doc_tokens as f64).floor() as usize).saturating_sub(anchor_tokens);
+            let lens: Vec<Vec<usize>> = docs
+                .iter()
+                .map(|d| d.blocks.iter().map(|b| b.len()).collect())
+                .collect();
+            let sc: Vec<Vec<Vec<f32>>> = scores
+                .iter()
+                .map(|layer| layer.iter().map(|x| x.0.clone()).collect())
+                .collect();
+            select_blocks_global(&sc, &lens, budget)
+        }
+    };
+    chosen
+        .into_iter()
+        .map(|layer| {
             let mut rows: Vec<u32> = docs
                 .iter()
-                .zip(chosen)
+                .zip(layer)
                 .flat_map(|(d, bs)| bs.into_iter().flat_map(|b| d.blocks[b].clone()))
                 .collect();
             rows.sort_unstable();
@@ -540,10 +556,16 @@ pub fn block_selection(
         .collect()
 }
 
-/// Indices of the `k` highest scores (ties: the earlier block wins), in index order.
-fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+/// Indices of `scores`, best first (ties: the earlier index first).
+fn ranking(scores: &[f32]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&x, &y| scores[y].total_cmp(&scores[x]).then(x.cmp(&y)));
+    order
+}
+
+/// Indices of the `k` highest scores (ties: the earlier block wins), in index order.
+fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let mut order = ranking(scores);
     order.truncate(k);
     order.sort_unstable();
     order
@@ -555,20 +577,48 @@ pub fn select_blocks(scores: &[f32], p: f64) -> Vec<usize> {
     top_k(scores, k)
 }
 
-/// Step 6, global reading: the `budget` highest-scoring blocks over all documents; returns
-/// each document's chosen block indices.
-pub fn select_blocks_global(scores: &[Vec<f32>], budget: usize) -> Vec<Vec<usize>> {
-    let flat: Vec<f32> = scores.iter().flatten().copied().collect();
-    let mut out = vec![Vec::new(); scores.len()];
-    let mut offsets = Vec::with_capacity(scores.len());
-    let mut acc = 0;
-    for s in scores {
-        offsets.push(acc);
-        acc += s.len();
+/// Step 6, global reading: "the globally most critical blocks" within one budget of
+/// `budget` middle tokens for the whole request. `scores[s][d]` are stable layer s's scores
+/// of document d's blocks, `lens[d][b]` the blocks' token counts. Each stable layer ranks all
+/// documents' blocks together; the layers take their next best block in turn, and a block
+/// already taken by another layer costs nothing more (the retained sequence is the union).
+/// Selection stops at the first block that would overrun the budget. Returns, per stable
+/// layer and document, the chosen block indices in order.
+pub fn select_blocks_global(
+    scores: &[Vec<Vec<f32>>],
+    lens: &[Vec<usize>],
+    budget: usize,
+) -> Vec<Vec<Vec<usize>>> {
+    let ids: Vec<(usize, usize)> = lens
+        .iter()
+        .enumerate()
+        .flat_map(|(d, l)| (0..l.len()).map(move |b| (d, b)))
+        .collect();
+    let orders: Vec<Vec<usize>> = scores
+        .iter()
+        .map(|layer| ranking(&layer.iter().flatten().copied().collect::<Vec<f32>>()))
+        .collect();
+    let mut out = vec![vec![Vec::new(); lens.len()]; scores.len()];
+    let mut taken = vec![false; ids.len()];
+    let mut used = 0;
+    'rank: for r in 0..ids.len() {
+        for (s, order) in orders.iter().enumerate() {
+            let g = order[r];
+            let (d, b) = ids[g];
+            if !taken[g] {
+                if used + lens[d][b] > budget {
+                    break 'rank;
+                }
+                taken[g] = true;
+                used += lens[d][b];
+            }
+            out[s][d].push(b);
+        }
     }
-    for g in top_k(&flat, budget) {
-        let doc = offsets.partition_point(|&o| o <= g) - 1;
-        out[doc].push(g - offsets[doc]);
+    for layer in &mut out {
+        for doc in layer {
+            doc.sort_unstable();
+        }
     }
     out
 }
@@ -790,20 +840,34 @@ mod tests {
     }
 
     #[test]
-    fn global_top_k_spends_one_budget_over_all_documents() {
-        let s = vec![vec![1.0, 5.0], vec![3.0], vec![], vec![4.0, 0.5]];
+    fn global_selection_spends_one_token_budget_over_all_documents() {
+        let s = vec![vec![vec![1.0, 5.0], vec![3.0], vec![], vec![4.0, 0.5]]];
+        let lens = vec![vec![8, 8], vec![8], vec![], vec![8, 3]];
+        let g = |b| select_blocks_global(&s, &lens, b);
+        assert_eq!(g(24), vec![vec![vec![1], vec![0], vec![], vec![0]]]);
+        // The third block does not fit in 23 tokens; selection stops there.
+        assert_eq!(g(23), vec![vec![vec![1], vec![], vec![], vec![0]]]);
+        assert_eq!(g(0), vec![vec![Vec::<usize>::new(); 4]]);
+        assert_eq!(g(100), vec![vec![vec![0, 1], vec![0], vec![], vec![0, 1]]]);
+        // Ties go to the earlier block.
+        let t = vec![vec![vec![2.0, 2.0], vec![2.0]]];
         assert_eq!(
-            select_blocks_global(&s, 3),
-            vec![vec![1], vec![0], vec![], vec![0]]
+            select_blocks_global(&t, &[vec![4, 4], vec![4]], 8),
+            vec![vec![vec![0, 1], vec![]]]
+        );
+        // Two stable layers take turns; a block both pick is paid for once.
+        let two = vec![
+            vec![vec![9.0, 1.0], vec![2.0]],
+            vec![vec![9.0, 1.0], vec![5.0]],
+        ];
+        let l2 = vec![vec![4, 4], vec![4]];
+        assert_eq!(
+            select_blocks_global(&two, &l2, 8),
+            vec![vec![vec![0], vec![0]], vec![vec![0], vec![0]]]
         );
         assert_eq!(
-            select_blocks_global(&s, 5),
-            vec![vec![0, 1], vec![0], vec![], vec![0, 1]]
-        );
-        assert_eq!(select_blocks_global(&s, 0), vec![Vec::<usize>::new(); 4]);
-        assert_eq!(
-            select_blocks_global(&[vec![2.0, 2.0], vec![2.0]], 2),
-            vec![vec![0, 1], vec![]]
+            select_blocks_global(&two, &l2, 4),
+            vec![vec![vec![0], vec![]], vec![vec![0], vec![]]]
         );
     }
 
