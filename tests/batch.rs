@@ -120,7 +120,6 @@ fn different_lengths_and_gaps_match_separate_forwards() {
 /// on a view with spare capacity fails on CPU ("index-select only supports contiguous
 /// tensors") in `forward` as much as here: a bug in src/kv/cache.rs, reported.
 #[test]
-#[ignore = "LayerKv::sort_by_position fails on a cache with spare capacity (src/kv/cache.rs)"]
 fn new_tokens_before_cached_keys_match_separate_forwards() {
     let seqs = [
         Seq {

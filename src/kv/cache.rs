@@ -44,6 +44,24 @@ impl LayerKv {
         })
     }
 
+    /// An empty layer with room for `cap` rows, so that appending up to `cap` rows copies
+    /// each row once (no regrowth).
+    pub fn with_capacity(
+        kv_heads: usize,
+        cap: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let k = Tensor::zeros((kv_heads, cap, head_dim), dtype, device)?;
+        Ok(Self {
+            v: k.zeros_like()?,
+            k,
+            pos: Vec::new(),
+            half: None,
+        })
+    }
+
     /// Wraps full tensors (kv_heads, T, head_dim) with their positions.
     pub fn from_parts(k: Tensor, v: Tensor, pos: Vec<u32>) -> Result<Self> {
         let t = k.dim(1)?;
@@ -168,8 +186,10 @@ impl LayerKv {
     pub fn select(&self, rows: &[usize]) -> Result<Self> {
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let idx_t = Tensor::new(idx.as_slice(), self.k.device())?;
-        let k = self.keys()?.index_select(&idx_t, 1)?;
-        let v = self.values()?.index_select(&idx_t, 1)?;
+        // Indices are below len, so select from the whole (contiguous) buffer: index_select
+        // does not take the strided view keys() returns when there is spare capacity.
+        let k = self.k.index_select(&idx_t, 1)?;
+        let v = self.v.index_select(&idx_t, 1)?;
         let pos = rows.iter().map(|&r| self.pos[r]).collect();
         Self::from_parts(k, v, pos)
     }
@@ -180,14 +200,25 @@ impl LayerKv {
             return Ok(());
         }
         let len = self.len();
-        let mut idx: Vec<u32> = (0..len as u32).collect();
-        for (j, &r) in rows.iter().enumerate() {
-            idx[r] = (len + j) as u32;
+        if let Some(&r) = rows.iter().find(|&&r| r >= len) {
+            return Err(Error::InvalidInput(format!(
+                "overwrite of row {r}, but the layer holds {len} rows"
+            )));
         }
-        let idx_t = Tensor::new(idx.as_slice(), self.k.device())?;
+        // In place: every (head, row, dim) element of the new rows goes to (head, rows[j], dim).
+        let (h, n, d) = k.dims3()?;
+        let mut idx = Vec::with_capacity(h * n * d);
+        for _ in 0..h {
+            for &r in rows {
+                idx.extend(std::iter::repeat_n(r as u32, d));
+            }
+        }
+        let idx_t = Tensor::from_vec(idx, (h, n, d), self.k.device())?;
         self.half = None;
-        self.k = Tensor::cat(&[&self.keys()?, k], 1)?.index_select(&idx_t, 1)?;
-        self.v = Tensor::cat(&[&self.values()?, v], 1)?.index_select(&idx_t, 1)?;
+        self.k
+            .scatter_set(&idx_t, &k.to_dtype(self.k.dtype())?.contiguous()?, 1)?;
+        self.v
+            .scatter_set(&idx_t, &v.to_dtype(self.v.dtype())?.contiguous()?, 1)?;
         Ok(())
     }
 
@@ -196,8 +227,8 @@ impl LayerKv {
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let idx_t = Tensor::new(idx.as_slice(), self.k.device())?;
         Ok((
-            self.keys()?.index_select(&idx_t, 1)?,
-            self.values()?.index_select(&idx_t, 1)?,
+            self.k.index_select(&idx_t, 1)?,
+            self.v.index_select(&idx_t, 1)?,
         ))
     }
 
@@ -215,8 +246,9 @@ impl LayerKv {
         let idx: Vec<u32> = order.iter().map(|&r| r as u32).collect();
         let idx_t = Tensor::new(idx.as_slice(), self.k.device())?;
         self.half = None;
-        self.k = self.keys()?.index_select(&idx_t, 1)?;
-        self.v = self.values()?.index_select(&idx_t, 1)?;
+        // Indices are below len: select from the whole (contiguous) buffer.
+        self.k = self.k.index_select(&idx_t, 1)?;
+        self.v = self.v.index_select(&idx_t, 1)?;
         self.pos = order.iter().map(|&i| self.pos[i]).collect();
         Ok(())
     }
@@ -294,5 +326,64 @@ impl KvCache {
             .filter_map(|l| l.positions().last())
             .max()
             .map_or(0, |&p| p + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One head, head_dim 2; row r holds [r, 10 + r] in K and the negation in V.
+    fn rows(pos: &[u32]) -> (Tensor, Tensor) {
+        let k: Vec<f32> = pos
+            .iter()
+            .flat_map(|&p| [p as f32, 10.0 + p as f32])
+            .collect();
+        let v: Vec<f32> = k.iter().map(|x| -x).collect();
+        let n = pos.len();
+        (
+            Tensor::from_vec(k, (1, n, 2), &Device::Cpu).unwrap(),
+            Tensor::from_vec(v, (1, n, 2), &Device::Cpu).unwrap(),
+        )
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn row_operations_work_with_spare_capacity() {
+        let mut layer = LayerKv::with_capacity(1, 8, 2, DType::F32, &Device::Cpu).unwrap();
+        let (k, v) = rows(&[1, 3, 5]);
+        layer.append(&k, &v, &[1, 3, 5]).unwrap();
+        // A row before the others: appended, then re-sorted.
+        let (k0, v0) = rows(&[0]);
+        layer.append(&k0, &v0, &[0]).unwrap();
+        assert_eq!(layer.positions(), &[0, 1, 3, 5]);
+        assert_eq!(
+            flat(&layer.keys().unwrap()),
+            [0., 10., 1., 11., 3., 13., 5., 15.]
+        );
+        let (gk, gv) = layer.gather(&[3, 1]).unwrap();
+        assert_eq!(flat(&gk), [5., 15., 1., 11.]);
+        assert_eq!(flat(&gv), [-5., -15., -1., -11.]);
+        // Overwrite rows 1 and 3 (positions 1 and 5) in place.
+        let (nk, nv) = rows(&[100, 200]);
+        layer.overwrite(&[1, 3], &nk, &nv).unwrap();
+        assert_eq!(
+            flat(&layer.keys().unwrap()),
+            [0., 10., 100., 110., 3., 13., 200., 210.]
+        );
+        assert_eq!(flat(&layer.values().unwrap())[2..4], [-100., -110.]);
+        assert!(layer
+            .overwrite(
+                &[4],
+                &nk.narrow(1, 0, 1).unwrap(),
+                &nv.narrow(1, 0, 1).unwrap()
+            )
+            .is_err());
+        let kept = layer.select(&[0, 3]).unwrap();
+        assert_eq!(kept.positions(), &[0, 5]);
+        assert_eq!(flat(&kept.keys().unwrap()), [0., 10., 200., 210.]);
     }
 }

@@ -155,7 +155,9 @@ pub fn deviations(
     }
     let dev = fresh.device();
     let f = fresh.index_select(&Tensor::new(fresh_idx.as_slice(), dev)?, 1)?;
-    let c = cached.index_select(&Tensor::new(cached_idx.as_slice(), cached.device())?, 1)?;
+    let c = cached
+        .contiguous()?
+        .index_select(&Tensor::new(cached_idx.as_slice(), cached.device())?, 1)?;
     let c = c.to_device(dev)?;
     let d = (f.to_dtype(DType::F32)? - c.to_dtype(DType::F32)?)?
         .sqr()?

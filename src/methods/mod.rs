@@ -190,31 +190,45 @@ pub fn concat_caches(model: &Model, ctx: &Context, stats: &mut Stats) -> Result<
     let t0 = Instant::now();
     let dt = model.dtype();
     let dev = model.device();
+    let c = &model.cfg;
+    // Each segment moves by one delta at every layer: one RoPE table per segment, not one per
+    // (segment, layer).
+    let t1 = Instant::now();
+    let mut tables = Vec::with_capacity(ctx.segments.len());
+    for s in &ctx.segments {
+        let stored_start = s.kv.meta.positions.first().copied().unwrap_or(0);
+        let delta = s.start as i64 - stored_start as i64;
+        tables.push(match delta {
+            0 => None,
+            d => Some(model.rope.tables(&vec![d; s.len()], dt, dev)?),
+        });
+    }
+    let mut reposition = t1.elapsed().as_secs_f64();
+    // Room for the question and a short answer, so neither regrows (copies) the buffer.
+    let cap = ctx.context_len() + ctx.question.len() + CONCAT_SPARE_ROWS;
     let mut cache = model.new_cache()?;
-    let mut reposition = 0.0;
     for (l, layer) in cache.layers.iter_mut().enumerate() {
-        let mut ks = Vec::with_capacity(ctx.segments.len());
-        let mut vs = Vec::with_capacity(ctx.segments.len());
-        let mut pos = Vec::with_capacity(ctx.context_len());
-        for s in &ctx.segments {
+        *layer = LayerKv::with_capacity(c.n_kv_heads, cap, c.head_dim, dt, dev)?;
+        for (s, table) in ctx.segments.iter().zip(&tables) {
             let doc = &s.kv;
             let k = doc.k[l].to_device(dev)?.to_dtype(dt)?;
             let v = doc.v[l].to_device(dev)?.to_dtype(dt)?;
-            let stored_start = doc.meta.positions.first().copied().unwrap_or(0);
-            let t1 = Instant::now();
-            let delta = s.start as i64 - stored_start as i64;
-            let k = model.rope.shift(&k, &vec![delta; s.len()])?;
-            reposition += t1.elapsed().as_secs_f64();
-            ks.push(k);
-            vs.push(v);
-            pos.extend(s.positions());
+            let t2 = Instant::now();
+            let k = match table {
+                Some((cos, sin)) => model.rope.apply(&k, cos, sin)?,
+                None => k,
+            };
+            reposition += t2.elapsed().as_secs_f64();
+            layer.append(&k, &v, &s.positions().collect::<Vec<u32>>())?;
         }
-        *layer = LayerKv::from_parts(Tensor::cat(&ks, 1)?, Tensor::cat(&vs, 1)?, pos)?;
     }
     stats.reposition_ms += reposition * 1e3;
     stats.load_ms += (t0.elapsed().as_secs_f64() - reposition) * 1e3;
     Ok(cache)
 }
+
+/// Spare rows [`concat_caches`] leaves after the question for the first decoded tokens.
+const CONCAT_SPARE_ROWS: usize = 64;
 
 /// Ordinary prefill of the question over whatever `cache` holds; returns first-token logits.
 pub fn prefill_question(model: &Model, ctx: &Context, cache: &mut KvCache) -> Result<Tensor> {

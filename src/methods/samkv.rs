@@ -457,7 +457,7 @@ pub fn block_scores(layer: &LayerKv, doc: &DocSpan, q_hat: &Tensor) -> Result<(V
         .map(|p| first as u32 + (p - base))
         .collect();
     let idx = Tensor::new(anchor.as_slice(), keys.device())?;
-    let k_anchor = mean_rows(&keys.index_select(&idx, 1)?)?;
+    let k_anchor = mean_rows(&keys.contiguous()?.index_select(&idx, 1)?)?;
     let a = dot_scores(&k_anchor.unsqueeze(0)?, q_hat)?[0];
     Ok((s, a))
 }
