@@ -498,17 +498,17 @@ fn bench_length(
     let mut decode_json = Vec::new();
     let mut drows = Vec::new();
     let mut batch_rows = Vec::new();
-    let mut caches: Vec<(String, Assembled)> = Vec::new();
+    let mut caches: Vec<(String, String, Assembled)> = Vec::new();
     if let Some(a) = full {
-        caches.push(("full KV (recompute)".into(), a));
+        caches.push(("full KV".into(), "recompute".into(), a));
     }
     if let Some((n, a)) = sparse {
-        caches.push((format!("SamKV KV ({n})"), a));
+        caches.push(("SamKV KV".into(), n, a));
     }
     if caches.is_empty() {
         println!("decode: skipped (neither recompute nor samkv ran)");
     }
-    for (label, a) in caches {
+    for (label, method, a) in caches {
         let Assembled {
             mut cache, logits, ..
         } = a;
@@ -562,6 +562,7 @@ fn bench_length(
         }));
         decode_json.push(json!({
             "kv": label,
+            "method": method,
             "kv_tokens": kv_tokens,
             "kv_bytes": base.bytes(),
             "step_ms_batch1_median": one,
@@ -600,9 +601,16 @@ fn bench_length(
             )
         );
         println!(
-            "step ms: median of {} steps at batch 1 (forward + greedy token to host) and of {} \
-             decode_batch steps per batch size, each after 1 warm-up step.",
-            args.decode_steps, args.batch_steps
+            "full KV: Recompute's cache; SamKV KV: what {} kept. step ms: median of {} steps at \
+             batch 1 (forward + greedy token to host) and of {} decode_batch steps per batch \
+             size, each after 1 warm-up step.",
+            decode_json
+                .iter()
+                .find(|d| d["kv"] == "SamKV KV")
+                .map(|d| d["method"].to_string())
+                .unwrap_or_else(|| "samkv".into()),
+            args.decode_steps,
+            args.batch_steps
         );
     }
     Ok(json!({
