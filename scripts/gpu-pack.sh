@@ -16,7 +16,7 @@ for b in samkv-cuda cuda_smoke; do
         exit 1
     fi
     if [ ! -f "dist/gpu/$b.xz" ] || [ "dist/$b" -nt "dist/gpu/$b.xz" ]; then
-        xz -T2 -6 -c "dist/$b" >"dist/gpu/$b.xz.tmp"
+        xz -T1 -6 -c "dist/$b" >"dist/gpu/$b.xz.tmp"
         mv "dist/gpu/$b.xz.tmp" "dist/gpu/$b.xz"
     fi
 done
