@@ -237,3 +237,40 @@ fn resume_skips_done_pairs_and_refuses_other_settings() {
         assert!(r.reference_ttft_ms > 0.0);
     }
 }
+
+#[test]
+fn bad_method_settings_fail_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_samkv"))
+            .args([
+                "bench",
+                "--model",
+                "/nonexistent/model.gguf",
+                "--data",
+                "/nonexistent.jsonl",
+            ])
+            .args(["--out", tmp.path().join("out").to_str().unwrap()])
+            .args(args)
+            .output()
+            .expect("run samkv bench");
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    };
+    let err = run(&["--methods", "reuse,epic:k=3"]);
+    assert!(
+        err.contains("unknown knob `k`") && err.contains("epic_k"),
+        "{err}"
+    );
+    let err = run(&["--methods", "reuse,blend"]);
+    assert!(err.contains("unknown method `blend`"), "{err}");
+    let err = run(&["--methods", "reuse", "--method", "epic"]);
+    assert!(err.contains("--methods"), "{err}");
+    let err = run(&["--methods", "reuse", "--grid", "epic:epic_k"]);
+    assert!(err.contains("key=v1,v2"), "{err}");
+    // Checked before the model is loaded: the missing model is not what fails.
+    assert!(!err.contains("/nonexistent/model.gguf"), "{err}");
+    assert!(!tmp.path().join("out").exists());
+}

@@ -34,6 +34,8 @@ use crate::methods::{Context, Method, MethodConfig, Recompute, Stats};
 use crate::{Error, Result};
 
 #[derive(clap::Args, Clone, Debug)]
+// `--methods` names the methods; the flattened knobs' own `--method` would be ignored.
+#[command(mut_arg("method", |a| a.hide(true)))]
 pub struct BenchArgs {
     /// QA data file (CacheBlend, LongBench, HotpotQA/2Wiki or MuSiQue format).
     #[arg(long)]
@@ -79,11 +81,17 @@ impl BenchArgs {
                 "--max-doc-tokens must be at least 1".into(),
             ));
         }
+        if self.knobs.method != MethodConfig::default().method {
+            return Err(Error::InvalidInput(
+                "`samkv bench` takes its methods from --methods, not --method".into(),
+            ));
+        }
         let specs = expand(&self.methods, self.sweep, &self.grid, &self.knobs)?;
         for s in &specs {
-            s.config
-                .build()
-                .map_err(|e| Error::InvalidInput(format!("method `{}`: {e}", s.label)))?;
+            s.config.build().map_err(|e| match e {
+                Error::InvalidInput(m) => Error::InvalidInput(format!("`{}`: {m}", s.label)),
+                other => other,
+            })?;
         }
         Ok(specs)
     }
