@@ -16,7 +16,7 @@ for b in samkv-cuda cuda_smoke; do
         exit 1
     fi
     if [ ! -f "dist/gpu/$b.xz" ] || [ "dist/$b" -nt "dist/gpu/$b.xz" ]; then
-        xz -T2 -6 -c "dist/$b" >"dist/gpu/$b.xz.tmp"
+        xz -T1 -6 -c "dist/$b" >"dist/gpu/$b.xz.tmp"
         mv "dist/gpu/$b.xz.tmp" "dist/gpu/$b.xz"
     fi
 done
@@ -24,5 +24,6 @@ if [ ! -f dist/gpu/smollm2-135m-l6.gguf ]; then
     python3 scripts/small_gguf.py "$MODEL" dist/gpu/smollm2-135m-l6.gguf --layers 6 --embed-q4_1
 fi
 du -b dist/gpu/* | awk '{s+=$1; printf "%8.1f MiB  %s\n", $1/1048576, $2} END {printf "%8.1f MiB  total\n", s/1048576}'
-tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -n1 | cut -f1)
-echo "tracked files: $((tree / 1048576)) MiB (the device tool carries 64 MiB in all)"
+tree=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+echo "tracked files: $((tree / 1048576)) MiB (the device tool carries 64 MiB in all, tracked and" \
+    "untracked-not-ignored files included)"

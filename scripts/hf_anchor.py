@@ -58,7 +58,7 @@ ROPE = dict(
 
 
 def emit(obj):
-    print(json.dumps(obj), flush=True)
+    print(json.dumps(obj, default=str), flush=True)
 
 
 def make_config(shape):

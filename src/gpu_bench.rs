@@ -62,11 +62,14 @@ pub struct BenchGpuArgs {
     #[arg(long, default_value_t = 1024)]
     pub max_batch: usize,
     /// Methods as name[:knob=value...], e.g. `cacheblend:ratio=0.15`; knobs are
-    /// MethodConfig fields. Methods this build lacks are reported as not available.
+    /// MethodConfig fields. Methods this build lacks are reported as not available. Decoding
+    /// is timed over Recompute's cache and over each samkv entry's (the second default
+    /// holds SamKV to the paper's 15% of middle blocks, whatever random weights select).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "recompute,reuse,cacheblend:ratio=0.15,epic:epic_k=16,infllm,samkv"
+        default_value = "recompute,reuse,cacheblend:ratio=0.15,epic:epic_k=16,infllm,samkv,\
+                         samkv:selection=global:keep=0.15"
     )]
     pub methods: Vec<String>,
     #[arg(long, default_value_t = 0)]
@@ -416,7 +419,7 @@ fn bench_length(
     let mut rows = Vec::new();
     let mut methods_json = Vec::new();
     let mut full: Option<Assembled> = None;
-    let mut sparse: Option<(String, Assembled)> = None;
+    let mut sparse: Vec<(String, Assembled)> = Vec::new();
     for spec in &args.methods {
         let built = method_config(spec).and_then(|c| c.build());
         let method = match built {
@@ -459,8 +462,8 @@ fn bench_length(
                 }));
                 if cfg_method(spec) == "recompute" {
                     full = Some(last);
-                } else if cfg_method(spec) == "samkv" && sparse.is_none() {
-                    sparse = Some((method.name(), last));
+                } else if cfg_method(spec) == "samkv" {
+                    sparse.push((method.name(), last));
                 }
             }
             Err(e) => {
@@ -498,17 +501,22 @@ fn bench_length(
     let mut decode_json = Vec::new();
     let mut drows = Vec::new();
     let mut batch_rows = Vec::new();
-    let mut caches: Vec<(String, Assembled)> = Vec::new();
+    let mut caches: Vec<(String, String, Assembled)> = Vec::new();
     if let Some(a) = full {
-        caches.push(("full KV (recompute)".into(), a));
+        caches.push(("full KV".into(), "recompute".into(), a));
     }
-    if let Some((n, a)) = sparse {
-        caches.push((format!("SamKV KV ({n})"), a));
+    let n_sparse = sparse.len();
+    for (i, (n, a)) in sparse.into_iter().enumerate() {
+        let label = match n_sparse {
+            1 => "SamKV KV".to_string(),
+            _ => format!("SamKV KV #{}", i + 1),
+        };
+        caches.push((label, n, a));
     }
     if caches.is_empty() {
         println!("decode: skipped (neither recompute nor samkv ran)");
     }
-    for (label, a) in caches {
+    for (label, method, a) in caches {
         let Assembled {
             mut cache, logits, ..
         } = a;
@@ -562,6 +570,7 @@ fn bench_length(
         }));
         decode_json.push(json!({
             "kv": label,
+            "method": method,
             "kv_tokens": kv_tokens,
             "kv_bytes": base.bytes(),
             "step_ms_batch1_median": one,
@@ -599,10 +608,21 @@ fn bench_length(
                 &batch_rows
             )
         );
+        let kept: Vec<String> = decode_json
+            .iter()
+            .skip_while(|d| d["kv"] == "full KV")
+            .map(|d| {
+                let s = |k: &str| d[k].as_str().unwrap_or_default().to_string();
+                format!("{}: what {} kept", s("kv"), s("method"))
+            })
+            .collect();
         println!(
-            "step ms: median of {} steps at batch 1 (forward + greedy token to host) and of {} \
-             decode_batch steps per batch size, each after 1 warm-up step.",
-            args.decode_steps, args.batch_steps
+            "full KV: Recompute's cache; {}. step ms: median of {} steps at batch 1 (forward + \
+             greedy token to host) and of {} decode_batch steps per batch size, each after 1 \
+             warm-up step.",
+            kept.join("; "),
+            args.decode_steps,
+            args.batch_steps
         );
     }
     Ok(json!({

@@ -1,0 +1,74 @@
+//! Pieces of `samkv bench-gpu` that need no model: method specs, the model shapes, and the
+//! cache copies that batched decoding runs on. (The whole command is run on the CPU by
+//! `bench-gpu --device cpu --shape smollm2-135m`; its numbers only mean something on a GPU.)
+
+use candle_core::{DType, Device, Tensor};
+use samkv::gpu_bench::{deep_copy, method_config, shape_config};
+use samkv::kv::KvCache;
+
+#[test]
+fn method_specs_set_knobs_and_reject_unknown_ones() {
+    let c = method_config("cacheblend:ratio=0.3:check_layer=2").unwrap();
+    assert_eq!(
+        (c.method.as_str(), c.ratio, c.check_layer),
+        ("cacheblend", 0.3, 2)
+    );
+    assert_eq!(method_config("epic:epic_k=4").unwrap().epic_k, 4);
+    let s = method_config("samkv:selection=global:keep=0.5:no_recompute=true").unwrap();
+    assert_eq!(
+        (s.selection.as_str(), s.keep, s.no_recompute),
+        ("global", 0.5, true)
+    );
+    assert_eq!(method_config("reuse").unwrap().method, "reuse");
+    let err = |spec: &str| {
+        method_config(spec)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    assert!(err("reuse:nope=1").contains("no knob `nope`"));
+    assert!(err("reuse:ratio").contains("knob=value"));
+    assert!(err("cacheblend:ratio=abc").contains("cacheblend:ratio=abc"));
+}
+
+#[test]
+fn llama_shape_has_llama_3_1_8b_parameter_count() {
+    let c = shape_config("llama-3.1-8b").unwrap();
+    let (h, q, kv) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let layer = h * (q + 2 * kv) + q * h + 3 * h * c.ffn + 2 * h;
+    let total = 2 * c.vocab * h + c.n_layers * layer + h;
+    // Meta's published count for Llama-3.1-8B (untied embeddings).
+    assert_eq!(total, 8_030_261_248);
+    let s = c.rope_scaling.unwrap();
+    assert_eq!(
+        (c.rope_base, s.factor, s.original_max_position_embeddings),
+        (500000.0, 8.0, 8192.0)
+    );
+    assert!(shape_config("smollm2-135m").is_ok());
+    assert!(shape_config("gpt-2").is_err());
+}
+
+#[test]
+fn deep_copies_share_no_storage_with_the_original() {
+    let dev = Device::Cpu;
+    let mut orig = KvCache::new(2, 2, 4, DType::F32, &dev).unwrap();
+    let rows = |n: usize, v: f32| Tensor::full(v, (2, n, 4), &dev).unwrap();
+    for layer in &mut orig.layers {
+        // Appends leave spare capacity, which a shallow clone would then write into.
+        layer
+            .append(&rows(3, 1.0), &rows(3, 2.0), &[0, 1, 2])
+            .unwrap();
+    }
+    let mut copy = deep_copy(&orig).unwrap();
+    for layer in &mut copy.layers {
+        layer.append(&rows(1, 9.0), &rows(1, 9.0), &[3]).unwrap();
+    }
+    let sum = |t: Tensor| t.sum_all().unwrap().to_scalar::<f32>().unwrap();
+    for (o, c) in orig.layers.iter().zip(&copy.layers) {
+        assert_eq!(o.positions(), &[0, 1, 2]);
+        assert_eq!(c.positions(), &[0, 1, 2, 3]);
+        assert_eq!(sum(o.keys().unwrap()), 24.0);
+        assert_eq!(sum(c.keys().unwrap()), 24.0 + 72.0);
+        assert_eq!(sum(c.values().unwrap().narrow(1, 0, 3).unwrap()), 48.0);
+    }
+}
