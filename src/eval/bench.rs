@@ -502,21 +502,21 @@ pub fn run(
         if todo(&ex.id, &done) == 0 {
             continue;
         }
-        let lines = bench_example(engine, args, *index, ex, &methods, &done, &sampling);
-        for r in lines {
+        let mut written = Vec::new();
+        let mut emit = |r: Record| -> Result<()> {
             file.write_all(to_line(&r)?.as_bytes())?;
             file.flush()?;
-            if r.error.is_some() {
-                bar.println(format!(
-                    "example {} {}: {}",
-                    r.example,
-                    r.method,
-                    r.error.as_deref().unwrap_or_default()
-                ));
+            if let Some(e) = &r.error {
+                bar.println(format!("example {} {}: {e}", r.example, r.method));
             }
             bar.set_message(format!("{} F1 {:.2}", r.method, r.f1));
-            done.insert((r.example.clone(), r.method.clone()));
-        }
+            written.push((r.example, r.method));
+            Ok(())
+        };
+        bench_example(
+            engine, args, *index, ex, &methods, &done, &sampling, &mut emit,
+        )?;
+        done.extend(written);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -541,7 +541,9 @@ pub fn run(
     Ok(summary)
 }
 
-/// Every missing (example, method) line of one example; failures become error lines.
+/// Runs every missing (example, method) pair of one example, handing each line to `emit` as
+/// soon as it is ready; a failed method becomes an error line.
+#[allow(clippy::too_many_arguments)]
 fn bench_example(
     engine: &Engine,
     args: &BenchArgs,
@@ -550,7 +552,8 @@ fn bench_example(
     methods: &[(&MethodSpec, Box<dyn Method>)],
     done: &HashSet<(String, String)>,
     sampling: &Sampling,
-) -> Vec<Record> {
+    emit: &mut dyn FnMut(Record) -> Result<()>,
+) -> Result<()> {
     let base = Record {
         example: ex.id.clone(),
         index,
@@ -561,16 +564,16 @@ fn bench_example(
         .iter()
         .filter(|(s, _)| !done.contains(&(ex.id.clone(), s.label.clone())))
         .collect();
-    let fail_all = |msg: String| {
-        pending
-            .iter()
-            .map(|(s, _)| Record {
+    let fail_all = |msg: String, emit: &mut dyn FnMut(Record) -> Result<()>| {
+        for (s, _) in &pending {
+            emit(Record {
                 method: s.label.clone(),
                 error: Some(msg.clone()),
                 peak_rss_bytes: peak_rss_bytes(),
                 ..base.clone()
-            })
-            .collect::<Vec<_>>()
+            })?;
+        }
+        Ok(())
     };
 
     // Ingestion: every document into the store, before any method is timed.
@@ -597,11 +600,11 @@ fn bench_example(
     })();
     let (t, prepared, ingest) = match prepared {
         Ok(x) => x,
-        Err(e) => return fail_all(format!("preparing the example: {e}")),
+        Err(e) => return fail_all(format!("preparing the example: {e}"), emit),
     };
     let reference = match run_method(engine, &Recompute, &t, Some(&prepared), sampling) {
         Ok(r) => r,
-        Err(e) => return fail_all(format!("the Recompute reference failed: {e}")),
+        Err(e) => return fail_all(format!("the Recompute reference failed: {e}"), emit),
     };
     drop(prepared);
     let base = Record {
@@ -611,7 +614,6 @@ fn bench_example(
         ..base
     };
 
-    let mut out = Vec::new();
     for (spec, method) in pending {
         let fresh;
         let o = if spec.config.method == "recompute" {
@@ -623,18 +625,18 @@ fn bench_example(
                     &fresh
                 }
                 Err(e) => {
-                    out.push(Record {
+                    emit(Record {
                         method: spec.label.clone(),
                         error: Some(e.to_string()),
                         peak_rss_bytes: peak_rss_bytes(),
                         ..base.clone()
-                    });
+                    })?;
                     continue;
                 }
             }
         };
         let kl = kl_divergence(&reference.logits, &o.logits);
-        out.push(Record {
+        emit(Record {
             method: spec.label.clone(),
             method_name: o.name.clone(),
             answer: o.text.clone(),
@@ -651,9 +653,9 @@ fn bench_example(
             stats: Some(o.stats.clone()),
             peak_rss_bytes: peak_rss_bytes(),
             ..base.clone()
-        });
+        })?;
     }
-    out
+    Ok(())
 }
 
 #[cfg(test)]
