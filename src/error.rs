@@ -35,6 +35,9 @@ pub enum Error {
         msg: String,
     },
 
+    #[error("search index: {0}")]
+    Index(String),
+
     #[error("plot {0}")]
     Plot(String),
 

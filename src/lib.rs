@@ -9,9 +9,13 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fetch;
+pub mod gpu_bench;
 pub mod kv;
 pub mod methods;
 pub mod model;
+pub mod retrieval;
+pub mod selfcheck;
+pub mod server;
 pub mod store;
 pub mod tokenizer;
 

@@ -75,7 +75,12 @@ enum Cmd {
         /// Files, or directories of .txt/.md files.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Also add the documents to this BM25 index (for `ask --index`, `serve --index`).
+        #[arg(long)]
+        index: Option<PathBuf>,
     },
+    /// Serve an OpenAI-compatible HTTP API.
+    Serve(Box<ServeArgs>),
     /// Benchmark methods on a QA data file: F1, agreement with Recompute, cost.
     Bench(Box<BenchCmd>),
     /// Time to first token of Reuse vs Recompute, store load cost and dtype fidelity.
@@ -97,6 +102,20 @@ enum Cmd {
         #[command(subcommand)]
         cmd: StoreCmd,
     },
+    /// Time every method at production shape with random weights (e.g. on a GPU).
+    BenchGpu(Box<samkv::gpu_bench::BenchGpuArgs>),
+    /// Check the runtime on --device against the CPU, and the methods' invariants there.
+    Selfcheck(samkv::selfcheck::SelfcheckArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    method: MethodConfig,
+    #[command(flatten)]
+    opts: samkv::server::ServeOptions,
 }
 
 #[derive(clap::Args)]
@@ -160,6 +179,12 @@ struct AskArgs {
     /// Stop when the answer contains this string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// Without --doc: pick documents from this BM25 index (see `ingest --index`).
+    #[arg(long)]
+    index: Option<PathBuf>,
+    /// Number of documents picked from --index (`--top-k` is the sampling knob).
+    #[arg(long, default_value_t = 3)]
+    retrieve: usize,
     /// Print the method's statistics as JSON on stderr.
     #[arg(long)]
     stats: bool,
@@ -228,7 +253,30 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Ask(a) => ask(&cli, &models_dir, a),
-        Cmd::Ingest { model, paths } => ingest(&cli, &models_dir, model, paths),
+        Cmd::Ingest {
+            model,
+            paths,
+            index,
+        } => ingest(&cli, &models_dir, model, paths, index.as_deref()),
+        Cmd::Serve(s) => {
+            let ServeArgs {
+                model,
+                method,
+                opts,
+            } = s.as_ref();
+            let e = engine(&cli, &models_dir, model)?;
+            let spec = cli
+                .store
+                .clone()
+                .unwrap_or_else(|| store::default_store_dir().display().to_string());
+            Ok(samkv::server::serve(
+                e,
+                &model.model,
+                &spec,
+                method.clone(),
+                opts.clone(),
+            )?)
+        }
         Cmd::Store { cmd } => store_cmd(&cli, cmd),
         Cmd::Bench(b) => {
             let specs = b.bench.plan()?;
@@ -272,6 +320,8 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Cmd::BenchGpu(a) => Ok(samkv::gpu_bench::run(a, device(&cli.device)?)?),
+        Cmd::Selfcheck(a) => Ok(samkv::selfcheck::run(a, device(&cli.device)?, &models_dir)?),
     }
 }
 
@@ -340,6 +390,16 @@ fn ask(cli: &Cli, models_dir: &std::path::Path, a: &AskArgs) -> Result<()> {
             .with_context(|| format!("reading document {}", p.display()))?;
         documents.push(text);
     }
+    if let (true, Some(ix)) = (a.docs.is_empty(), &a.index) {
+        let hits = samkv::retrieval::Retriever::open(ix)?.search(&a.question, a.retrieve)?;
+        if hits.is_empty() {
+            bail!(
+                "the index {} has nothing matching the question",
+                ix.display()
+            );
+        }
+        documents.extend(hits.into_iter().map(|h| h.text));
+    }
     let rp = RagPrompt::for_question(&documents, &a.question);
     let prompt = Prompt {
         preamble: a.preamble.clone().unwrap_or(rp.preamble),
@@ -384,8 +444,15 @@ fn ask(cli: &Cli, models_dir: &std::path::Path, a: &AskArgs) -> Result<()> {
     Ok(())
 }
 
-fn ingest(cli: &Cli, models_dir: &std::path::Path, m: &ModelArgs, paths: &[PathBuf]) -> Result<()> {
+fn ingest(
+    cli: &Cli,
+    models_dir: &std::path::Path,
+    m: &ModelArgs,
+    paths: &[PathBuf],
+    index: Option<&std::path::Path>,
+) -> Result<()> {
     let e = engine(cli, models_dir, m)?;
+    let mut indexed = Vec::new();
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -428,8 +495,15 @@ fn ingest(cli: &Cli, models_dir: &std::path::Path, m: &ModelArgs, paths: &[PathB
             f.display()
         ));
         bar.inc(1);
+        if index.is_some() {
+            indexed.push((samkv::retrieval::text_id(&text), text));
+        }
     }
     bar.finish_and_clear();
+    if let Some(ix) = index {
+        samkv::retrieval::Retriever::open(ix)?.add(&indexed)?;
+        println!("{} documents indexed in {}", indexed.len(), ix.display());
+    }
     println!(
         "{} documents: {} newly stored, {} already cached",
         files.len(),

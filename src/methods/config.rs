@@ -3,7 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{CacheBlend, Epic, Method, Recompute, Reuse};
+use super::samkv::{SamKvParams, Selection};
+use super::{CacheBlend, Epic, Method, MultiInfLlm, Recompute, Reuse, SamKv, Update};
 use crate::{Error, Result};
 
 pub const METHOD_NAMES: &[&str] = &[
@@ -57,15 +58,25 @@ pub struct MethodConfig {
     pub infllm_topk: usize,
 
     // SamKV
-    /// SamKV: sink tokens kept from every document.
-    #[arg(long, default_value_t = 64)]
-    pub num_initial: usize,
-    /// SamKV: trailing tokens kept from every document (and pooled into its query summary).
-    #[arg(long, default_value_t = 128)]
-    pub num_local: usize,
-    /// SamKV: block size for scoring the middle segment.
-    #[arg(long, default_value_t = 64)]
-    pub block_size: usize,
+    /// SamKV: small (8 sink, 16 local, blocks of 8) or large (64, 128, 64), the
+    /// re-implementation's two settings; fills whichever of --num-initial, --num-local and
+    /// --block-size are not given. The default is `small`: MuSiQue passages are 530-690
+    /// tokens with the SmolLM2 and Qwen2.5 tokenizers, so `large` keeps 192 anchor tokens
+    /// (about a third) of every passage whole and splits the rest into ~6 blocks, which makes
+    /// a 15% kept budget unreachable; `small` anchors 24 tokens and leaves ~70 blocks to choose
+    /// from. Use `large` for documents of several thousand tokens.
+    #[arg(long, default_value = "small", value_parser = ["small", "large"])]
+    pub samkv_preset: String,
+    /// SamKV: sink tokens kept from every document (default: from --samkv-preset).
+    #[arg(long)]
+    pub num_initial: Option<usize>,
+    /// SamKV: trailing tokens kept from every document and pooled into its query summary
+    /// (default: from --samkv-preset).
+    #[arg(long)]
+    pub num_local: Option<usize>,
+    /// SamKV: block size for scoring the middle segment (default: from --samkv-preset).
+    #[arg(long)]
+    pub block_size: Option<usize>,
     /// SamKV: number of last layers used for scoring.
     #[arg(long, default_value_t = 4)]
     pub stable_layers: usize,
@@ -123,6 +134,8 @@ impl MethodConfig {
                 self.gradual,
             )?)),
             "epic" => Ok(Box::new(Epic { k: self.epic_k })),
+            "infllm" => Ok(Box::new(self.infllm()?)),
+            "samkv" => Ok(Box::new(SamKv::new(self.samkv_params()?))),
             other if METHOD_NAMES.contains(&other) => Err(Error::InvalidInput(format!(
                 "method `{other}` is not available in this build yet"
             ))),
@@ -131,5 +144,149 @@ impl MethodConfig {
                 METHOD_NAMES.join(", ")
             ))),
         }
+    }
+
+    /// `(num_initial, num_local, block_size)`: the explicit values, else the preset's.
+    pub fn samkv_anchors(&self) -> Result<(usize, usize, usize)> {
+        let (i, l, b) = match self.samkv_preset.as_str() {
+            "small" => (8, 16, 8),
+            "large" => (64, 128, 64),
+            other => {
+                return bad(format!(
+                    "samkv_preset `{other}` is unknown; use small or large"
+                ))
+            }
+        };
+        Ok((
+            self.num_initial.unwrap_or(i),
+            self.num_local.unwrap_or(l),
+            self.block_size.unwrap_or(b),
+        ))
+    }
+
+    /// The SamKV knobs, checked.
+    pub fn samkv_params(&self) -> Result<SamKvParams> {
+        let (num_initial, num_local, block_size) = self.samkv_anchors()?;
+        if block_size == 0 {
+            return bad("block_size must be at least 1".into());
+        }
+        if num_local == 0 {
+            return bad(
+                "num_local must be at least 1: the document query summary pools the last \
+                 num_local tokens"
+                    .into(),
+            );
+        }
+        if self.stable_layers == 0 {
+            return bad("stable_layers must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.theta) {
+            return bad(format!("theta must be in [0, 1], got {}", self.theta));
+        }
+        let update = match (self.update.as_str(), self.fusion_rule.as_str()) {
+            ("overwrite", _) => Update::Overwrite,
+            ("fusion", "linear") => Update::Fusion { theta: self.theta },
+            ("fusion", "cosine") => Update::CosineFusion { theta: self.theta },
+            ("fusion", other) => {
+                return bad(format!(
+                    "fusion_rule `{other}` is unknown; use linear or cosine"
+                ))
+            }
+            (other, _) => {
+                return bad(format!(
+                    "update `{other}` is unknown; use overwrite or fusion"
+                ))
+            }
+        };
+        let selection = match self.selection.as_str() {
+            "per-doc" => Selection::PerDoc,
+            "global" => {
+                if !(self.keep > 0.0 && self.keep <= 1.0) {
+                    return bad(format!("keep must be in (0, 1], got {}", self.keep));
+                }
+                Selection::Global { keep: self.keep }
+            }
+            other => {
+                return bad(format!(
+                    "selection `{other}` is unknown; use per-doc or global"
+                ))
+            }
+        };
+        Ok(SamKvParams {
+            num_initial,
+            num_local,
+            block_size,
+            stable_layers: self.stable_layers,
+            update,
+            selection,
+            recompute: !self.no_recompute,
+        })
+    }
+
+    /// The Multi-InfLLM knobs, checked.
+    pub fn infllm(&self) -> Result<MultiInfLlm> {
+        if self.infllm_block == 0 {
+            return bad("infllm_block must be at least 1".into());
+        }
+        Ok(MultiInfLlm {
+            initial: self.infllm_initial,
+            local: self.infllm_local,
+            block: self.infllm_block,
+            topk: self.infllm_topk,
+        })
+    }
+}
+
+fn bad<T>(msg: String) -> Result<T> {
+    Err(Error::InvalidInput(msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(c: MethodConfig) -> String {
+        match c.build() {
+            Err(e) => e.to_string(),
+            Ok(m) => panic!("{} was accepted", m.name()),
+        }
+    }
+
+    #[test]
+    fn presets_fill_only_what_is_not_given() {
+        let mut c = MethodConfig::with_method("samkv");
+        assert_eq!(c.samkv_anchors().unwrap(), (8, 16, 8));
+        c.samkv_preset = "large".into();
+        assert_eq!(c.samkv_anchors().unwrap(), (64, 128, 64));
+        c.block_size = Some(32);
+        assert_eq!(c.samkv_anchors().unwrap(), (64, 128, 32));
+        assert!(c.build().unwrap().name().contains("block=32"));
+    }
+
+    #[test]
+    fn out_of_range_knobs_are_rejected() {
+        fn s(f: impl FnOnce(&mut MethodConfig)) -> String {
+            let mut c = MethodConfig::with_method("samkv");
+            f(&mut c);
+            err(c)
+        }
+        assert!(s(|c| c.block_size = Some(0)).contains("block_size"));
+        assert!(s(|c| c.num_local = Some(0)).contains("num_local"));
+        assert!(s(|c| c.stable_layers = 0).contains("stable_layers"));
+        assert!(s(|c| c.theta = 1.5).contains("theta"));
+        assert!(s(|c| c.theta = f32::NAN).contains("theta"));
+        let global = |c: &mut MethodConfig, keep: f64| {
+            c.selection = "global".into();
+            c.keep = keep;
+        };
+        assert!(s(|c| global(c, 0.0)).contains("keep"));
+        assert!(s(|c| global(c, 1.01)).contains("keep"));
+        assert!(s(|c| c.samkv_preset = "medium".into()).contains("small or large"));
+        assert!(s(|c| c.selection = "local".into()).contains("per-doc or global"));
+        assert!(s(|c| c.update = "blend".into()).contains("overwrite or fusion"));
+        let mut c = MethodConfig::with_method("infllm");
+        c.infllm_block = 0;
+        assert!(err(c).contains("infllm_block"));
+        assert!(MethodConfig::with_method("infllm").build().is_ok());
     }
 }

@@ -9,8 +9,10 @@
 pub mod cacheblend;
 pub mod config;
 pub mod epic;
+pub mod infllm;
 pub mod recompute;
 pub mod reuse;
+pub mod samkv;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,8 +22,10 @@ use candle_core::{DType, Tensor};
 pub use cacheblend::{CacheBlend, Deviation};
 pub use config::{MethodConfig, METHOD_NAMES};
 pub use epic::Epic;
+pub use infllm::MultiInfLlm;
 pub use recompute::Recompute;
 pub use reuse::Reuse;
+pub use samkv::SamKv;
 
 use crate::kv::{KvCache, LayerKv};
 use crate::model::{Logits, Model, Qkv};
@@ -171,6 +175,11 @@ pub enum Update {
     Overwrite,
     /// `(1 - theta) * cached + theta * new`.
     Fusion {
+        theta: f32,
+    },
+    /// Per row and KV head, weight `theta + (1 - theta)(1 - cos(K_cached, K_new))/2` on the
+    /// new K/V ([`samkv::cosine_fusion`]).
+    CosineFusion {
         theta: f32,
     },
 }
@@ -333,6 +342,10 @@ pub fn upsert(
                     ((ck * (1.0 - t))? + (nk * t)?)?,
                     ((cv * (1.0 - t))? + (nv * t)?)?,
                 )
+            }
+            Update::CosineFusion { theta } => {
+                let (ck, cv) = layer.gather(&rows)?;
+                samkv::cosine_fusion(&ck, &cv, &nk, &nv, theta)?
             }
         };
         layer.overwrite(&rows, &nk, &nv)?;

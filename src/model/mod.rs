@@ -5,6 +5,7 @@
 //! (causal by position), held in a [`KvCache`] the caller owns.
 
 mod attention;
+mod batch;
 mod load;
 pub mod rope;
 

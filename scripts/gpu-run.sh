@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: environment, CUDA smoke test, selfcheck, the Hugging Face anchor
+# and `samkv bench-gpu` (Llama-3.1-8B shape, random weights, documents of 512 and 1024 tokens),
+# each under its own timeout, all within one 10-minute call.
+#
+# Needs, relative to the repository root (the working directory): dist/gpu/ from
+# scripts/gpu-pack.sh (xz'd binaries and a 6-layer SmolLM2, carried: `carry: ["dist/gpu"]`),
+# or uncompressed dist/samkv-cuda and dist/cuda_smoke; and a python3 with torch +
+# transformers whose nvidia/ packages hold the CUDA 13 libraries. selfcheck uses
+# models/SmolLM2-135M-Instruct.Q4_1.gguf when present (94 MiB: too large to carry), else the
+# 6-layer copy.
+#
+# Writes to $OUT (default ./gpu-out), 7 files:
+#   run.txt        environment, nvidia-smi, missing libraries, each step's exit code and time
+#   smoke.txt      dist/cuda_smoke
+#   selfcheck.txt  samkv selfcheck --device cuda (device vs CPU logits, METHODS.md invariants)
+#   anchor.jsonl   scripts/hf_anchor.py (HF prefill / decode step times); anchor.log its stderr
+#   bench.txt      samkv bench-gpu tables; bench.json the same as JSON (written after each
+#                  document length, so a timeout keeps what finished)
+#
+# Env: SAMKV_GPU_BUDGET_S (default 570): seconds the whole script may take; the benchmark
+#      gets what the earlier steps left. BENCH_ARGS: extra arguments for bench-gpu.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+BUDGET="${SAMKV_GPU_BUDGET_S:-570}"
+RUN="$OUT/run.txt"
+: >"$RUN"
+log() { printf '%s\n' "$*" | tee -a "$RUN"; }
+
+# Runs a step under `timeout`, output to a file; records exit code and duration.
+step() {
+    local name=$1 secs=$2 file=$3
+    shift 3
+    local t0=$SECONDS
+    log "== $name: timeout ${secs}s: $*"
+    timeout -k 10 "$secs" "$@" >"$file" 2>&1
+    local rc=$?
+    local note=""
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && note=" (timed out)"
+    log "== $name: exit $rc$note after $((SECONDS - t0)) s"
+}
+
+# The CUDA 13 libraries (cuBLAS, cuRAND, cudart) from the python packages' nvidia/ tree.
+NVLIBS=$(timeout 60 python3 - <<'EOF' 2>>"$RUN"
+import glob, os
+try:
+    import nvidia
+    roots = list(nvidia.__path__)
+except Exception:
+    roots = []
+want = ("libcublas.so.13*", "libcublasLt.so.13*", "libcudart.so.13*", "libcurand.so.10*")
+dirs = []
+for r in roots:
+    for d in sorted(glob.glob(os.path.join(r, "cu13", "lib")) + glob.glob(os.path.join(r, "*", "lib"))):
+        if d not in dirs and any(glob.glob(os.path.join(d, w)) for w in want):
+            dirs.append(d)
+print(":".join(dirs))
+EOF
+)
+if [ -z "$NVLIBS" ]; then
+    f=$(timeout 60 find / -xdev -name 'libcublas.so.13*' 2>/dev/null | head -n1)
+    [ -n "$f" ] && NVLIBS=$(dirname "$f")
+fi
+export LD_LIBRARY_PATH="${NVLIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The binaries: unpacked from dist/gpu/*.xz (python's lzma: xz may not be installed there).
+BIN="${TMPDIR:-/tmp}/samkv-gpu-bin"
+mkdir -p "$BIN"
+for b in samkv-cuda cuda_smoke; do
+    if [ -f "dist/gpu/$b.xz" ]; then
+        python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+            "dist/gpu/$b.xz" "$BIN/$b" 2>>"$RUN"
+    elif [ -f "dist/$b" ]; then
+        cp "dist/$b" "$BIN/$b"
+    fi
+    chmod +x "$BIN/$b" 2>/dev/null
+done
+MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
+[ -f "$MODEL" ] || MODEL=dist/gpu/smollm2-135m-l6.gguf
+
+{
+    echo "date: $(date -u)"
+    echo "host: $(uname -a)"
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    echo "python: $(python3 -c 'import sys, torch, transformers; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)' 2>&1 | tail -n1)"
+    ls -l dist/gpu/ "$BIN" "$MODEL" 2>&1
+    echo "--- missing libraries (none expected):"
+    ldd "$BIN/samkv-cuda" "$BIN/cuda_smoke" 2>&1 | grep -i 'not found'
+    echo "--- nvidia-smi"
+    timeout 30 nvidia-smi 2>&1
+} >>"$RUN" 2>&1
+
+step smoke 90 "$OUT/smoke.txt" "$BIN/cuda_smoke"
+step selfcheck 150 "$OUT/selfcheck.txt" "$BIN/samkv-cuda" --device cuda selfcheck --model "$MODEL"
+step anchor 150 "$OUT/anchor.jsonl" sh -c "exec python3 scripts/hf_anchor.py 2>'$OUT/anchor.log'"
+left=$((BUDGET - SECONDS))
+if [ "$left" -lt 60 ]; then
+    log "== bench: only ${left}s left of ${BUDGET}s; skipped"
+else
+    # shellcheck disable=SC2086 # BENCH_ARGS is a list of arguments
+    step bench "$left" "$OUT/bench.txt" "$BIN/samkv-cuda" --device cuda bench-gpu \
+        --shape llama-3.1-8b --doc-len 512,1024 --out "$OUT/bench.json" ${BENCH_ARGS:-}
+fi
+log "== total $SECONDS s"

@@ -1,0 +1,839 @@
+//! SamKV (`../shared/docs/METHODS.md` section 3): sparse attention across independently
+//! computed document caches. Every document keeps its sink and local tokens (the anchors);
+//! blocks of its middle are scored against a question summary personalized with what the
+//! other documents are about, a per-document share of them is kept, and the kept rows plus
+//! the question are recomputed together so documents attend to each other. Decoding then runs
+//! over the kept rows only.
+//!
+//! The functions below follow the steps of the spec in order: [`anchors`],
+//! [`local_query_summaries`], [`generic_query`], [`personalized_queries`], [`score_blocks`]
+//! and [`keep_ratios_per_doc`] (Eq. 2 in [`keep_ratio`]), [`block_selection`] (top-k in
+//! [`select_blocks`] / [`select_blocks_global`]) and [`recompute_sets`] (the layer union
+//! rule), then [`local_recompute`]; [`SamKv::plan`] strings steps 1-6 together.
+//!
+//! Positions: rows are named by their global position. The concatenated cache holds keys
+//! re-rotated to those positions, so block keys are scored in the global frame; the
+//! document-local query summaries were pooled at ingestion at the document's stored
+//! positions and are used as stored.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor, D};
+
+use super::{
+    concat_caches, ms, prefill_question, recompute_layers, Assembled, Context, FixedPlan, Method,
+    Stats, Update,
+};
+use crate::engine::qloc_key;
+use crate::kv::{KvCache, LayerKv};
+use crate::model::{mean_rows, Logits};
+use crate::store::prefix_hash;
+use crate::{Error, Result};
+
+/// How the middle blocks to keep are chosen.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Selection {
+    /// Each document keeps `floor(num_blocks * P_i)` blocks (paper Eq. 2).
+    PerDoc,
+    /// The "globally most critical blocks": one top-k over every document's blocks, with a
+    /// budget of `floor(keep * total middle blocks)` per stable layer.
+    Global { keep: f64 },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamKvParams {
+    pub num_initial: usize,
+    pub num_local: usize,
+    pub block_size: usize,
+    /// The last `stable_layers` layers score the blocks.
+    pub stable_layers: usize,
+    pub update: Update,
+    pub selection: Selection,
+    /// false: sparsify only, prefill the question over the kept rows.
+    pub recompute: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct SamKv {
+    pub params: SamKvParams,
+}
+
+/// One document's rows in the request (positions).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DocSpan {
+    /// Index into `Context::segments`.
+    pub segment: usize,
+    pub rows: Range<u32>,
+    /// The candidates for sparsification; empty (at `rows.end`) when the document is kept whole.
+    pub middle: Range<u32>,
+    /// The middle cut into `block_size` blocks, the last one possibly shorter.
+    pub blocks: Vec<Range<u32>>,
+}
+
+impl DocSpan {
+    /// The initial and local tokens (the whole document when it has no middle).
+    pub fn anchor_positions(&self) -> impl Iterator<Item = u32> + '_ {
+        (self.rows.start..self.middle.start).chain(self.middle.end..self.rows.end)
+    }
+}
+
+/// What SamKV decided for one request.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub docs: Vec<DocSpan>,
+    /// P_i per document (0 for documents kept whole); computed but unused by global selection.
+    pub keep_ratios: Vec<f64>,
+    /// Per stable layer (in layer order), the middle positions selected there.
+    pub selected: Vec<Vec<u32>>,
+    /// Context positions kept for decoding: preamble, anchors and every selected block.
+    pub retained: Vec<u32>,
+    /// Per layer, the positions recomputed there (question included).
+    pub recompute: Vec<Vec<u32>>,
+    /// Documents whose query summary had to be recomputed (not stored for `num_local`).
+    pub slow_path_docs: usize,
+}
+
+impl SamKv {
+    pub fn new(params: SamKvParams) -> Self {
+        Self { params }
+    }
+
+    fn stable(&self, n_layers: usize) -> Result<Vec<usize>> {
+        let s = self.params.stable_layers;
+        if s == 0 || s > n_layers {
+            return Err(Error::InvalidInput(format!(
+                "stable_layers is {s} but the model has {n_layers} layers; choose 1..={n_layers}"
+            )));
+        }
+        Ok((n_layers - s..n_layers).collect())
+    }
+
+    /// Steps 1-6: which rows are kept and which are recomputed at each layer. `concat` is the
+    /// concatenated cache from [`concat_caches`].
+    pub fn plan(&self, ctx: &Context, concat: &KvCache) -> Result<Plan> {
+        let p = &self.params;
+        let model = ctx.model;
+        let n_layers = model.n_layers();
+        let stable = self.stable(n_layers)?;
+        let (preamble, docs) = anchors(ctx, p.num_initial, p.num_local, p.block_size);
+        let mut anchor_pos: Vec<u32> = preamble.clone();
+        let mut doc_anchors = Vec::new();
+        for d in &docs {
+            doc_anchors.extend(d.anchor_positions());
+        }
+        anchor_pos.extend(&doc_anchors);
+        anchor_pos.sort_unstable();
+        let mut keep_ratios = vec![0.0; docs.len()];
+        let mut selected = vec![Vec::new(); stable.len()];
+        let mut slow_path_docs = 0;
+        if docs.iter().any(|d| !d.blocks.is_empty()) {
+            let (q_loc, slow) = local_query_summaries(ctx, &docs, &stable, p.num_local)?;
+            slow_path_docs = slow;
+            let q_gen = generic_query(ctx, concat, &anchor_pos, &stable)?;
+            let q_hat = personalized_queries(&q_loc, &q_gen, model.cfg.n_kv_heads)?;
+            let scores = score_blocks(concat, &docs, &q_hat, &stable)?;
+            keep_ratios = keep_ratios_per_doc(&scores, docs.len());
+            selected = block_selection(&docs, &scores, &keep_ratios, p.selection);
+        }
+        let mut base = doc_anchors;
+        base.extend(ctx.question_positions());
+        let recompute = recompute_sets(n_layers, &stable, &selected, &base);
+        let mut retained = preamble;
+        let q0 = ctx.context_len() as u32;
+        retained.extend(recompute[0].iter().copied().filter(|&x| x < q0));
+        retained.sort_unstable();
+        Ok(Plan {
+            docs,
+            keep_ratios,
+            selected,
+            retained,
+            recompute,
+            slow_path_docs,
+        })
+    }
+}
+
+impl Method for SamKv {
+    fn name(&self) -> String {
+        let p = &self.params;
+        let sel = match p.selection {
+            Selection::PerDoc => "per-doc".to_string(),
+            Selection::Global { keep } => format!("global,keep={keep}"),
+        };
+        let upd = match p.update {
+            Update::Overwrite => "overwrite".to_string(),
+            Update::Fusion { theta } => format!("fusion,theta={theta}"),
+            Update::CosineFusion { theta } => format!("cosine-fusion,theta={theta}"),
+        };
+        format!(
+            "samkv(initial={},local={},block={},stable={},{sel},{})",
+            p.num_initial,
+            p.num_local,
+            p.block_size,
+            p.stable_layers,
+            if p.recompute {
+                upd
+            } else {
+                "no-recompute".into()
+            }
+        )
+    }
+
+    fn assemble(&self, ctx: &Context) -> Result<Assembled> {
+        let mut stats = Stats {
+            method: self.name(),
+            ..Default::default()
+        };
+        let concat = concat_caches(ctx.model, ctx, &mut stats)?;
+        let t = Instant::now();
+        let plan = self.plan(ctx, &concat)?;
+        stats.select_ms = ms(t);
+        let t = Instant::now();
+        let (cache, logits, counts) = local_recompute(ctx, concat, &plan, &self.params)?;
+        stats.recompute_ms = ms(t);
+        stats.finish(ctx, &cache, counts);
+        Ok(Assembled {
+            cache,
+            logits,
+            stats,
+        })
+    }
+}
+
+/// Step 1. The preamble's positions (kept whole) and each document's span: its first
+/// `num_initial` and last `num_local` tokens are anchors, the rest is the middle, cut into
+/// blocks. A document no longer than `num_initial + num_local` is kept whole.
+pub fn anchors(
+    ctx: &Context,
+    num_initial: usize,
+    num_local: usize,
+    block_size: usize,
+) -> (Vec<u32>, Vec<DocSpan>) {
+    let mut preamble = Vec::new();
+    let mut docs = Vec::new();
+    for (i, s) in ctx.segments.iter().enumerate() {
+        if s.is_preamble {
+            preamble.extend(s.positions());
+        } else {
+            docs.push(doc_span(
+                i,
+                s.positions(),
+                num_initial,
+                num_local,
+                block_size,
+            ));
+        }
+    }
+    (preamble, docs)
+}
+
+/// One document's anchors, middle and blocks.
+pub fn doc_span(
+    segment: usize,
+    rows: Range<u32>,
+    num_initial: usize,
+    num_local: usize,
+    block_size: usize,
+) -> DocSpan {
+    let len = (rows.end - rows.start) as usize;
+    let middle = if len > num_initial + num_local {
+        rows.start + num_initial as u32..rows.end - num_local as u32
+    } else {
+        rows.end..rows.end
+    };
+    let step = block_size.max(1) as u32;
+    let blocks = (middle.start..middle.end)
+        .step_by(step as usize)
+        .map(|b| b..(b + step).min(middle.end))
+        .collect();
+    DocSpan {
+        segment,
+        rows,
+        middle,
+        blocks,
+    }
+}
+
+/// Step 2. Each document's query summary `q_i^loc` at the stable layers, (stable, heads,
+/// head_dim) f32, read from the side data stored at ingestion. When `num_local` is not one of
+/// the stored windows the document's prefill is re-run (the slow path). Returns the summaries
+/// and how many documents took the slow path.
+pub fn local_query_summaries(
+    ctx: &Context,
+    docs: &[DocSpan],
+    stable: &[usize],
+    num_local: usize,
+) -> Result<(Vec<Tensor>, usize)> {
+    let mut out = Vec::with_capacity(docs.len());
+    let mut slow = 0;
+    for d in docs {
+        let kv = &ctx.segments[d.segment].kv;
+        let q = match kv.side.get(&qloc_key(num_local)) {
+            Some(t) => t
+                .narrow(0, stable[0], stable.len())?
+                .to_device(ctx.model.device())?
+                .to_dtype(DType::F32)?,
+            None => {
+                slow += 1;
+                recompute_local_summary(ctx, d.segment, stable, num_local)?
+            }
+        };
+        out.push(q);
+    }
+    Ok((out, slow))
+}
+
+/// The slow path of step 2: prefill the document again after its prefix, at its stored
+/// positions, and pool the query states of its last `num_local` tokens.
+fn recompute_local_summary(
+    ctx: &Context,
+    segment: usize,
+    stable: &[usize],
+    num_local: usize,
+) -> Result<Tensor> {
+    let m = ctx.model;
+    let seg = &ctx.segments[segment];
+    let doc = &seg.kv;
+    tracing::warn!(
+        "SamKV slow path: document {} has no stored query summary over its last {num_local} \
+         tokens; re-running its prefill (store this window at ingestion to avoid it)",
+        doc.id
+    );
+    let mut cache = m.new_cache()?;
+    if doc.meta.prefix_len > 0 {
+        let pre = ctx
+            .segments
+            .iter()
+            .find(|s| s.is_preamble && prefix_hash(&s.tokens) == doc.meta.prefix_hash)
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "document {} was computed after a {}-token prefix that is not in this \
+                     request, so its query summary cannot be recomputed; re-ingest it",
+                    doc.id, doc.meta.prefix_len
+                ))
+            })?;
+        for (l, layer) in cache.layers.iter_mut().enumerate() {
+            let k = pre.kv.k[l].to_device(m.device())?.to_dtype(m.dtype())?;
+            let v = pre.kv.v[l].to_device(m.device())?.to_dtype(m.dtype())?;
+            layer.append(&k, &v, &pre.kv.meta.positions)?;
+        }
+    }
+    let out = m.forward(
+        &seg.tokens,
+        &doc.meta.positions,
+        &mut cache,
+        Logits::None,
+        stable,
+    )?;
+    let t = seg.len();
+    let take = num_local.min(t);
+    let pooled = out
+        .queries
+        .iter()
+        .map(|(_, q)| mean_rows(&q.narrow(1, t - take, take)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&pooled, 0)?)
+}
+
+/// Step 3. `q_gen`, (stable, heads, head_dim) f32: the question prefilled at its real
+/// positions over a temporary cache holding only the anchors (`anchor_pos`, preamble
+/// included), its query states mean-pooled at each stable layer.
+pub fn generic_query(
+    ctx: &Context,
+    concat: &KvCache,
+    anchor_pos: &[u32],
+    stable: &[usize],
+) -> Result<Tensor> {
+    let mut tmp = KvCache {
+        layers: concat
+            .layers
+            .iter()
+            .map(|l| l.select(&rows_of(l, anchor_pos)?))
+            .collect::<Result<Vec<_>>>()?,
+    };
+    let pos = ctx.question_positions();
+    let out = ctx
+        .model
+        .forward(&ctx.question, &pos, &mut tmp, Logits::None, stable)?;
+    let pooled = out
+        .queries
+        .iter()
+        .map(|(_, q)| mean_rows(q))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&pooled, 0)?)
+}
+
+/// Step 4. `q_hat_i = q_gen + sum_{j != i} w_j q_j^loc / (D - 1)` with
+/// `w_j = |cos(q_j^loc, q_gen)|` per head (D = 1: `q_hat = q_gen`), then averaged over the
+/// query heads of each KV group. Inputs (stable, heads, d); outputs (stable, kv_heads, d).
+/// The D documents are the retrieved ones: the preamble is kept whole and is not among them.
+pub fn personalized_queries(
+    q_loc: &[Tensor],
+    q_gen: &Tensor,
+    kv_heads: usize,
+) -> Result<Vec<Tensor>> {
+    let n = q_loc.len();
+    let weighted = q_loc
+        .iter()
+        .map(|q| Ok(q.broadcast_mul(&cosine(q, q_gen)?.abs()?)?))
+        .collect::<Result<Vec<_>>>()?;
+    let total = match weighted.split_first() {
+        Some((first, rest)) => rest.iter().try_fold(first.clone(), |a, b| a + b)?,
+        None => return Ok(Vec::new()),
+    };
+    weighted
+        .iter()
+        .map(|w_i| {
+            let q_hat = if n > 1 {
+                (q_gen + ((&total - w_i)? / (n - 1) as f64)?)?
+            } else {
+                q_gen.clone()
+            };
+            group_mean(&q_hat, kv_heads)
+        })
+        .collect()
+}
+
+/// Mean over the query heads of each KV group: (..., heads, d) -> (..., kv_heads, d). The
+/// heads of one group are consecutive (as in attention).
+pub fn group_mean(q: &Tensor, kv_heads: usize) -> Result<Tensor> {
+    let dims = q.dims().to_vec();
+    let r = dims.len();
+    let (h, d) = (dims[r - 2], dims[r - 1]);
+    if kv_heads == 0 || h % kv_heads != 0 {
+        return Err(Error::InvalidInput(format!(
+            "{h} query heads do not split into {kv_heads} KV groups"
+        )));
+    }
+    let mut shape = dims[..r - 2].to_vec();
+    shape.extend([kv_heads, h / kv_heads, d]);
+    Ok(q.reshape(shape)?.mean(r - 1)?)
+}
+
+/// Cosine similarity along the last axis, keeping it (size 1).
+fn cosine(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dot = (a * b)?.sum_keepdim(D::Minus1)?;
+    let na = a.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    let nb = b.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    Ok(dot.broadcast_div(&(na * nb)?.affine(1.0, 1e-12)?)?)
+}
+
+/// Mean key of each block of rows, (blocks, kv_heads, d) f32. `blocks` are consecutive
+/// ranges of row indices into `keys` (kv_heads, T, d).
+pub fn block_mean_keys(keys: &Tensor, blocks: &[Range<usize>]) -> Result<Tensor> {
+    let means = blocks
+        .iter()
+        .map(|b| mean_rows(&keys.narrow(1, b.start, b.len())?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&means, 0)?)
+}
+
+/// `<K_b, q>` summed over KV heads for each block mean `K_b`: means (blocks, kv, d), q (kv, d).
+pub fn dot_scores(means: &Tensor, q: &Tensor) -> Result<Vec<f32>> {
+    Ok(means
+        .broadcast_mul(&q.unsqueeze(0)?)?
+        .sum((1, 2))?
+        .to_vec1()?)
+}
+
+/// Step 5's scores at one layer: `s_b` for each middle block of `doc` and the anchor score
+/// `a = <mean(K_anchor), q_hat>`.
+pub fn block_scores(layer: &LayerKv, doc: &DocSpan, q_hat: &Tensor) -> Result<(Vec<f32>, f32)> {
+    if doc.blocks.is_empty() {
+        return Ok((Vec::new(), 0.0));
+    }
+    let pos = layer.positions();
+    let first = rows_of(layer, &[doc.rows.start])?[0];
+    let base = pos[first];
+    let to_rows =
+        |r: &Range<u32>| (first + (r.start - base) as usize)..(first + (r.end - base) as usize);
+    let keys = layer.keys()?;
+    let blocks: Vec<Range<usize>> = doc.blocks.iter().map(to_rows).collect();
+    let s = dot_scores(&block_mean_keys(&keys, &blocks)?, q_hat)?;
+    let anchor: Vec<u32> = doc
+        .anchor_positions()
+        .map(|p| first as u32 + (p - base))
+        .collect();
+    let idx = Tensor::new(anchor.as_slice(), keys.device())?;
+    let k_anchor = mean_rows(&keys.index_select(&idx, 1)?)?;
+    let a = dot_scores(&k_anchor.unsqueeze(0)?, q_hat)?[0];
+    Ok((s, a))
+}
+
+/// Step 5, paper Eq. 2: `P = (max - a) / (max - min)` when `min < a <= max`, else 0 (so an
+/// anchor score outside the blocks' range, or no spread at all, keeps no middle block).
+pub fn keep_ratio(scores: &[f32], a: f32) -> f64 {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let min = scores.iter().copied().fold(f32::INFINITY, f32::min) as f64;
+    let a = a as f64;
+    if scores.is_empty() || !(min < a && a <= max) {
+        return 0.0;
+    }
+    (max - a) / (max - min)
+}
+
+/// Block and anchor scores, `scores[s][i]`, of document i at stable layer s.
+pub type Scores = Vec<Vec<(Vec<f32>, f32)>>;
+
+/// Step 5's scoring at every stable layer (documents without a middle get no blocks).
+pub fn score_blocks(
+    concat: &KvCache,
+    docs: &[DocSpan],
+    q_hat: &[Tensor],
+    stable: &[usize],
+) -> Result<Scores> {
+    stable
+        .iter()
+        .enumerate()
+        .map(|(s, &l)| {
+            docs.iter()
+                .zip(q_hat)
+                .map(|(d, q)| block_scores(&concat.layers[l], d, &q.get(s)?))
+                .collect()
+        })
+        .collect()
+}
+
+/// Step 5: `P_i`, the keep ratio of each document averaged over the stable layers (0 for a
+/// document without a middle).
+pub fn keep_ratios_per_doc(scores: &Scores, n_docs: usize) -> Vec<f64> {
+    (0..n_docs)
+        .map(|i| {
+            let sum: f64 = scores.iter().map(|l| keep_ratio(&l[i].0, l[i].1)).sum();
+            sum / scores.len().max(1) as f64
+        })
+        .collect()
+}
+
+/// Step 6: per stable layer, the middle positions selected there (sorted), per document by
+/// its keep ratio or globally within the budget.
+pub fn block_selection(
+    docs: &[DocSpan],
+    scores: &Scores,
+    keep_ratios: &[f64],
+    selection: Selection,
+) -> Vec<Vec<u32>> {
+    scores
+        .iter()
+        .map(|layer| {
+            let chosen: Vec<Vec<usize>> = match selection {
+                Selection::PerDoc => layer
+                    .iter()
+                    .zip(keep_ratios)
+                    .map(|((sc, _), &p)| select_blocks(sc, p))
+                    .collect(),
+                Selection::Global { keep } => {
+                    let sc: Vec<Vec<f32>> = layer.iter().map(|x| x.0.clone()).collect();
+                    let total: usize = sc.iter().map(Vec::len).sum();
+                    select_blocks_global(&sc, (keep * total as f64).floor() as usize)
+                }
+            };
+            let mut rows: Vec<u32> = docs
+                .iter()
+                .zip(chosen)
+                .flat_map(|(d, bs)| bs.into_iter().flat_map(|b| d.blocks[b].clone()))
+                .collect();
+            rows.sort_unstable();
+            rows
+        })
+        .collect()
+}
+
+/// Indices of the `k` highest scores (ties: the earlier block wins), in index order.
+fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&x, &y| scores[y].total_cmp(&scores[x]).then(x.cmp(&y)));
+    order.truncate(k);
+    order.sort_unstable();
+    order
+}
+
+/// Step 6, per document: the top `floor(num_blocks * P)` blocks by score.
+pub fn select_blocks(scores: &[f32], p: f64) -> Vec<usize> {
+    let k = (scores.len() as f64 * p.clamp(0.0, 1.0)).floor() as usize;
+    top_k(scores, k)
+}
+
+/// Step 6, global reading: the `budget` highest-scoring blocks over all documents; returns
+/// each document's chosen block indices.
+pub fn select_blocks_global(scores: &[Vec<f32>], budget: usize) -> Vec<Vec<usize>> {
+    let flat: Vec<f32> = scores.iter().flatten().copied().collect();
+    let mut out = vec![Vec::new(); scores.len()];
+    let mut offsets = Vec::with_capacity(scores.len());
+    let mut acc = 0;
+    for s in scores {
+        offsets.push(acc);
+        acc += s.len();
+    }
+    for g in top_k(&flat, budget) {
+        let doc = offsets.partition_point(|&o| o <= g) - 1;
+        out[doc].push(g - offsets[doc]);
+    }
+    out
+}
+
+/// Step 6, the layer union rule: a row selected at stable layer n is recomputed in every
+/// layer <= n, so layer l recomputes `base` (document anchors and question) plus the
+/// selections of all stable layers >= l; below the first stable layer that is all of them.
+/// `selected[s]` belongs to layer `stable[s]`. Each set is sorted and contains the next.
+pub fn recompute_sets(
+    n_layers: usize,
+    stable: &[usize],
+    selected: &[Vec<u32>],
+    base: &[u32],
+) -> Vec<Vec<u32>> {
+    let mut sets = vec![Vec::new(); n_layers];
+    let mut acc: Vec<u32> = base.to_vec();
+    let mut s = stable.len();
+    for l in (0..n_layers).rev() {
+        while s > 0 && stable[s - 1] >= l {
+            s -= 1;
+            acc.extend(&selected[s]);
+        }
+        acc.sort_unstable();
+        acc.dedup();
+        sets[l] = acc.clone();
+    }
+    sets
+}
+
+/// Step 7 and 8. Prunes every layer of the concatenated cache to the retained rows, then
+/// recomputes the planned rows layer by layer attending only to retained rows (or, without
+/// recompute, prefills the question over them). Returns the cache to decode from (retained
+/// rows and the question), the first-token logits and the rows recomputed per layer.
+pub fn local_recompute(
+    ctx: &Context,
+    concat: KvCache,
+    plan: &Plan,
+    p: &SamKvParams,
+) -> Result<(KvCache, Tensor, Vec<usize>)> {
+    let layers = concat.layers.iter();
+    let layers = layers.map(|l| l.select(&rows_of(l, &plan.retained)?));
+    let mut cache = KvCache {
+        layers: layers.collect::<Result<Vec<_>>>()?,
+    };
+    drop(concat); // the full rows are not needed past this point
+    if !p.recompute {
+        let logits = prefill_question(ctx.model, ctx, &mut cache)?;
+        return Ok((
+            cache,
+            logits,
+            vec![ctx.question.len(); ctx.model.n_layers()],
+        ));
+    }
+    let rows = plan.recompute[0].clone();
+    let mut fixed = FixedPlan(plan.recompute.clone());
+    let (logits, counts) =
+        recompute_layers(ctx.model, ctx, &mut cache, rows, p.update, &mut fixed)?;
+    Ok((cache, logits, counts))
+}
+
+/// Cosine-weighted fusion of recomputed into cached K/V, per row and KV head: with
+/// `c = cos(K_cached, K_new)`, the new rows get weight `w = theta + (1 - theta)(1 - c)/2`
+/// and the cached ones `1 - w`. Rows whose key kept its direction fuse like the linear rule;
+/// the further the recomputed key turned away from the cached one, the more it is trusted
+/// (`c = -1` overwrites). Tensors (kv_heads, rows, d).
+pub fn cosine_fusion(
+    ck: &Tensor,
+    cv: &Tensor,
+    nk: &Tensor,
+    nv: &Tensor,
+    theta: f32,
+) -> Result<(Tensor, Tensor)> {
+    let dt = nk.dtype();
+    let c = cosine(&ck.to_dtype(DType::F32)?, &nk.to_dtype(DType::F32)?)?;
+    let t = theta as f64;
+    let w = c
+        .affine(-(1.0 - t) / 2.0, t + (1.0 - t) / 2.0)?
+        .to_dtype(dt)?;
+    let w_old = w.affine(-1.0, 1.0)?;
+    let k = (ck.broadcast_mul(&w_old)? + nk.broadcast_mul(&w)?)?;
+    let v = (cv.broadcast_mul(&w_old)? + nv.broadcast_mul(&w)?)?;
+    Ok((k, v))
+}
+
+/// Row indices in `layer` of the given positions (all must be held).
+pub(crate) fn rows_of(layer: &LayerKv, pos: &[u32]) -> Result<Vec<usize>> {
+    let held = layer.positions();
+    pos.iter()
+        .map(|p| {
+            held.binary_search(p).map_err(|_| {
+                Error::InvalidInput(format!("position {p} is not in the concatenated cache"))
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
+    }
+
+    fn close(a: &Tensor, b: &[f32]) {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn keep_ratio_formula_and_edge_cases() {
+        let s = [1.0, 2.0, 3.0, 5.0];
+        assert_eq!(keep_ratio(&s, 2.0), 0.75);
+        assert_eq!(keep_ratio(&s, 4.0), 0.25);
+        // a == max: the anchors already match best, keep nothing.
+        assert_eq!(keep_ratio(&s, 5.0), 0.0);
+        // Outside the block range (on either side, min included) gives 0.
+        assert_eq!(keep_ratio(&s, 6.0), 0.0);
+        assert_eq!(keep_ratio(&s, 0.5), 0.0);
+        assert_eq!(keep_ratio(&s, 1.0), 0.0);
+        // All blocks tie: no spread, nothing kept; no blocks at all likewise.
+        assert_eq!(keep_ratio(&[2.0, 2.0, 2.0], 2.0), 0.0);
+        assert_eq!(keep_ratio(&[], 1.0), 0.0);
+        // Ties at the maximum do not change the ratio.
+        assert_eq!(keep_ratio(&[1.0, 5.0, 5.0], 3.0), 0.5);
+    }
+
+    #[test]
+    fn short_documents_are_kept_whole() {
+        for len in [5u32, 23, 24] {
+            let d = doc_span(1, 100..100 + len, 8, 16, 8);
+            assert!(d.middle.is_empty() && d.blocks.is_empty(), "len {len}");
+            assert_eq!(
+                d.anchor_positions().collect::<Vec<_>>(),
+                (100..100 + len).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn middle_blocks_end_with_a_partial_block() {
+        let d = doc_span(2, 10..55, 8, 16, 8);
+        assert_eq!(d.middle, 18..39);
+        assert_eq!(d.blocks, vec![18..26, 26..34, 34..39]);
+        let a: Vec<u32> = d.anchor_positions().collect();
+        assert_eq!(a, (10..18).chain(39..55).collect::<Vec<_>>());
+        // One token over the anchors: a one-token middle and block.
+        assert_eq!(doc_span(0, 0..25, 8, 16, 8).blocks, vec![8..9]);
+    }
+
+    #[test]
+    fn grouped_query_heads_are_averaged_per_kv_group() {
+        // 4 query heads, 2 KV groups: heads (0, 1) and (2, 3).
+        let q = t(&[1., 2., 3., 4., 10., 20., 30., 40.], &[4, 2]);
+        close(&group_mean(&q, 2).unwrap(), &[2., 3., 20., 30.]);
+        close(
+            &group_mean(&q, 4).unwrap(),
+            &[1., 2., 3., 4., 10., 20., 30., 40.],
+        );
+        // A leading (stable layer) axis is kept.
+        let q2 = Tensor::stack(&[&q, &(&q * 2.0).unwrap()], 0).unwrap();
+        close(&group_mean(&q2, 1).unwrap(), &[11., 16.5, 22., 33.]);
+        assert!(group_mean(&t(&[0.; 6], &[3, 2]), 2).is_err());
+    }
+
+    #[test]
+    fn personalized_query_with_one_document_is_the_generic_query() {
+        let q_gen = t(&[1., 2., 3., 4.], &[1, 2, 2]);
+        let q_loc = vec![t(&[5., 6., 7., 8.], &[1, 2, 2])];
+        let out = personalized_queries(&q_loc, &q_gen, 2).unwrap();
+        assert_eq!(out.len(), 1);
+        close(&out[0], &[1., 2., 3., 4.]);
+    }
+
+    #[test]
+    fn personalized_query_adds_the_other_documents_weighted_by_cosine() {
+        // One stable layer, one head, d = 2.
+        let q_gen = t(&[1., 0.], &[1, 1, 2]);
+        let q_loc = vec![
+            t(&[1., 0.], &[1, 1, 2]),  // |cos| = 1
+            t(&[0., 2.], &[1, 1, 2]),  // |cos| = 0
+            t(&[-1., 1.], &[1, 1, 2]), // |cos| = 1/sqrt(2)
+        ];
+        let out = personalized_queries(&q_loc, &q_gen, 1).unwrap();
+        let h = std::f32::consts::FRAC_1_SQRT_2 / 2.0;
+        close(&out[0], &[1.0 - h, h]);
+        close(&out[1], &[1.5 - h, h]);
+        close(&out[2], &[1.5, 0.0]);
+    }
+
+    #[test]
+    fn block_scores_use_block_means_and_the_anchor_mean() {
+        // A layer holding positions 0..10; the document is 4..10 with 1 sink, 1 local and
+        // blocks of 2, so its middle 5..9 has blocks 5..7 and 7..9.
+        let mut k = vec![0f32; 8];
+        k.extend([1., 0., 2., 0., 0., 2., 4., 4., 0., 0., 1., 1.]);
+        let keys = t(&k, &[1, 10, 2]);
+        let layer = LayerKv::from_parts(keys.clone(), keys, (0..10).collect()).unwrap();
+        let d = doc_span(1, 4..10, 1, 1, 2);
+        let (s, a) = block_scores(&layer, &d, &t(&[1., 1.], &[1, 2])).unwrap();
+        assert_eq!(s, vec![2.0, 4.0]);
+        assert_eq!(a, 1.5);
+    }
+
+    #[test]
+    fn top_blocks_per_document() {
+        let s = [1.0, 4.0, 2.0, 4.0];
+        assert_eq!(select_blocks(&s, 0.5), vec![1, 3]);
+        assert_eq!(select_blocks(&s, 0.74), vec![1, 3]);
+        assert_eq!(select_blocks(&s, 0.75), vec![1, 2, 3]);
+        assert_eq!(select_blocks(&s, 0.0), Vec::<usize>::new());
+        assert_eq!(select_blocks(&s, 1.0), vec![0, 1, 2, 3]);
+        // Ties go to the earlier block.
+        assert_eq!(select_blocks(&[3.0, 3.0, 3.0], 0.34), vec![0]);
+    }
+
+    #[test]
+    fn global_top_k_spends_one_budget_over_all_documents() {
+        let s = vec![vec![1.0, 5.0], vec![3.0], vec![], vec![4.0, 0.5]];
+        assert_eq!(
+            select_blocks_global(&s, 3),
+            vec![vec![1], vec![0], vec![], vec![0]]
+        );
+        assert_eq!(
+            select_blocks_global(&s, 5),
+            vec![vec![0, 1], vec![0], vec![], vec![0, 1]]
+        );
+        assert_eq!(select_blocks_global(&s, 0), vec![Vec::<usize>::new(); 4]);
+        assert_eq!(
+            select_blocks_global(&[vec![2.0, 2.0], vec![2.0]], 2),
+            vec![vec![0, 1], vec![]]
+        );
+    }
+
+    #[test]
+    fn layer_union_rule() {
+        let base = [1u32, 100];
+        let sets = recompute_sets(6, &[3, 4, 5], &[vec![30], vec![40, 41], vec![50]], &base);
+        assert_eq!(sets[5], vec![1, 50, 100]);
+        assert_eq!(sets[4], vec![1, 40, 41, 50, 100]);
+        assert_eq!(sets[3], vec![1, 30, 40, 41, 50, 100]);
+        for l in 0..3 {
+            assert_eq!(sets[l], sets[3], "layer {l} holds the union of all");
+        }
+        // A row selected at several stable layers appears once.
+        let sets = recompute_sets(3, &[1, 2], &[vec![7, 9], vec![7]], &[]);
+        assert_eq!(sets, vec![vec![7, 9], vec![7, 9], vec![7]]);
+    }
+
+    #[test]
+    fn cosine_fusion_weights() {
+        let old = t(&[1., 0., 2., 2.], &[1, 2, 2]);
+        // Row 0 keeps its direction (c = 1): linear fusion with theta. Row 1 turns around
+        // (c = -1): overwritten.
+        let new = t(&[3., 0., -1., -1.], &[1, 2, 2]);
+        let (k, v) = cosine_fusion(&old, &old, &new, &new, 0.9).unwrap();
+        close(&k, &[0.1 + 2.7, 0., -1., -1.]);
+        close(&v, &[0.1 + 2.7, 0., -1., -1.]);
+        // Orthogonal (c = 0): weight theta + (1 - theta) / 2 on the new row.
+        let (a, b) = (t(&[1., 0.], &[1, 1, 2]), t(&[0., 1.], &[1, 1, 2]));
+        let (k, _) = cosine_fusion(&a, &a, &b, &b, 0.5).unwrap();
+        close(&k, &[0.25, 0.75]);
+    }
+}

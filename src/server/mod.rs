@@ -1,0 +1,190 @@
+//! `samkv serve`: an OpenAI-compatible HTTP API over the engine.
+//!
+//! - `POST /v1/chat/completions`: OpenAI's schema plus `documents` (ids or inline texts),
+//!   `retrieve` ({"top_k": k} from the BM25 index) and `kv` (a [`MethodConfig`] object over
+//!   the server's defaults); `usage` adds cached, recomputed and kept token counts.
+//! - `POST /v1/completions`: plain prompts, recomputed, no documents.
+//! - `POST|GET /v1/documents`, `GET|DELETE /v1/documents/{id}`: the document registry.
+//! - `GET /health`, `GET /metrics` (Prometheus text), `GET /v1/models`.
+//!
+//! HTTP runs on a small tokio runtime; the model runs on its own thread ([`worker`]).
+
+pub mod metrics;
+pub mod openai;
+pub mod registry;
+mod routes;
+pub mod worker;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::engine::Engine;
+use crate::methods::MethodConfig;
+use crate::retrieval::Retriever;
+use crate::store::{is_redis_spec, redis::RedisConn, KvStore};
+use crate::{Error, Result};
+
+use metrics::{Metrics, ObservedStore, StoreSample};
+use registry::Registry;
+use worker::{Gate, Job, WorkerConfig};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeOptions {
+    /// BM25 index directory (as filled by `samkv ingest --index`): enables `retrieve` in chat
+    /// requests; uploaded documents are added to it.
+    #[arg(long)]
+    pub index: Option<PathBuf>,
+    /// Port to listen on (0: any free port; the chosen address is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Requests admitted at once, running or waiting; more are refused with 429.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Requests decoded at once (interleaved token by token on the model thread).
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// Most documents in one chat request (given and retrieved together).
+    #[arg(long, default_value_t = 16)]
+    pub max_documents: usize,
+    /// Most tokens in one document.
+    #[arg(long, default_value_t = 4096)]
+    pub max_document_tokens: usize,
+    /// max_tokens of a request that gives none.
+    #[arg(long, default_value_t = 256)]
+    pub default_max_tokens: usize,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens_limit: usize,
+}
+
+pub(crate) struct AppState {
+    pub jobs: Mutex<std::sync::mpsc::Sender<Job>>,
+    pub gate: Gate,
+    pub registry: Arc<Registry>,
+    pub retriever: Option<Arc<Retriever>>,
+    pub metrics: Arc<Metrics>,
+    pub store: Arc<dyn KvStore>,
+    pub defaults: MethodConfig,
+    pub opts: ServeOptions,
+    pub model: String,
+    pub max_context: usize,
+    store_sample: Mutex<Option<(Instant, StoreSample)>>,
+}
+
+impl AppState {
+    /// Store numbers for /metrics, refreshed at most every few seconds (listing a large
+    /// store, on disk or in Redis, is not free).
+    pub fn store_sample(&self) -> Option<StoreSample> {
+        {
+            let g = self.store_sample.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((t, s)) = &*g {
+                if t.elapsed().as_secs() < 5 {
+                    return Some(s.clone());
+                }
+            }
+        }
+        let s = self.store.stats().ok().map(|s| StoreSample {
+            entries: s.entries,
+            bytes: s.bytes,
+            memory_bytes: s.memory_bytes,
+            memory_budget: s.memory_budget,
+        })?;
+        *self.store_sample.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), s.clone()));
+        Some(s)
+    }
+}
+
+/// Runs the server until Ctrl-C. `store_spec` is the store the engine was opened on (a
+/// directory or a redis:// URL): the document registry lives beside the KV there.
+pub fn serve(
+    mut engine: Engine,
+    model_name: &str,
+    store_spec: &str,
+    defaults: MethodConfig,
+    opts: ServeOptions,
+) -> Result<()> {
+    defaults.build().map_err(|e| {
+        Error::InvalidInput(format!("the default method (--method and its knobs): {e}"))
+    })?;
+    if opts.queue == 0 || opts.max_documents == 0 || opts.max_document_tokens == 0 {
+        return Err(Error::InvalidInput(
+            "--queue, --max-documents and --max-document-tokens must be at least 1".into(),
+        ));
+    }
+    if opts.default_max_tokens == 0 || opts.default_max_tokens > opts.max_tokens_limit {
+        return Err(Error::InvalidInput(
+            "--default-max-tokens must be between 1 and --max-tokens-limit".into(),
+        ));
+    }
+    let metrics = Arc::new(Metrics::default());
+    engine.store = Arc::new(ObservedStore {
+        inner: engine.store.clone(),
+        metrics: metrics.clone(),
+    });
+    let registry = if is_redis_spec(store_spec) {
+        Registry::in_redis(Arc::new(RedisConn::open(store_spec)?), metrics.clone())
+    } else {
+        Registry::in_dir(Path::new(store_spec), metrics.clone())?
+    };
+    let retriever = match &opts.index {
+        Some(d) => Some(Arc::new(Retriever::open(d)?)),
+        None => None,
+    };
+    let store = engine.store.clone();
+    let max_context = engine.model.cfg.max_context;
+    let (jobs, worker) = worker::spawn(
+        engine,
+        WorkerConfig {
+            max_batch: opts.max_batch,
+            max_document_tokens: opts.max_document_tokens,
+        },
+        metrics.clone(),
+    )?;
+    let state = Arc::new(AppState {
+        jobs: Mutex::new(jobs),
+        gate: Gate::new(opts.queue, metrics.clone()),
+        registry: Arc::new(registry),
+        retriever,
+        metrics,
+        store,
+        defaults,
+        opts: opts.clone(),
+        model: model_name.to_string(),
+        max_context,
+        store_sample: Mutex::new(None),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port))
+            .await
+            .map_err(|e| {
+                Error::InvalidInput(format!(
+                    "cannot listen on {}:{} ({e}); pick another --port or --host",
+                    opts.host, opts.port
+                ))
+            })?;
+        let addr = listener.local_addr()?;
+        // Tests and scripts read this line to find the port.
+        println!("samkv serve: listening on http://{addr}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        tracing::info!("listening on http://{addr}");
+        axum::serve(listener, routes::router(state))
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        Ok::<(), Error>(())
+    })?;
+    drop(rt);
+    // The runtime is gone, so every job sender is dropped and the worker ends.
+    let _ = worker.join();
+    Ok(())
+}

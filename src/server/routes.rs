@@ -1,0 +1,707 @@
+//! HTTP handlers: request validation, document resolution and the OpenAI response shapes.
+//! Model work is sent to the worker thread; blocking store and index calls run on tokio's
+//! blocking pool.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use super::openai::*;
+use super::registry::{valid_id, DocRecord};
+use super::worker::{Event, GenerateWork, Job, Work};
+use super::AppState;
+use crate::engine::{Prompt, Sampling};
+use crate::eval::RagPrompt;
+use crate::methods::{Method, MethodConfig, Recompute};
+use crate::retrieval::text_id;
+use crate::store::{now_unix, DocId};
+
+type St = State<Arc<AppState>>;
+type ApiResult = Result<Response, ApiError>;
+
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    let o = &state.opts;
+    let body_limit = (o.max_documents * o.max_document_tokens * 16).clamp(2 << 20, 256 << 20);
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/v1/documents", post(upload).get(list_documents))
+        .route(
+            "/v1/documents/{id}",
+            get(get_document).delete(delete_document),
+        )
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "this endpoint does not take that HTTP method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+/// Counts every response by route template and status.
+async fn track(State(st): St, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let resp = next.run(req).await;
+    st.metrics.request(&route, resp.status().as_u16());
+    resp
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("internal error: {e}")))
+}
+
+async fn health(State(st): St) -> Json<Value> {
+    let m = &st.metrics;
+    Json(json!({
+        "status": "ok",
+        "model": st.model,
+        "queued": m.queued.load(Relaxed),
+        "running": m.active_sequences.load(Relaxed),
+        "index": st.retriever.is_some(),
+    }))
+}
+
+async fn metrics(State(st): St) -> ApiResult {
+    let st2 = st.clone();
+    let sample = blocking(move || st2.store_sample()).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(sample.as_ref()),
+    )
+        .into_response())
+}
+
+async fn models(State(st): St) -> Json<Value> {
+    Json(json!({"object": "list", "data": [
+        {"id": st.model, "object": "model", "created": 0, "owned_by": "samkv"}
+    ]}))
+}
+
+// ---- validation --------------------------------------------------------------------------
+
+fn sampling(st: &AppState, f: &SamplingFields) -> Result<Sampling, ApiError> {
+    static SEEDS: AtomicU64 = AtomicU64::new(0);
+    let limit = st.opts.max_tokens_limit.min(st.max_context);
+    let (max, pname) = match (f.max_completion_tokens, f.max_tokens) {
+        (Some(m), _) => (m, "max_completion_tokens"),
+        (None, Some(m)) => (m, "max_tokens"),
+        (None, None) => (st.opts.default_max_tokens as u64, "max_tokens"),
+    };
+    if max == 0 || max > limit as u64 {
+        return Err(
+            ApiError::invalid(format!("{pname} must be between 1 and {limit}")).param(pname),
+        );
+    }
+    let temperature = f.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid("temperature must be between 0 and 2").param("temperature"));
+    }
+    let top_p = f.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid("top_p must be in (0, 1]").param("top_p"));
+    }
+    if f.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("only n = 1 is supported").param("n"));
+    }
+    let stop = f.stop.clone().map(Stop::into_vec).unwrap_or_default();
+    if stop.len() > 4 || stop.iter().any(|s| s.is_empty()) {
+        return Err(ApiError::invalid("stop takes up to 4 non-empty strings").param("stop"));
+    }
+    // OpenAI samples differently each time unless a seed is given.
+    let seed = f
+        .seed
+        .unwrap_or_else(|| now_unix() ^ SEEDS.fetch_add(0x9e37_79b9_7f4a_7c15, Relaxed));
+    Ok(Sampling {
+        temperature: temperature as f32,
+        top_p: top_p as f32,
+        top_k: f.top_k.unwrap_or(0) as usize,
+        seed,
+        max_new_tokens: max as usize,
+        stop,
+    })
+}
+
+/// The request's `kv` object over the server's default [`MethodConfig`].
+fn method(st: &AppState, kv: Option<&Value>) -> Result<Box<dyn Method>, ApiError> {
+    let mut base = match serde_json::to_value(&st.defaults) {
+        Ok(Value::Object(o)) => o,
+        _ => {
+            return Err(ApiError::internal(
+                "cannot read the default method settings",
+            ))
+        }
+    };
+    match kv {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) => {
+            for (k, v) in o {
+                if !base.contains_key(k) {
+                    let known: Vec<&str> = base.keys().map(String::as_str).collect();
+                    return Err(ApiError::invalid(format!(
+                        "unknown kv setting `{k}`; known: {}",
+                        known.join(", ")
+                    ))
+                    .param(format!("kv.{k}")));
+                }
+                base.insert(k.clone(), v.clone());
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::invalid("kv must be an object of method settings").param("kv"))
+        }
+    }
+    let cfg: MethodConfig = serde_json::from_value(Value::Object(base))
+        .map_err(|e| ApiError::invalid(format!("kv: {e}")).param("kv"))?;
+    cfg.build()
+        .map_err(|e| ApiError::from(e).param("kv").code("invalid_method"))
+}
+
+fn check_text(st: &AppState, text: &str, param: &str) -> Result<(), ApiError> {
+    if text.trim().is_empty() {
+        return Err(ApiError::invalid("document text is empty")
+            .param(param)
+            .code("empty_document"));
+    }
+    // No tokenizer makes a token of more than a few dozen bytes from ordinary text, so this
+    // refuses hopeless documents before they reach the model thread.
+    if text.len() > st.opts.max_document_tokens * 64 {
+        return Err(ApiError::invalid(format!(
+            "document is {} bytes, far more than this server's limit of {} tokens (--max-document-tokens); split it",
+            text.len(),
+            st.opts.max_document_tokens
+        ))
+        .param(param)
+        .code("document_too_long"));
+    }
+    Ok(())
+}
+
+/// A document of a chat request, resolved to its text.
+struct Resolved {
+    id: Option<String>,
+    text: String,
+    source: &'static str,
+    score: Option<f32>,
+}
+
+fn resolve_documents(
+    st: &AppState,
+    refs: Vec<DocRef>,
+    retrieve: Option<Retrieve>,
+    query: &str,
+) -> Result<Vec<Resolved>, ApiError> {
+    let max = st.opts.max_documents;
+    if refs.len() > max {
+        return Err(ApiError::invalid(format!(
+            "{} documents given; this server takes at most {max} (--max-documents)",
+            refs.len()
+        ))
+        .param("documents")
+        .code("too_many_documents"));
+    }
+    let mut out = Vec::with_capacity(refs.len());
+    for (i, r) in refs.into_iter().enumerate() {
+        let param = format!("documents[{i}]");
+        match r {
+            DocRef::Inline(text) => {
+                check_text(st, &text, &param)?;
+                out.push(Resolved {
+                    id: None,
+                    text,
+                    source: "inline",
+                    score: None,
+                });
+            }
+            DocRef::Id(id) => {
+                let text = match st.registry.get(&id) {
+                    Some(r) => Some(r.text),
+                    None => match &st.retriever {
+                        Some(ix) => ix.get(&id).map_err(ApiError::from)?,
+                        None => None,
+                    },
+                };
+                let text = text.ok_or_else(|| {
+                    ApiError::not_found(format!(
+                        "document `{id}` not found; upload it with POST /v1/documents or send {{\"text\": ...}}"
+                    ))
+                    .param(param.clone())
+                })?;
+                out.push(Resolved {
+                    id: Some(id),
+                    text,
+                    source: "id",
+                    score: None,
+                });
+            }
+        }
+    }
+    if let Some(r) = retrieve {
+        let Some(ix) = &st.retriever else {
+            return Err(ApiError::invalid(
+                "retrieve needs a document index; start the server with --index DIR",
+            )
+            .param("retrieve"));
+        };
+        let room = max - out.len();
+        if r.top_k == 0 || r.top_k as usize > room {
+            return Err(ApiError::invalid(format!(
+                "retrieve.top_k must be between 1 and {room} (--max-documents {max} minus the documents given)"
+            ))
+            .param("retrieve.top_k"));
+        }
+        // Fetch extra so documents also given explicitly do not use up top_k.
+        let hits = ix.search(query, r.top_k as usize + out.len())?;
+        let mut added = 0;
+        for h in hits {
+            if added == r.top_k as usize {
+                break;
+            }
+            if out.iter().any(|d| d.id.as_deref() == Some(h.id.as_str())) {
+                continue;
+            }
+            out.push(Resolved {
+                id: Some(h.id),
+                text: h.text,
+                source: "retrieved",
+                score: Some(h.score),
+            });
+            added += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// The engine prompt of a chat: system text as the preamble, documents in the LongBench
+/// layout `samkv ask` uses (so uploads and ingests share their KV with chats), earlier turns
+/// before the question.
+fn chat_prompt(conv: &Conversation, docs: &[String]) -> Prompt {
+    if docs.is_empty() {
+        let preamble = if conv.system.is_empty() {
+            String::new()
+        } else {
+            format!("{}\n\n", conv.system)
+        };
+        return Prompt {
+            preamble,
+            documents: Vec::new(),
+            question: format!("{}{}", conv.history, conv.question),
+        };
+    }
+    let rp = RagPrompt::for_question(docs, &conv.question);
+    let preamble = if conv.system.is_empty() {
+        rp.preamble
+    } else {
+        format!("{}\n\nThe following are given passages.\n", conv.system)
+    };
+    let question = if conv.history.is_empty() {
+        rp.question
+    } else {
+        rp.question
+            .replacen("Question: ", &format!("{}Question: ", conv.history), 1)
+    };
+    Prompt {
+        preamble,
+        documents: rp.documents,
+        question,
+    }
+}
+
+// ---- generation --------------------------------------------------------------------------
+
+fn submit(st: &AppState, work: Work) -> Result<UnboundedReceiver<Event>, ApiError> {
+    let permit = st.gate.try_acquire().ok_or_else(|| {
+        st.metrics.rejected_full.fetch_add(1, Relaxed);
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "requests",
+            format!(
+                "the server is busy ({} requests queued or running, --queue); retry shortly",
+                st.opts.queue
+            ),
+        )
+        .code("rate_limit_exceeded")
+    })?;
+    let (tx, rx) = unbounded_channel();
+    let job = Job {
+        work,
+        events: tx,
+        received: Instant::now(),
+        permit,
+    };
+    st.jobs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(job)
+        .map_err(|_| ApiError::internal("the model thread has stopped; restart the server"))?;
+    Ok(rx)
+}
+
+fn worker_gone() -> ApiError {
+    ApiError::internal("the model thread stopped during the request")
+}
+
+/// Sends the work, waits for its first token, then answers with JSON or an SSE stream.
+async fn generate(
+    st: &AppState,
+    work: GenerateWork,
+    mut reply: Reply,
+    stream: bool,
+    include_usage: bool,
+) -> ApiResult {
+    let mut rx = submit(st, Work::Generate(Box::new(work)))?;
+    // Errors found while assembling (context too long, document too long) still get a 4xx.
+    let (usage, method) = match rx.recv().await {
+        Some(Event::Started { usage, method }) => (usage, method),
+        Some(Event::Failed(e)) => return Err(e),
+        _ => return Err(worker_gone()),
+    };
+    if let Value::Object(m) = &mut reply.extra {
+        m.insert("method".into(), json!(method));
+    }
+    if !stream {
+        let mut text = String::new();
+        loop {
+            match rx.recv().await {
+                Some(Event::Text(t)) => text.push_str(&t),
+                Some(Event::Done {
+                    finish,
+                    completion_tokens,
+                }) => {
+                    let u = complete_usage(usage, completion_tokens);
+                    return Ok(Json(reply.full(&text, finish_reason(finish), &u)).into_response());
+                }
+                Some(Event::Failed(e)) => return Err(e),
+                _ => return Err(worker_gone()),
+            }
+        }
+    }
+    let mut first = VecDeque::new();
+    if reply.chat {
+        first.push_back(reply.chunk(true, Some(""), None));
+    }
+    struct S {
+        rx: UnboundedReceiver<Event>,
+        out: VecDeque<String>,
+        ended: bool,
+        reply: Reply,
+        usage: Usage,
+        include_usage: bool,
+    }
+    let s = S {
+        rx,
+        out: first,
+        ended: false,
+        reply,
+        usage,
+        include_usage,
+    };
+    // Dropping this stream (client gone) drops `rx`, which the worker sees as cancellation.
+    let events = futures::stream::unfold(s, |mut s| async move {
+        loop {
+            if let Some(d) = s.out.pop_front() {
+                return Some((Ok::<_, Infallible>(SseEvent::default().data(d)), s));
+            }
+            if s.ended {
+                return None;
+            }
+            match s.rx.recv().await {
+                Some(Event::Text(t)) => s.out.push_back(s.reply.chunk(false, Some(&t), None)),
+                Some(Event::Done {
+                    finish,
+                    completion_tokens,
+                }) => {
+                    s.out
+                        .push_back(s.reply.chunk(false, None, Some(finish_reason(finish))));
+                    if s.include_usage {
+                        let u = complete_usage(s.usage.clone(), completion_tokens);
+                        s.out.push_back(s.reply.usage_chunk(&u));
+                    }
+                    s.out.push_back("[DONE]".into());
+                    s.ended = true;
+                }
+                other => {
+                    let e = match other {
+                        Some(Event::Failed(e)) => e,
+                        _ => worker_gone(),
+                    };
+                    s.out.push_back(e.body().to_string());
+                    s.out.push_back("[DONE]".into());
+                    s.ended = true;
+                }
+            }
+        }
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+async fn chat(State(st): St, ApiJson(req): ApiJson<ChatRequest>) -> ApiResult {
+    let conv = parse_messages(&req.messages)?;
+    let sampling = sampling(&st, &req.sampling)?;
+    let method = method(&st, req.kv.as_ref())?;
+    let refs = parse_documents(&req.documents)?;
+    let (st2, q, retrieve) = (st.clone(), conv.question.clone(), req.retrieve.clone());
+    let docs = blocking(move || resolve_documents(&st2, refs, retrieve, &q)).await??;
+    let extra = json!({"documents": docs.iter().map(|d| json!({
+        "id": d.id, "source": d.source, "score": d.score,
+    })).collect::<Vec<_>>()});
+    let texts: Vec<String> = docs.into_iter().map(|d| d.text).collect();
+    let work = GenerateWork {
+        prompt: chat_prompt(&conv, &texts),
+        method,
+        sampling,
+        ignore_eos: req.sampling.ignore_eos,
+        raw: false,
+    };
+    let include_usage = req
+        .sampling
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let reply = Reply::new(&st.model, true, extra);
+    generate(&st, work, reply, req.sampling.stream, include_usage).await
+}
+
+async fn completions(State(st): St, ApiJson(req): ApiJson<CompletionRequest>) -> ApiResult {
+    let prompt = match &req.prompt {
+        Value::String(s) => s.clone(),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        _ => {
+            return Err(ApiError::invalid("prompt must be one string").param("prompt"));
+        }
+    };
+    if prompt.trim().is_empty() {
+        return Err(ApiError::invalid("prompt is empty").param("prompt"));
+    }
+    let sampling = sampling(&st, &req.sampling)?;
+    let work = GenerateWork {
+        prompt: Prompt {
+            preamble: String::new(),
+            documents: Vec::new(),
+            question: prompt,
+        },
+        method: Box::new(Recompute),
+        sampling,
+        ignore_eos: req.sampling.ignore_eos,
+        raw: true,
+    };
+    let include_usage = req
+        .sampling
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let reply = Reply::new(&st.model, false, json!({}));
+    generate(&st, work, reply, req.sampling.stream, include_usage).await
+}
+
+// ---- documents ---------------------------------------------------------------------------
+
+fn doc_json(r: &DocRecord, with_text: bool) -> Value {
+    let mut v = json!({
+        "id": r.id, "object": "document", "tokens": r.tokens, "bytes": r.text.len(),
+        "kv_id": r.kv_id, "metadata": r.metadata, "created": r.created,
+    });
+    if with_text {
+        v["text"] = json!(r.text);
+    }
+    v
+}
+
+async fn upload(State(st): St, ApiJson(req): ApiJson<DocumentUpload>) -> ApiResult {
+    check_text(&st, &req.text, "text")?;
+    let id = match req.id {
+        Some(id) if !valid_id(&id) => {
+            return Err(
+                ApiError::invalid("id must be 1-128 characters from A-Z a-z 0-9 . _ : -")
+                    .param("id"),
+            )
+        }
+        Some(id) => id,
+        None => text_id(&req.text),
+    };
+    let (st2, id2) = (st.clone(), id.clone());
+    let old = blocking(move || st2.registry.get(&id2)).await?;
+    if let Some(old) = &old {
+        if old.text != req.text {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                format!("document `{id}` already exists with another text; DELETE it first"),
+            )
+            .param("id")
+            .code("document_exists"));
+        }
+    }
+    let mut rx = submit(
+        &st,
+        Work::Ingest {
+            text: req.text.clone(),
+        },
+    )?;
+    let (kv_id, tokens, cached) = match rx.recv().await {
+        Some(Event::Ingested {
+            kv_id,
+            tokens,
+            cached,
+        }) => (kv_id, tokens, cached),
+        Some(Event::Failed(e)) => return Err(e.param("text")),
+        _ => return Err(worker_gone()),
+    };
+    // Uploading the same document again keeps its metadata unless new metadata is given.
+    let (metadata, created) = match old {
+        Some(o) if req.metadata.is_null() => (o.metadata, o.created),
+        _ => (req.metadata, now_unix()),
+    };
+    let rec = DocRecord {
+        id,
+        text: req.text,
+        metadata,
+        tokens,
+        kv_id,
+        created,
+    };
+    let st2 = st.clone();
+    let rec2 = rec.clone();
+    blocking(move || {
+        if let Some(ix) = &st2.retriever {
+            ix.add(&[(rec2.id.clone(), rec2.text.clone())])?;
+        }
+        st2.registry.put(rec2);
+        Ok::<_, crate::Error>(())
+    })
+    .await??;
+    st.metrics.documents.fetch_add(1, Relaxed);
+    let mut v = doc_json(&rec, false);
+    v["cached"] = json!(cached);
+    Ok(Json(v).into_response())
+}
+
+async fn list_documents(State(st): St) -> ApiResult {
+    let docs = blocking(move || st.registry.list()).await?;
+    let data: Vec<Value> = docs.iter().map(|r| doc_json(r, false)).collect();
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
+}
+
+async fn get_document(State(st): St, Path(id): Path<String>) -> ApiResult {
+    let id2 = id.clone();
+    let found = blocking(move || -> Result<Option<Value>, ApiError> {
+        if let Some(r) = st.registry.get(&id2) {
+            return Ok(Some(doc_json(&r, true)));
+        }
+        // Documents ingested into the index by `samkv ingest --index`.
+        match &st.retriever {
+            Some(ix) => Ok(ix.get(&id2)?.map(|text| {
+                json!({"id": id2, "object": "document", "bytes": text.len(), "text": text, "source": "index"})
+            })),
+            None => Ok(None),
+        }
+    })
+    .await??;
+    found
+        .map(|v| Json(v).into_response())
+        .ok_or_else(|| ApiError::not_found(format!("document `{id}` not found")))
+}
+
+async fn delete_document(State(st): St, Path(id): Path<String>) -> ApiResult {
+    let id2 = id.clone();
+    let deleted = blocking(move || -> Result<bool, ApiError> {
+        let rec = st.registry.get(&id2);
+        let mut any = st.registry.remove(&id2);
+        if let Some(ix) = &st.retriever {
+            any |= ix.remove(&id2)?;
+        }
+        // The KV entry goes too, unless another id names the same text.
+        if let Some(rec) = rec {
+            let shared = st
+                .registry
+                .list()
+                .iter()
+                .any(|r| r.kv_id == rec.kv_id && r.id != rec.id);
+            if !shared {
+                if let Ok(kv) = DocId::parse(&rec.kv_id) {
+                    if let Err(e) = st.store.remove(&kv) {
+                        tracing::warn!("could not remove the KV of document {id2}: {e}");
+                    }
+                }
+            }
+        }
+        Ok(any)
+    })
+    .await??;
+    if !deleted {
+        return Err(ApiError::not_found(format!("document `{id}` not found")));
+    }
+    Ok(Json(json!({"id": id, "object": "document", "deleted": true})).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv(system: &str, history: &str) -> Conversation {
+        Conversation {
+            system: system.into(),
+            history: history.into(),
+            question: "Who?".into(),
+        }
+    }
+
+    #[test]
+    fn chat_prompt_matches_ask_without_system() {
+        let docs = vec!["A doc.".to_string()];
+        let p = chat_prompt(&conv("", ""), &docs);
+        let rp = RagPrompt::for_question(&docs, "Who?");
+        assert_eq!(
+            (p.preamble, p.documents, p.question),
+            (rp.preamble, rp.documents, rp.question)
+        );
+    }
+
+    #[test]
+    fn chat_prompt_places_system_and_history() {
+        let docs = vec!["A doc.".to_string()];
+        let p = chat_prompt(&conv("Be terse.", "User: hi\nAssistant: hello\n"), &docs);
+        assert!(p.preamble.starts_with("Be terse.\n\n"));
+        assert!(
+            p.question
+                .contains("User: hi\nAssistant: hello\nQuestion: Who?"),
+            "{}",
+            p.question
+        );
+        let p = chat_prompt(&conv("S", "User: hi\n"), &[]);
+        assert_eq!(p.preamble, "S\n\n");
+        assert_eq!(p.question, "User: hi\nWho?");
+        assert!(p.documents.is_empty());
+    }
+}

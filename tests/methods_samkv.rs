@@ -1,0 +1,397 @@
+//! SamKV and Multi-InfLLM on SmolLM2 with real MuSiQue passages: the invariants of
+//! METHODS.md section 4 and what the defaults keep.
+//!
+//! The passages are the first words of three documents of `musique_s.jsonl` (cut so the whole
+//! file runs in seconds on two cores). Weights are dense and K/V stored in f32, so the
+//! only differences between equal computations are float summation order.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::DType;
+use common::*;
+use samkv::engine::{load_model, Engine, Prompt};
+use samkv::eval::{load_examples, longbench_prompt};
+use samkv::methods::samkv::SamKv;
+use samkv::methods::{
+    concat_caches, Assembled, Context, MethodConfig, Recompute, Reuse, Segment, Stats,
+};
+use samkv::methods::{Method, MultiInfLlm};
+use samkv::model::{LoadOptions, WeightMode};
+use samkv::store::{DiskStore, StoredDoc};
+
+struct Fixture {
+    engine: Engine,
+    segments: Vec<Segment>,
+    question: Vec<u32>,
+    _dir: tempfile::TempDir,
+}
+
+const WORDS_PER_DOC: usize = 50;
+const DOCS: usize = 3;
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let opts = LoadOptions {
+            weights: WeightMode::Dense,
+            ..Default::default()
+        };
+        let (model, tok) = load_model(&model_path(SMOLLM2), &opts).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        let mut engine = Engine::new(model, tok, Arc::new(store));
+        engine.store_dtype = DType::F32;
+        let mut ex = load_examples(std::path::Path::new("/work/shared/data/musique_s.jsonl"))
+            .unwrap()
+            .swap_remove(0);
+        ex.documents.truncate(DOCS);
+        for d in &mut ex.documents {
+            let words: Vec<&str> = d.text.split_whitespace().take(WORDS_PER_DOC).collect();
+            d.text = words.join(" ");
+        }
+        let prompt: Prompt = longbench_prompt(&ex).into();
+        let p = engine.prepare(&engine.tokenize(&prompt).unwrap()).unwrap();
+        Fixture {
+            engine,
+            segments: p.segments,
+            question: p.question,
+            _dir: dir,
+        }
+    })
+}
+
+fn context(f: &Fixture) -> Context<'_> {
+    Context {
+        model: &f.engine.model,
+        segments: f.segments.clone(),
+        question: f.question.clone(),
+    }
+}
+
+fn samkv_cfg(edit: impl FnOnce(&mut MethodConfig)) -> MethodConfig {
+    let mut c = MethodConfig::with_method("samkv");
+    edit(&mut c);
+    c
+}
+
+fn run(ctx: &Context, m: &dyn Method) -> Assembled {
+    m.assemble(ctx).unwrap()
+}
+
+fn logits(a: &Assembled) -> Vec<f32> {
+    a.logits.to_vec1().unwrap()
+}
+
+/// Max abs difference of the first-token logits divided by the reference's logit range.
+fn rel_diff(a: &Assembled, reference: &Assembled) -> f32 {
+    let (x, r) = (logits(a), logits(reference));
+    let range =
+        r.iter().copied().fold(f32::MIN, f32::max) - r.iter().copied().fold(f32::MAX, f32::min);
+    max_abs_diff(&x, &r) / range
+}
+
+fn preamble_len(ctx: &Context) -> usize {
+    ctx.segments
+        .iter()
+        .filter(|s| s.is_preamble)
+        .map(|s| s.len())
+        .sum()
+}
+
+#[test]
+fn passages_are_long_enough_to_sparsify() {
+    let f = fixture();
+    let ctx = context(f);
+    assert_eq!(ctx.segments.iter().filter(|s| !s.is_preamble).count(), DOCS);
+    for s in ctx.segments.iter().filter(|s| !s.is_preamble) {
+        // Small preset: 24 anchor tokens, so every passage has at least 5 middle blocks.
+        assert!(s.len() >= 24 + 5 * 8, "passage of {} tokens", s.len());
+    }
+}
+
+#[test]
+fn every_block_selected_with_overwrite_equals_recompute() {
+    let f = fixture();
+    let ctx = context(f);
+    let cfg = samkv_cfg(|c| {
+        c.selection = "global".into();
+        c.keep = 1.0;
+    });
+    let a = run(&ctx, cfg.build().unwrap().as_ref());
+    let r = run(&ctx, &Recompute);
+    // Measured: ~1e-6 of the logit range (f32 summation order); the budget leaves 100x room.
+    let d = rel_diff(&a, &r);
+    eprintln!("samkv(all blocks, overwrite) vs recompute: {d:e} of the logit range");
+    assert!(d < 1e-4, "samkv(all blocks) vs recompute: {d}");
+    assert_eq!(argmax(&logits(&a)), argmax(&logits(&r)));
+    assert_eq!(a.stats.kept_fraction, 1.0);
+    // Every document row and the question are recomputed at every layer; the preamble is not.
+    let doc_rows = ctx.context_len() - preamble_len(&ctx);
+    for &n in &a.stats.recomputed_per_layer {
+        assert_eq!(n, doc_rows + ctx.question.len());
+    }
+}
+
+#[test]
+fn keeping_everything_without_recompute_equals_reuse() {
+    let f = fixture();
+    let ctx = context(f);
+    let cfg = samkv_cfg(|c| {
+        c.selection = "global".into();
+        c.keep = 1.0;
+        c.no_recompute = true;
+    });
+    let a = run(&ctx, cfg.build().unwrap().as_ref());
+    let r = run(&ctx, &Reuse);
+    let d = rel_diff(&a, &r);
+    eprintln!("samkv(all, no recompute) vs reuse: {d:e} of the logit range");
+    assert!(d < 1e-5, "samkv(all, no recompute) vs reuse: {d}");
+    assert_eq!(a.stats.kept_fraction, 1.0);
+    assert_eq!(
+        a.stats.recomputed_per_layer,
+        vec![ctx.question.len(); ctx.model.n_layers()]
+    );
+}
+
+#[test]
+fn infllm_keeping_every_block_equals_reuse() {
+    let f = fixture();
+    let ctx = context(f);
+    let m = MultiInfLlm {
+        initial: 4,
+        local: 8,
+        block: 16,
+        topk: ctx.context_len(),
+    };
+    let a = run(&ctx, &m);
+    let r = run(&ctx, &Reuse);
+    let d = rel_diff(&a, &r);
+    eprintln!("infllm(all blocks) vs reuse: {d:e} of the logit range");
+    assert!(d < 1e-5, "infllm(all blocks) vs reuse: {d}");
+    assert_eq!(a.stats.kept_fraction, 1.0);
+}
+
+#[test]
+fn infllm_keeps_initial_local_and_topk_blocks_per_layer() {
+    let f = fixture();
+    let ctx = context(f);
+    let n = ctx.context_len();
+    let m = MultiInfLlm {
+        initial: 8,
+        local: 32,
+        block: 16,
+        topk: 3,
+    };
+    let a = run(&ctx, &m);
+    let q0 = n as u32;
+    let blocks = m.blocks(n);
+    assert!(blocks.len() > 3);
+    let mut differ = false;
+    for layer in &a.cache.layers {
+        let pos = layer.positions();
+        let ctx_pos: Vec<usize> = pos
+            .iter()
+            .filter(|&&p| p < q0)
+            .map(|&p| p as usize)
+            .collect();
+        // Initial rows, local window and exactly 3 whole candidate blocks.
+        assert!((0..8).all(|p| ctx_pos.contains(&p)));
+        assert!((n - 32..n).all(|p| ctx_pos.contains(&p)));
+        let chosen: Vec<_> = blocks
+            .iter()
+            .filter(|b| ctx_pos.contains(&b.start))
+            .cloned()
+            .collect();
+        assert_eq!(chosen.len(), 3);
+        assert_eq!(ctx_pos, m.kept_rows(n, &chosen));
+        assert_eq!(
+            &pos[pos.len() - ctx.question.len()..],
+            &ctx.question_positions()[..]
+        );
+        differ |= layer.positions() != a.cache.layers[0].positions();
+    }
+    assert!(
+        differ,
+        "layers rank blocks on their own keys, so some keep other blocks"
+    );
+    assert!(a.stats.kept_fraction < 0.5);
+}
+
+/// The plan SamKV makes for `cfg` on a fresh concatenation.
+fn plan(ctx: &Context, cfg: &MethodConfig) -> samkv::methods::samkv::Plan {
+    let m = SamKv::new(cfg.samkv_params().unwrap());
+    let concat = concat_caches(ctx.model, ctx, &mut Stats::default()).unwrap();
+    m.plan(ctx, &concat).unwrap()
+}
+
+/// The plan SamKV makes for `cfg` (on a fresh concatenation) and its assembly.
+fn plan_and_assemble(
+    ctx: &Context,
+    cfg: &MethodConfig,
+) -> (samkv::methods::samkv::Plan, Assembled) {
+    let m = SamKv::new(cfg.samkv_params().unwrap());
+    let concat = concat_caches(ctx.model, ctx, &mut Stats::default()).unwrap();
+    let plan = m.plan(ctx, &concat).unwrap();
+    (plan, run(ctx, &m))
+}
+
+#[test]
+fn defaults_keep_far_less_and_the_cache_holds_exactly_the_retained_rows() {
+    let f = fixture();
+    let ctx = context(f);
+    let cfg = MethodConfig::default();
+    assert_eq!(cfg.method, "samkv");
+    assert_eq!(cfg.samkv_anchors().unwrap(), (8, 16, 8));
+    let (plan, a) = plan_and_assemble(&ctx, &cfg);
+    let n = ctx.context_len();
+    eprintln!(
+        "defaults: kept {:.3} of {n} context tokens, P = {:?}",
+        a.stats.kept_fraction, plan.keep_ratios
+    );
+    assert!(
+        a.stats.kept_fraction < 0.75,
+        "kept {} of the context",
+        a.stats.kept_fraction
+    );
+    assert!(a.stats.kept_fraction > 0.0);
+    assert_eq!(
+        plan.slow_path_docs, 0,
+        "summaries for num_local 16 are stored"
+    );
+    // The cache is exactly the retained rows plus the question, in every layer.
+    let mut expect = plan.retained.clone();
+    expect.extend(ctx.question_positions());
+    for layer in &a.cache.layers {
+        assert_eq!(layer.positions(), &expect[..]);
+    }
+    assert_eq!(
+        a.stats.kept_per_layer,
+        vec![plan.retained.len(); ctx.model.n_layers()]
+    );
+    // Retained = preamble + anchors + whole selected blocks.
+    let pre = preamble_len(&ctx) as u32;
+    assert!((0..pre).all(|p| plan.retained.binary_search(&p).is_ok()));
+    for d in &plan.docs {
+        assert!(d
+            .anchor_positions()
+            .all(|p| plan.retained.binary_search(&p).is_ok()));
+        for b in &d.blocks {
+            let kept = b
+                .clone()
+                .filter(|p| plan.retained.binary_search(p).is_ok())
+                .count();
+            assert!(kept == 0 || kept == b.len(), "block {b:?} partly kept");
+        }
+    }
+    // Per-doc selection: each stable layer keeps floor(num_blocks * P_i) blocks of doc i.
+    for sel in &plan.selected {
+        for (d, &pi) in plan.docs.iter().zip(&plan.keep_ratios) {
+            let blocks = d
+                .blocks
+                .iter()
+                .filter(|b| sel.binary_search(&b.start).is_ok())
+                .count();
+            assert_eq!(blocks, (d.blocks.len() as f64 * pi).floor() as usize);
+        }
+    }
+    // The recompute sets shrink with depth and always hold the question.
+    for w in plan.recompute.windows(2) {
+        assert!(w[1].iter().all(|p| w[0].binary_search(p).is_ok()));
+    }
+    assert_eq!(a.stats.recomputed_per_layer[0], plan.recompute[0].len());
+    let answer = f
+        .engine
+        .tokenizer
+        .decode(&[argmax(&logits(&a)) as u32])
+        .unwrap();
+    assert!(!answer.is_empty());
+}
+
+#[test]
+fn global_selection_spends_keep_times_the_middle_blocks() {
+    let f = fixture();
+    let ctx = context(f);
+    let cfg = samkv_cfg(|c| {
+        c.selection = "global".into();
+        c.keep = 0.15;
+    });
+    let (plan, a) = plan_and_assemble(&ctx, &cfg);
+    let total: usize = plan.docs.iter().map(|d| d.blocks.len()).sum();
+    let budget = (0.15f64 * total as f64).floor() as usize;
+    assert!(budget > 0);
+    for sel in &plan.selected {
+        let chosen: usize = plan
+            .docs
+            .iter()
+            .map(|d| {
+                d.blocks
+                    .iter()
+                    .filter(|b| sel.binary_search(&b.start).is_ok())
+                    .count()
+            })
+            .sum();
+        assert_eq!(chosen, budget);
+    }
+    let anchors: usize = preamble_len(&ctx)
+        + plan
+            .docs
+            .iter()
+            .map(|d| d.anchor_positions().count())
+            .sum::<usize>();
+    // At least one layer's budget and at most every stable layer's, on top of the anchors.
+    let middle = plan.retained.len() - anchors;
+    assert!(
+        middle >= budget && middle <= budget * 8 * plan.selected.len(),
+        "{middle}"
+    );
+    let n = ctx.context_len() as f64;
+    assert_eq!(a.stats.kept_fraction, plan.retained.len() as f64 / n);
+    assert!(a.stats.kept_fraction < 0.75, "{}", a.stats.kept_fraction);
+}
+
+#[test]
+fn missing_query_summaries_are_recomputed_on_the_slow_path() {
+    let f = fixture();
+    let ctx = context(f);
+    let cfg = MethodConfig::default();
+    let stored = plan(&ctx, &cfg);
+    // Drop the second document's stored summaries.
+    let mut bare = context(f);
+    let s = &mut bare.segments[stored.docs[1].segment];
+    s.kv = Arc::new(StoredDoc {
+        side: BTreeMap::new(),
+        ..(*s.kv).clone()
+    });
+    let slow = plan(&bare, &cfg);
+    assert_eq!(slow.slow_path_docs, 1);
+    for (x, y) in slow.keep_ratios.iter().zip(&stored.keep_ratios) {
+        assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+    }
+    assert_eq!(slow.retained, stored.retained);
+}
+
+#[test]
+fn cosine_fusion_runs_and_moves_the_recomputed_rows() {
+    let f = fixture();
+    let ctx = context(f);
+    let global = |c: &mut MethodConfig| {
+        c.selection = "global".into();
+        c.keep = 0.15;
+    };
+    let over = run(&ctx, samkv_cfg(global).build().unwrap().as_ref());
+    let cfg = samkv_cfg(|c| {
+        global(c);
+        c.update = "fusion".into();
+        c.fusion_rule = "cosine".into();
+        c.theta = 0.5;
+    });
+    let cos = run(&ctx, cfg.build().unwrap().as_ref());
+    assert!(cos.stats.method.contains("cosine-fusion"));
+    // Same rows either way; only the update of the recomputed rows differs.
+    assert_eq!(cos.stats.kept_per_layer, over.stats.kept_per_layer);
+    let d = rel_diff(&cos, &over);
+    assert!(d > 0.0 && d < 0.5, "cosine fusion vs overwrite: {d}");
+}
