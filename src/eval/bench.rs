@@ -221,8 +221,8 @@ fn check_resume(old: &Value, new: &Value, path: &Path) -> Result<Value> {
         .and_then(Value::as_object)
         .unwrap_or(&empty);
     for (label, cfg) in nm {
-        if om.get(label).is_some_and(|c| c != cfg) {
-            differ.push(format!("the knobs of `{label}`"));
+        if let Some(before) = om.get(label) {
+            differ.extend(knob_changes(label, before, cfg));
         }
     }
     if !differ.is_empty() {
@@ -233,6 +233,29 @@ fn check_resume(old: &Value, new: &Value, path: &Path) -> Result<Value> {
     methods.extend(nm.clone());
     merged["methods"] = Value::Object(methods);
     Ok(merged)
+}
+
+/// The knobs of `label` whose values differ between two runs. A knob only one side has (one
+/// added to or removed from this build since) is not a change of setting: it is logged.
+fn knob_changes(label: &str, before: &Value, now: &Value) -> Vec<String> {
+    let (Some(b), Some(n)) = (before.as_object(), now.as_object()) else {
+        return (before != now)
+            .then(|| format!("the knobs of `{label}`"))
+            .into_iter()
+            .collect();
+    };
+    let mut out = Vec::new();
+    for (k, v) in n {
+        match b.get(k) {
+            Some(old) if old != v => out.push(format!("`{label}` {k}: {old} then, {v} now")),
+            Some(_) => {}
+            None => tracing::warn!("`{label}`: knob {k} is new in this build"),
+        }
+    }
+    for k in b.keys().filter(|k| !n.contains_key(*k)) {
+        tracing::warn!("`{label}`: knob {k} is gone from this build");
+    }
+    out
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
@@ -676,7 +699,12 @@ mod tests {
         assert!(e.contains("max_tokens: 32 then, 16 now"), "{e}");
         let new = serde_json::json!({"max_tokens": 32, "methods": {"reuse": {"x": 2}}});
         let e = check_resume(&old, &new, p).unwrap_err().to_string();
-        assert!(e.contains("knobs of `reuse`"), "{e}");
+        assert!(e.contains("`reuse` x: 1 then, 2 now"), "{e}");
+        // A knob this build added (or dropped) is not a change of the run's settings.
+        let new = serde_json::json!({"max_tokens": 32, "methods": {"reuse": {"x": 1, "y": 0}}});
+        assert!(check_resume(&old, &new, p).is_ok());
+        let old2 = serde_json::json!({"max_tokens": 32, "methods": {"reuse": {"x": 1, "z": 0}}});
+        assert!(check_resume(&old2, &new, p).is_ok());
     }
 
     #[test]
