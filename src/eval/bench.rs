@@ -221,8 +221,8 @@ fn check_resume(old: &Value, new: &Value, path: &Path) -> Result<Value> {
         .and_then(Value::as_object)
         .unwrap_or(&empty);
     for (label, cfg) in nm {
-        if om.get(label).is_some_and(|c| c != cfg) {
-            differ.push(format!("the knobs of `{label}`"));
+        if let Some(before) = om.get(label) {
+            differ.extend(knob_changes(label, before, cfg));
         }
     }
     if !differ.is_empty() {
@@ -233,6 +233,29 @@ fn check_resume(old: &Value, new: &Value, path: &Path) -> Result<Value> {
     methods.extend(nm.clone());
     merged["methods"] = Value::Object(methods);
     Ok(merged)
+}
+
+/// The knobs of `label` whose values differ between two runs. A knob only one side has (one
+/// added to or removed from this build since) is not a change of setting: it is logged.
+fn knob_changes(label: &str, before: &Value, now: &Value) -> Vec<String> {
+    let (Some(b), Some(n)) = (before.as_object(), now.as_object()) else {
+        return (before != now)
+            .then(|| format!("the knobs of `{label}`"))
+            .into_iter()
+            .collect();
+    };
+    let mut out = Vec::new();
+    for (k, v) in n {
+        match b.get(k) {
+            Some(old) if old != v => out.push(format!("`{label}` {k}: {old} then, {v} now")),
+            Some(_) => {}
+            None => tracing::warn!("`{label}`: knob {k} is new in this build"),
+        }
+    }
+    for k in b.keys().filter(|k| !n.contains_key(*k)) {
+        tracing::warn!("`{label}`: knob {k} is gone from this build");
+    }
+    out
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
@@ -502,21 +525,21 @@ pub fn run(
         if todo(&ex.id, &done) == 0 {
             continue;
         }
-        let lines = bench_example(engine, args, *index, ex, &methods, &done, &sampling);
-        for r in lines {
+        let mut written = Vec::new();
+        let mut emit = |r: Record| -> Result<()> {
             file.write_all(to_line(&r)?.as_bytes())?;
             file.flush()?;
-            if r.error.is_some() {
-                bar.println(format!(
-                    "example {} {}: {}",
-                    r.example,
-                    r.method,
-                    r.error.as_deref().unwrap_or_default()
-                ));
+            if let Some(e) = &r.error {
+                bar.println(format!("example {} {}: {e}", r.example, r.method));
             }
             bar.set_message(format!("{} F1 {:.2}", r.method, r.f1));
-            done.insert((r.example.clone(), r.method.clone()));
-        }
+            written.push((r.example, r.method));
+            Ok(())
+        };
+        bench_example(
+            engine, args, *index, ex, &methods, &done, &sampling, &mut emit,
+        )?;
+        done.extend(written);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -541,7 +564,9 @@ pub fn run(
     Ok(summary)
 }
 
-/// Every missing (example, method) line of one example; failures become error lines.
+/// Runs every missing (example, method) pair of one example, handing each line to `emit` as
+/// soon as it is ready; a failed method becomes an error line.
+#[allow(clippy::too_many_arguments)]
 fn bench_example(
     engine: &Engine,
     args: &BenchArgs,
@@ -550,7 +575,8 @@ fn bench_example(
     methods: &[(&MethodSpec, Box<dyn Method>)],
     done: &HashSet<(String, String)>,
     sampling: &Sampling,
-) -> Vec<Record> {
+    emit: &mut dyn FnMut(Record) -> Result<()>,
+) -> Result<()> {
     let base = Record {
         example: ex.id.clone(),
         index,
@@ -561,16 +587,16 @@ fn bench_example(
         .iter()
         .filter(|(s, _)| !done.contains(&(ex.id.clone(), s.label.clone())))
         .collect();
-    let fail_all = |msg: String| {
-        pending
-            .iter()
-            .map(|(s, _)| Record {
+    let fail_all = |msg: String, emit: &mut dyn FnMut(Record) -> Result<()>| {
+        for (s, _) in &pending {
+            emit(Record {
                 method: s.label.clone(),
                 error: Some(msg.clone()),
                 peak_rss_bytes: peak_rss_bytes(),
                 ..base.clone()
-            })
-            .collect::<Vec<_>>()
+            })?;
+        }
+        Ok(())
     };
 
     // Ingestion: every document into the store, before any method is timed.
@@ -597,11 +623,11 @@ fn bench_example(
     })();
     let (t, prepared, ingest) = match prepared {
         Ok(x) => x,
-        Err(e) => return fail_all(format!("preparing the example: {e}")),
+        Err(e) => return fail_all(format!("preparing the example: {e}"), emit),
     };
     let reference = match run_method(engine, &Recompute, &t, Some(&prepared), sampling) {
         Ok(r) => r,
-        Err(e) => return fail_all(format!("the Recompute reference failed: {e}")),
+        Err(e) => return fail_all(format!("the Recompute reference failed: {e}"), emit),
     };
     drop(prepared);
     let base = Record {
@@ -611,7 +637,6 @@ fn bench_example(
         ..base
     };
 
-    let mut out = Vec::new();
     for (spec, method) in pending {
         let fresh;
         let o = if spec.config.method == "recompute" {
@@ -623,18 +648,18 @@ fn bench_example(
                     &fresh
                 }
                 Err(e) => {
-                    out.push(Record {
+                    emit(Record {
                         method: spec.label.clone(),
                         error: Some(e.to_string()),
                         peak_rss_bytes: peak_rss_bytes(),
                         ..base.clone()
-                    });
+                    })?;
                     continue;
                 }
             }
         };
         let kl = kl_divergence(&reference.logits, &o.logits);
-        out.push(Record {
+        emit(Record {
             method: spec.label.clone(),
             method_name: o.name.clone(),
             answer: o.text.clone(),
@@ -651,9 +676,9 @@ fn bench_example(
             stats: Some(o.stats.clone()),
             peak_rss_bytes: peak_rss_bytes(),
             ..base.clone()
-        });
+        })?;
     }
-    out
+    Ok(())
 }
 
 #[cfg(test)]
@@ -674,7 +699,12 @@ mod tests {
         assert!(e.contains("max_tokens: 32 then, 16 now"), "{e}");
         let new = serde_json::json!({"max_tokens": 32, "methods": {"reuse": {"x": 2}}});
         let e = check_resume(&old, &new, p).unwrap_err().to_string();
-        assert!(e.contains("knobs of `reuse`"), "{e}");
+        assert!(e.contains("`reuse` x: 1 then, 2 now"), "{e}");
+        // A knob this build added (or dropped) is not a change of the run's settings.
+        let new = serde_json::json!({"max_tokens": 32, "methods": {"reuse": {"x": 1, "y": 0}}});
+        assert!(check_resume(&old, &new, p).is_ok());
+        let old2 = serde_json::json!({"max_tokens": 32, "methods": {"reuse": {"x": 1, "z": 0}}});
+        assert!(check_resume(&old2, &new, p).is_ok());
     }
 
     #[test]
