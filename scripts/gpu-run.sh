@@ -42,40 +42,8 @@ step() {
     log "== $name: exit $rc$note after $((SECONDS - t0)) s"
 }
 
-# The CUDA 13 libraries (cuBLAS, cuRAND, cudart) from the python packages' nvidia/ tree.
-NVLIBS=$(timeout 60 python3 - <<'EOF' 2>>"$RUN"
-import glob, os
-try:
-    import nvidia
-    roots = list(nvidia.__path__)
-except Exception:
-    roots = []
-want = ("libcublas.so.13*", "libcublasLt.so.13*", "libcudart.so.13*", "libcurand.so.10*")
-dirs = []
-for r in roots:
-    for d in sorted(glob.glob(os.path.join(r, "cu13", "lib")) + glob.glob(os.path.join(r, "*", "lib"))):
-        if d not in dirs and any(glob.glob(os.path.join(d, w)) for w in want):
-            dirs.append(d)
-print(":".join(dirs))
-EOF
-)
-if [ -z "$NVLIBS" ]; then
-    f=$(timeout 60 find / -xdev -name 'libcublas.so.13*' 2>/dev/null | head -n1)
-    [ -n "$f" ] && NVLIBS=$(dirname "$f")
-fi
-export LD_LIBRARY_PATH="${NVLIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# The binaries: unpacked from dist/gpu/*.xz (python's lzma: xz may not be installed there).
-BIN="${TMPDIR:-/tmp}/samkv-gpu-bin"
-mkdir -p "$BIN"
-for b in samkv-cuda cuda_smoke; do
-    if [ -f "dist/gpu/$b.xz" ]; then
-        python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-            "dist/gpu/$b.xz" "$BIN/$b" 2>>"$RUN"
-    elif [ -f "dist/$b" ]; then
-        cp "dist/$b" "$BIN/$b"
-    fi
-    chmod +x "$BIN/$b" 2>/dev/null
-done
+# shellcheck source=scripts/gpu-env.sh
+source scripts/gpu-env.sh
 MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f "$MODEL" ] || MODEL=dist/gpu/smollm2-135m-l6.gguf
 

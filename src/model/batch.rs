@@ -68,15 +68,20 @@ impl Model {
                 let v = v_rows.get(i)?.unsqueeze(1)?;
                 cache.layers[l].append(&k, &v, &positions[i..i + 1])?;
             }
-            let a = if b == 1 {
-                let layer = &caches[0].layers[l];
-                super::attend(
-                    &qkv.q,
-                    &layer.keys()?,
-                    &layer.values()?,
-                    positions,
-                    layer.positions(),
-                )?
+            // On CPU each sequence attends on its own (the fast kernel reads its cache in
+            // place; stacking the caches would copy them all every step); on a GPU one
+            // batched matmul over the stacked caches saves B kernel launches per layer.
+            let a = if b == 1 || self.device.is_cpu() {
+                let mut outs = Vec::with_capacity(b);
+                for (i, cache) in caches.iter_mut().enumerate() {
+                    let q = qkv.q.narrow(1, i, 1)?;
+                    outs.push(self.decode_attention(
+                        &q,
+                        &mut cache.layers[l],
+                        &positions[i..i + 1],
+                    )?);
+                }
+                Tensor::cat(&outs, 0)?
             } else {
                 self.attend_batch(&qkv.q, caches, l, positions)?
             };

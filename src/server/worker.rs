@@ -29,7 +29,6 @@ use crate::engine::{Engine, FinishReason, Prompt, Sampling, Source};
 use crate::eval::RagPrompt;
 use crate::kv::KvCache;
 use crate::methods::{Context, Method};
-use crate::model::Logits;
 use crate::tokenizer::StreamDecoder;
 use crate::Result;
 
@@ -178,10 +177,15 @@ impl Seq {
         self.text.len() - hold
     }
 
-    /// Samples one token and runs the model on it. Some(reason) when the sequence is done.
-    fn step(&mut self, engine: &Engine, metrics: &Metrics) -> Result<Option<FinishReason>> {
+    /// Samples the next token and streams its text. Ok(Err(reason)) when the sequence is
+    /// done; otherwise the token to feed the model (with its position, `self.pos`).
+    fn next_token(
+        &mut self,
+        engine: &Engine,
+        metrics: &Metrics,
+    ) -> Result<std::result::Result<u32, FinishReason>> {
         if self.events.is_closed() {
-            return Ok(Some(FinishReason::Cancelled));
+            return Ok(Err(FinishReason::Cancelled));
         }
         let tok = self.sampler.sample(&self.logits)?;
         let now = Instant::now();
@@ -191,7 +195,7 @@ impl Seq {
         }
         self.last_token = Some(now);
         if !self.ignore_eos && engine.tokenizer.is_eos(tok) {
-            return Ok(Some(FinishReason::Stop));
+            return Ok(Err(FinishReason::Stop));
         }
         self.tokens.push(tok);
         if let Some(delta) = self.stream.push(tok)? {
@@ -205,21 +209,23 @@ impl Seq {
             if let Some(cut) = cut {
                 self.text.truncate(cut);
                 self.send_upto(cut);
-                return Ok(Some(FinishReason::Stop));
+                return Ok(Err(FinishReason::Stop));
             }
             self.send_upto(self.safe_len());
         }
         if self.tokens.len() >= self.params.max_new_tokens
             || self.pos as usize >= engine.model.cfg.max_context
         {
-            return Ok(Some(FinishReason::Length));
+            return Ok(Err(FinishReason::Length));
         }
-        let out = engine
-            .model
-            .forward(&[tok], &[self.pos], &mut self.cache, Logits::Last, &[])?;
-        self.logits = crate::methods::last_logits(out.logits)?;
-        self.pos += 1;
-        Ok(None)
+        Ok(Ok(tok))
+    }
+
+    /// Reports a failure and releases the slot.
+    fn fail(&mut self, msg: String) {
+        tracing::error!("decoding failed: {msg}");
+        self.permit = None;
+        let _ = self.events.send(Event::Failed(ApiError::internal(msg)));
     }
 
     /// Sends what is left and the final event.
@@ -241,6 +247,10 @@ impl Seq {
             completion_tokens: self.tokens.len(),
         });
     }
+}
+
+fn internal(p: Box<dyn std::any::Any + Send>) -> crate::Error {
+    crate::Error::InvalidInput(format!("internal error: {}", panic_message(p)))
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
@@ -297,37 +307,70 @@ impl Worker {
                     }
                 }
             }
-            let (engine, metrics) = (&self.engine, &*self.metrics);
-            running.retain_mut(|s| {
-                let r = catch_unwind(AssertUnwindSafe(|| s.step(engine, metrics))).unwrap_or_else(
-                    |p| {
-                        Err(crate::Error::InvalidInput(format!(
-                            "internal error: {}",
-                            panic_message(p)
-                        )))
-                    },
-                );
-                match r {
-                    Ok(None) => true,
-                    Ok(Some(reason)) => {
-                        s.finish(reason, metrics);
-                        false
-                    }
-                    Err(e) => {
-                        tracing::error!("decoding failed: {e}");
-                        s.permit = None;
-                        let _ = s
-                            .events
-                            .send(Event::Failed(ApiError::internal(e.to_string())));
-                        false
-                    }
-                }
-            });
+            self.decode_step(&mut running);
             let bytes: usize = running.iter().map(|s| s.cache.bytes()).sum();
             self.metrics.active_kv_bytes.store(bytes as u64, Relaxed);
             self.metrics
                 .active_sequences
                 .store(running.len() as u64, Relaxed);
+        }
+    }
+
+    /// One decode step for every running sequence: each samples its next token; those not
+    /// finished go through the model together ([`crate::model::Model::decode_batch`]: one
+    /// pass over the weights for all of them), which is what makes concurrent requests cheap.
+    fn decode_step(&self, running: &mut Vec<Seq>) {
+        let (engine, metrics) = (&self.engine, &*self.metrics);
+        let mut feed = Vec::with_capacity(running.len());
+        running.retain_mut(|s| {
+            let r = catch_unwind(AssertUnwindSafe(|| s.next_token(engine, metrics)))
+                .unwrap_or_else(|p| Err(internal(p)));
+            match r {
+                Ok(Ok(tok)) => {
+                    feed.push(tok);
+                    true
+                }
+                Ok(Err(reason)) => {
+                    s.finish(reason, metrics);
+                    false
+                }
+                Err(e) => {
+                    s.fail(e.to_string());
+                    false
+                }
+            }
+        });
+        if running.is_empty() {
+            return;
+        }
+        let positions: Vec<u32> = running.iter().map(|s| s.pos).collect();
+        let mut caches: Vec<KvCache> = running
+            .iter_mut()
+            .map(|s| std::mem::replace(&mut s.cache, KvCache { layers: Vec::new() }))
+            .collect();
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            let logits = engine.model.decode_batch(&feed, &positions, &mut caches)?;
+            (0..feed.len())
+                .map(|i| Ok(logits.get(i)?))
+                .collect::<Result<Vec<Tensor>>>()
+        }))
+        .unwrap_or_else(|p| Err(internal(p)));
+        match r {
+            Ok(rows) => {
+                for ((s, cache), logits) in running.iter_mut().zip(caches).zip(rows) {
+                    s.cache = cache;
+                    s.logits = logits;
+                    s.pos += 1;
+                }
+            }
+            Err(e) => {
+                // The caches may hold the new token in some layers only: every sequence of
+                // the batch ends.
+                for s in running.iter_mut() {
+                    s.fail(e.to_string());
+                }
+                running.clear();
+            }
         }
     }
 

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# On the GPU machine, after the loads of scripts/gpu-pack-qa.sh are staged (scripts/gpu-stage.sh):
+# assembles and verifies the model files, checks CUDA against the CPU on real SmolLM2
+# (`samkv selfcheck`), then runs `samkv bench` with real weights on both QA files and both
+# models, all at once (small models leave the H200 mostly idle, so runs in parallel add up),
+# each stopped in time to write its summary. One call, under 10 minutes.
+#
+# Writes to $OUT: run.txt (log), selfcheck.txt, and one RUN.tar.gz per run (config.json,
+# results.jsonl, summary.md/json, sweep plots).
+# Env: SAMKV_GPU_BUDGET_S (default 560) seconds for the whole script; QA_RUNS to replace the
+# default run list (lines of `name model data extra-args...`).
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT" models
+BUDGET="${SAMKV_GPU_BUDGET_S:-560}"
+RUN="$OUT/run.txt"
+: >"$RUN"
+log() { printf '%s\n' "$*" | tee -a "$RUN"; }
+
+bash scripts/gpu-stage.sh >>"$RUN" 2>&1
+# Models: parts in order, then sha256 against the manifest made where they were packed.
+for f in $(awk '{print $2}' dist/staged/models.sha256); do
+    [ -f "models/$f" ] || cat dist/staged/"$f".part* >"models/$f"
+done
+if ! (cd models && sha256sum -c ../dist/staged/models.sha256) >>"$RUN" 2>&1; then
+    log "model files do not match their sha256 (a load was not staged?); stopping"
+    ls -l dist/staged >>"$RUN"
+    exit 1
+fi
+mkdir -p dist/gpu
+cp dist/staged/samkv-cuda.xz dist/gpu/ 2>/dev/null
+# shellcheck source=scripts/gpu-env.sh
+source scripts/gpu-env.sh
+S="$BIN/samkv-cuda"
+{
+    echo "date: $(date -u)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+    ldd "$S" | grep -i 'not found'
+} >>"$RUN" 2>&1
+
+SMOL=models/SmolLM2-135M-Instruct.Q4_1.gguf
+QWEN=models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+t0=$SECONDS
+timeout -k 5 150 "$S" --device cuda selfcheck --model "$SMOL" >"$OUT/selfcheck.txt" 2>&1
+log "== selfcheck: exit $? after $((SECONDS - t0)) s"
+
+METHODS="recompute,reuse,cacheblend,epic,infllm,samkv,samkv:selection=global:keep=0.15"
+DEFAULT_RUNS="qwen-musique $QWEN dist/staged/musique_s.jsonl --methods $METHODS
+qwen-wikimqa $QWEN dist/staged/wikimqa_s_clean.jsonl --methods $METHODS
+smollm2-musique $SMOL dist/staged/musique_s.jsonl --methods $METHODS
+smollm2-wikimqa $SMOL dist/staged/wikimqa_s_clean.jsonl --methods $METHODS
+smollm2-musique-sweep $SMOL dist/staged/musique_s.jsonl --sweep --limit 40"
+RUNS="${QA_RUNS:-$DEFAULT_RUNS}"
+# What is left, less a minute for the summaries of runs stopped early and the archives.
+left=$((BUDGET - SECONDS - 60))
+log "== benches: ${left}s each, in parallel"
+declare -A PIDS
+while read -r name model data args; do
+    [ -z "$name" ] && continue
+    mkdir -p "runs/$name"
+    # shellcheck disable=SC2086 # args is a list of arguments
+    timeout -k 5 "$left" "$S" --device cuda --store /tmp/qa-store bench --model "$model" \
+        --data "$data" --out "runs/$name" $args >"runs/$name/log.txt" 2>&1 &
+    PIDS[$name]=$!
+    echo "$name $model $data $args" >"runs/$name/cmd.txt"
+done <<<"$RUNS"
+for name in "${!PIDS[@]}"; do
+    wait "${PIDS[$name]}"
+    log "== $name: exit $?"
+done
+# A run stopped by the timeout has no summary yet: rerun it with --limit set to the examples
+# it completed (a resume that computes nothing and writes the summary).
+while read -r name model data args; do
+    [ -z "$name" ] && continue
+    d="runs/$name"
+    if [ ! -f "$d/summary.md" ] && [ -f "$d/results.jsonl" ]; then
+        k=$(python3 - "$d" <<'PY'
+import json, sys
+d = sys.argv[1]
+cfg = json.load(open(f"{d}/config.json"))
+labels = set(cfg.get("methods", {})) or None
+seen, order = {}, []
+for line in open(f"{d}/results.jsonl"):
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    if r["example"] not in seen:
+        order.append(r["example"])
+        seen[r["example"]] = set()
+    seen[r["example"]].add(r["method"])
+n = 0
+for ex in order:
+    if labels is not None and not labels <= seen[ex]:
+        break
+    n += 1
+print(n)
+PY
+)
+        # shellcheck disable=SC2086
+        args2=$(echo "$args" | sed -E 's/--limit [0-9]+//')
+        log "== $name: summary over the first $k completed examples"
+        # shellcheck disable=SC2086
+        timeout -k 5 60 "$S" --device cuda --store /tmp/qa-store bench --model "$model" \
+            --data "$data" --out "$d" $args2 --limit "$k" >>"$d/log.txt" 2>&1
+    fi
+    tar -czf "$OUT/$name.tar.gz" -C runs "$name"
+done <<<"$RUNS"
+log "== total $SECONDS s"
