@@ -39,7 +39,7 @@ for f in "${files[@]}"; do
         mkdir -p "$dir"
         len=$((size - off < room ? size - off : room))
         out=$(printf '%s/%s.part%03d' "$dir" "$(basename "$f")" "$part")
-        tail -c +$((off + 1)) "$f" | head -c "$len" >"$out"
+        dd if="$f" of="$out" bs=1M iflag=skip_bytes,count_bytes skip="$off" count="$len" status=none
         off=$((off + len))
         used=$((used + len))
         part=$((part + 1))

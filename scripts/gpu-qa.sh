@@ -8,7 +8,8 @@
 # Writes to $OUT: run.txt (log), selfcheck.txt, and one RUN.tar.gz per run (config.json,
 # results.jsonl, summary.md/json, sweep plots).
 # Env: SAMKV_GPU_BUDGET_S (default 560) seconds for the whole script; QA_RUNS to replace the
-# default run list (lines of `name model data extra-args...`).
+# default run list (lines of `name model data extra-args...`); SAMKV_BIN and SAMKV_DEVICE for a
+# dry run on another machine (a CPU binary and `cpu`).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
@@ -28,11 +29,16 @@ if ! (cd models && sha256sum -c ../dist/staged/models.sha256) >>"$RUN" 2>&1; the
     ls -l dist/staged >>"$RUN"
     exit 1
 fi
-mkdir -p dist/gpu
-cp dist/staged/samkv-cuda.xz dist/gpu/ 2>/dev/null
-# shellcheck source=scripts/gpu-env.sh
-source scripts/gpu-env.sh
-S="$BIN/samkv-cuda"
+if [ -n "${SAMKV_BIN:-}" ]; then
+    S="$SAMKV_BIN" # a dry run elsewhere, e.g. SAMKV_BIN=target/release/samkv SAMKV_DEVICE=cpu
+else
+    mkdir -p dist/gpu
+    cp dist/staged/samkv-cuda.xz dist/gpu/ 2>/dev/null
+    # shellcheck source=scripts/gpu-env.sh
+    source scripts/gpu-env.sh
+    S="$BIN/samkv-cuda"
+fi
+DEV="${SAMKV_DEVICE:-cuda}"
 {
     echo "date: $(date -u)"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
@@ -42,7 +48,7 @@ S="$BIN/samkv-cuda"
 SMOL=models/SmolLM2-135M-Instruct.Q4_1.gguf
 QWEN=models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 t0=$SECONDS
-timeout -k 5 150 "$S" --device cuda selfcheck --model "$SMOL" >"$OUT/selfcheck.txt" 2>&1
+timeout -k 5 150 "$S" --device "$DEV" selfcheck --model "$SMOL" >"$OUT/selfcheck.txt" 2>&1
 log "== selfcheck: exit $? after $((SECONDS - t0)) s"
 
 METHODS="recompute,reuse,cacheblend,epic,infllm,samkv,samkv:selection=global:keep=0.15"
@@ -60,7 +66,7 @@ while read -r name model data args; do
     [ -z "$name" ] && continue
     mkdir -p "runs/$name"
     # shellcheck disable=SC2086 # args is a list of arguments
-    timeout -k 5 "$left" "$S" --device cuda --store /tmp/qa-store bench --model "$model" \
+    timeout -k 5 "$left" "$S" --device "$DEV" --store /tmp/qa-store bench --model "$model" \
         --data "$data" --out "runs/$name" $args >"runs/$name/log.txt" 2>&1 &
     PIDS[$name]=$!
     echo "$name $model $data $args" >"runs/$name/cmd.txt"
@@ -102,9 +108,22 @@ PY
         args2=$(echo "$args" | sed -E 's/--limit [0-9]+//')
         log "== $name: summary over the first $k completed examples"
         # shellcheck disable=SC2086
-        timeout -k 5 60 "$S" --device cuda --store /tmp/qa-store bench --model "$model" \
+        timeout -k 5 60 "$S" --device "$DEV" --store /tmp/qa-store bench --model "$model" \
             --data "$data" --out "$d" $args2 --limit "$k" >>"$d/log.txt" 2>&1
     fi
     tar -czf "$OUT/$name.tar.gz" -C runs "$name"
 done <<<"$RUNS"
+# Issue 4's table: the first 20 MuSiQue examples with Qwen, from the same results.
+if [ -f runs/qwen-musique/results.jsonl ]; then
+    rm -rf runs/qwen-musique-first20
+    cp -r runs/qwen-musique runs/qwen-musique-first20
+    rm -f runs/qwen-musique-first20/summary.*
+    read -r _ model data args <runs/qwen-musique/cmd.txt
+    args=$(echo "$args" | sed -E 's/--limit [0-9]+//')
+    # shellcheck disable=SC2086
+    timeout -k 5 60 "$S" --device "$DEV" --store /tmp/qa-store bench --model "$model" \
+        --data "$data" --out runs/qwen-musique-first20 $args --limit 20 >>"$RUN" 2>&1
+    tar -czf "$OUT/qwen-musique-first20.tar.gz" -C runs qwen-musique-first20/summary.md \
+        qwen-musique-first20/summary.json
+fi
 log "== total $SECONDS s"
