@@ -64,12 +64,12 @@ log "== benches: ${left}s each, in parallel"
 declare -A PIDS
 while read -r name model data args; do
     [ -z "$name" ] && continue
-    mkdir -p "runs/$name"
+    mkdir -p "dist/runs/$name"
     # shellcheck disable=SC2086 # args is a list of arguments
     timeout -k 5 "$left" "$S" --device "$DEV" --store /tmp/qa-store bench --model "$model" \
-        --data "$data" --out "runs/$name" $args >"runs/$name/log.txt" 2>&1 &
+        --data "$data" --out "dist/runs/$name" $args >"dist/runs/$name/log.txt" 2>&1 &
     PIDS[$name]=$!
-    echo "$name $model $data $args" >"runs/$name/cmd.txt"
+    echo "$name $model $data $args" >"dist/runs/$name/cmd.txt"
 done <<<"$RUNS"
 for name in "${!PIDS[@]}"; do
     wait "${PIDS[$name]}"
@@ -79,7 +79,7 @@ done
 # it completed (a resume that computes nothing and writes the summary).
 while read -r name model data args; do
     [ -z "$name" ] && continue
-    d="runs/$name"
+    d="dist/runs/$name"
     if [ ! -f "$d/summary.md" ] && [ -f "$d/results.jsonl" ]; then
         k=$(python3 - "$d" <<'PY'
 import json, sys
@@ -111,19 +111,19 @@ PY
         timeout -k 5 60 "$S" --device "$DEV" --store /tmp/qa-store bench --model "$model" \
             --data "$data" --out "$d" $args2 --limit "$k" >>"$d/log.txt" 2>&1
     fi
-    tar -czf "$OUT/$name.tar.gz" -C runs "$name"
+    tar -czf "$OUT/$name.tar.gz" -C dist/runs "$name"
 done <<<"$RUNS"
 # Issue 4's table: the first 20 MuSiQue examples with Qwen, from the same results.
-if [ -f runs/qwen-musique/results.jsonl ]; then
-    rm -rf runs/qwen-musique-first20
-    cp -r runs/qwen-musique runs/qwen-musique-first20
-    rm -f runs/qwen-musique-first20/summary.*
-    read -r _ model data args <runs/qwen-musique/cmd.txt
+if [ -f dist/runs/qwen-musique/results.jsonl ]; then
+    rm -rf dist/runs/qwen-musique-first20
+    cp -r dist/runs/qwen-musique dist/runs/qwen-musique-first20
+    rm -f dist/runs/qwen-musique-first20/summary.*
+    read -r _ model data args <dist/runs/qwen-musique/cmd.txt
     args=$(echo "$args" | sed -E 's/--limit [0-9]+//')
     # shellcheck disable=SC2086
     timeout -k 5 60 "$S" --device "$DEV" --store /tmp/qa-store bench --model "$model" \
-        --data "$data" --out runs/qwen-musique-first20 $args --limit 20 >>"$RUN" 2>&1
-    tar -czf "$OUT/qwen-musique-first20.tar.gz" -C runs qwen-musique-first20/summary.md \
+        --data "$data" --out dist/runs/qwen-musique-first20 $args --limit 20 >>"$RUN" 2>&1
+    tar -czf "$OUT/qwen-musique-first20.tar.gz" -C dist/runs qwen-musique-first20/summary.md \
         qwen-musique-first20/summary.json
 fi
 log "== total $SECONDS s"
