@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fetch;
+pub mod fuzzing;
 pub mod gpu_bench;
 pub mod kv;
 pub mod methods;

@@ -10,9 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde_json::{json, Value};
 
-use crate::engine::FinishReason;
+use crate::engine::{FinishReason, Sampling};
+use crate::methods::{Method, MethodConfig};
+use crate::retrieval::text_id;
 use crate::store::now_unix;
 use crate::Error;
+
+use super::registry::valid_id;
 
 /// An error answered as `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Clone, Debug)]
@@ -313,6 +317,148 @@ pub fn parse_messages(msgs: &[ChatMessage]) -> Result<Conversation, ApiError> {
     })
 }
 
+/// Checks the sampling fields of a request. `limit`: the largest max_tokens allowed;
+/// `default_max_tokens`: max_tokens when the request gives none.
+pub fn parse_sampling(
+    f: &SamplingFields,
+    limit: usize,
+    default_max_tokens: usize,
+) -> Result<Sampling, ApiError> {
+    static SEEDS: AtomicU64 = AtomicU64::new(0);
+    let (max, pname) = match (f.max_completion_tokens, f.max_tokens) {
+        (Some(m), _) => (m, "max_completion_tokens"),
+        (None, Some(m)) => (m, "max_tokens"),
+        (None, None) => (default_max_tokens as u64, "max_tokens"),
+    };
+    if max == 0 || max > limit as u64 {
+        return Err(
+            ApiError::invalid(format!("{pname} must be between 1 and {limit}")).param(pname),
+        );
+    }
+    // Checked as the engine holds them (f32): a top_p of 1e-50 is 0 there, which it refuses.
+    let temperature = f.temperature.unwrap_or(1.0) as f32;
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid("temperature must be between 0 and 2").param("temperature"));
+    }
+    let top_p = f.top_p.unwrap_or(1.0) as f32;
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid("top_p must be in (0, 1]").param("top_p"));
+    }
+    if f.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("only n = 1 is supported").param("n"));
+    }
+    let stop = f.stop.clone().map(Stop::into_vec).unwrap_or_default();
+    if stop.len() > 4 || stop.iter().any(|s| s.is_empty()) {
+        return Err(ApiError::invalid("stop takes up to 4 non-empty strings").param("stop"));
+    }
+    // OpenAI samples differently each time unless a seed is given.
+    let seed = f
+        .seed
+        .unwrap_or_else(|| now_unix() ^ SEEDS.fetch_add(0x9e37_79b9_7f4a_7c15, Relaxed));
+    Ok(Sampling {
+        temperature,
+        top_p,
+        top_k: f.top_k.unwrap_or(0) as usize,
+        seed,
+        max_new_tokens: max as usize,
+        stop,
+    })
+}
+
+/// The method of a chat request: its `kv` object over the server's `defaults`.
+pub fn parse_method(
+    defaults: &MethodConfig,
+    kv: Option<&Value>,
+) -> Result<Box<dyn Method>, ApiError> {
+    let mut base = match serde_json::to_value(defaults) {
+        Ok(Value::Object(o)) => o,
+        _ => {
+            return Err(ApiError::internal(
+                "cannot read the default method settings",
+            ))
+        }
+    };
+    match kv {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) => {
+            for (k, v) in o {
+                if !base.contains_key(k) {
+                    let known: Vec<&str> = base.keys().map(String::as_str).collect();
+                    return Err(ApiError::invalid(format!(
+                        "unknown kv setting `{k}`; known: {}",
+                        known.join(", ")
+                    ))
+                    .param(format!("kv.{k}")));
+                }
+                base.insert(k.clone(), v.clone());
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::invalid("kv must be an object of method settings").param("kv"))
+        }
+    }
+    let cfg: MethodConfig = serde_json::from_value(Value::Object(base))
+        .map_err(|e| ApiError::invalid(format!("kv: {e}")).param("kv"))?;
+    cfg.build()
+        .map_err(|e| ApiError::from(e).param("kv").code("invalid_method"))
+}
+
+/// The prompt of a text completion: one string (or a list holding one), not blank.
+pub fn completion_prompt(prompt: &Value) -> Result<String, ApiError> {
+    let prompt = match prompt {
+        Value::String(s) => s.clone(),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        _ => {
+            return Err(ApiError::invalid("prompt must be one string").param("prompt"));
+        }
+    };
+    if prompt.trim().is_empty() {
+        return Err(ApiError::invalid("prompt is empty").param("prompt"));
+    }
+    Ok(prompt)
+}
+
+/// Checks a document's text (uploaded or inline) before it reaches the model thread;
+/// `param` names the field in the error.
+pub fn check_document_text(
+    text: &str,
+    max_document_tokens: usize,
+    param: &str,
+) -> Result<(), ApiError> {
+    if text.trim().is_empty() {
+        return Err(ApiError::invalid("document text is empty")
+            .param(param)
+            .code("empty_document"));
+    }
+    // No tokenizer makes a token of more than a few dozen bytes from ordinary text, so this
+    // refuses hopeless documents before they reach the model thread.
+    if text.len() > max_document_tokens.saturating_mul(64) {
+        return Err(ApiError::invalid(format!(
+            "document is {} bytes, far more than this server's limit of {max_document_tokens} tokens (--max-document-tokens); split it",
+            text.len(),
+        ))
+        .param(param)
+        .code("document_too_long"));
+    }
+    Ok(())
+}
+
+/// Checks an upload's text and id; the id under which it is registered (the given one, else
+/// one derived from the text).
+pub fn upload_id(req: &DocumentUpload, max_document_tokens: usize) -> Result<String, ApiError> {
+    check_document_text(&req.text, max_document_tokens, "text")?;
+    match &req.id {
+        Some(id) if !valid_id(id) => Err(ApiError::invalid(
+            "id must be 1-128 characters from A-Z a-z 0-9 . _ : -",
+        )
+        .param("id")),
+        Some(id) => Ok(id.clone()),
+        None => Ok(text_id(&req.text)),
+    }
+}
+
 /// samkv's accounting of a request, in `usage` beside OpenAI's fields.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Usage {
@@ -498,6 +644,38 @@ mod tests {
         ] {
             let e = parse_documents(&[json!("a"), bad]).unwrap_err();
             assert_eq!(e.param.as_deref(), Some("documents[1]"));
+        }
+    }
+
+    #[test]
+    fn sampling_is_checked_as_the_engine_holds_it() {
+        let fields = |v: Value| -> SamplingFields { serde_json::from_value(v).expect("fields") };
+        // Found by the request_decode fuzz target: positive in f64, 0 in f32.
+        let e = parse_sampling(&fields(json!({"top_p": 1e-50})), 4096, 256).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("top_p"));
+        for ok in [
+            json!({}),
+            json!({"top_p": 1e-30, "temperature": 1e-50}),
+            json!({"top_p": 1.0, "temperature": 2.0, "max_tokens": 4096}),
+        ] {
+            let s = parse_sampling(&fields(ok.clone()), 4096, 256).expect("valid");
+            assert!(s.validate().is_ok(), "{ok}: {s:?}");
+        }
+        for (bad, param) in [
+            (json!({"temperature": -0.1}), "temperature"),
+            (json!({"temperature": 2.1}), "temperature"),
+            (json!({"top_p": 0.0}), "top_p"),
+            (json!({"top_p": 1.5}), "top_p"),
+            (json!({"max_tokens": 0}), "max_tokens"),
+            (
+                json!({"max_completion_tokens": 4097}),
+                "max_completion_tokens",
+            ),
+            (json!({"n": 2}), "n"),
+            (json!({"stop": ["a", ""]}), "stop"),
+        ] {
+            let e = parse_sampling(&fields(bad.clone()), 4096, 256).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{bad}");
         }
     }
 

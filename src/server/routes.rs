@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,13 +19,12 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::openai::*;
-use super::registry::{valid_id, DocRecord};
+use super::registry::DocRecord;
 use super::worker::{Event, GenerateWork, Job, Work};
 use super::AppState;
 use crate::engine::{Prompt, Sampling};
 use crate::eval::RagPrompt;
-use crate::methods::{Method, MethodConfig, Recompute};
-use crate::retrieval::text_id;
+use crate::methods::Recompute;
 use crate::store::{now_unix, DocId};
 
 type St = State<Arc<AppState>>;
@@ -108,100 +107,12 @@ async fn models(State(st): St) -> Json<Value> {
 // ---- validation --------------------------------------------------------------------------
 
 fn sampling(st: &AppState, f: &SamplingFields) -> Result<Sampling, ApiError> {
-    static SEEDS: AtomicU64 = AtomicU64::new(0);
     let limit = st.opts.max_tokens_limit.min(st.max_context);
-    let (max, pname) = match (f.max_completion_tokens, f.max_tokens) {
-        (Some(m), _) => (m, "max_completion_tokens"),
-        (None, Some(m)) => (m, "max_tokens"),
-        (None, None) => (st.opts.default_max_tokens as u64, "max_tokens"),
-    };
-    if max == 0 || max > limit as u64 {
-        return Err(
-            ApiError::invalid(format!("{pname} must be between 1 and {limit}")).param(pname),
-        );
-    }
-    let temperature = f.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid("temperature must be between 0 and 2").param("temperature"));
-    }
-    let top_p = f.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid("top_p must be in (0, 1]").param("top_p"));
-    }
-    if f.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("only n = 1 is supported").param("n"));
-    }
-    let stop = f.stop.clone().map(Stop::into_vec).unwrap_or_default();
-    if stop.len() > 4 || stop.iter().any(|s| s.is_empty()) {
-        return Err(ApiError::invalid("stop takes up to 4 non-empty strings").param("stop"));
-    }
-    // OpenAI samples differently each time unless a seed is given.
-    let seed = f
-        .seed
-        .unwrap_or_else(|| now_unix() ^ SEEDS.fetch_add(0x9e37_79b9_7f4a_7c15, Relaxed));
-    Ok(Sampling {
-        temperature: temperature as f32,
-        top_p: top_p as f32,
-        top_k: f.top_k.unwrap_or(0) as usize,
-        seed,
-        max_new_tokens: max as usize,
-        stop,
-    })
-}
-
-/// The request's `kv` object over the server's default [`MethodConfig`].
-fn method(st: &AppState, kv: Option<&Value>) -> Result<Box<dyn Method>, ApiError> {
-    let mut base = match serde_json::to_value(&st.defaults) {
-        Ok(Value::Object(o)) => o,
-        _ => {
-            return Err(ApiError::internal(
-                "cannot read the default method settings",
-            ))
-        }
-    };
-    match kv {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(o)) => {
-            for (k, v) in o {
-                if !base.contains_key(k) {
-                    let known: Vec<&str> = base.keys().map(String::as_str).collect();
-                    return Err(ApiError::invalid(format!(
-                        "unknown kv setting `{k}`; known: {}",
-                        known.join(", ")
-                    ))
-                    .param(format!("kv.{k}")));
-                }
-                base.insert(k.clone(), v.clone());
-            }
-        }
-        Some(_) => {
-            return Err(ApiError::invalid("kv must be an object of method settings").param("kv"))
-        }
-    }
-    let cfg: MethodConfig = serde_json::from_value(Value::Object(base))
-        .map_err(|e| ApiError::invalid(format!("kv: {e}")).param("kv"))?;
-    cfg.build()
-        .map_err(|e| ApiError::from(e).param("kv").code("invalid_method"))
+    parse_sampling(f, limit, st.opts.default_max_tokens)
 }
 
 fn check_text(st: &AppState, text: &str, param: &str) -> Result<(), ApiError> {
-    if text.trim().is_empty() {
-        return Err(ApiError::invalid("document text is empty")
-            .param(param)
-            .code("empty_document"));
-    }
-    // No tokenizer makes a token of more than a few dozen bytes from ordinary text, so this
-    // refuses hopeless documents before they reach the model thread.
-    if text.len() > st.opts.max_document_tokens * 64 {
-        return Err(ApiError::invalid(format!(
-            "document is {} bytes, far more than this server's limit of {} tokens (--max-document-tokens); split it",
-            text.len(),
-            st.opts.max_document_tokens
-        ))
-        .param(param)
-        .code("document_too_long"));
-    }
-    Ok(())
+    check_document_text(text, st.opts.max_document_tokens, param)
 }
 
 /// A document of a chat request, resolved to its text.
@@ -467,7 +378,7 @@ async fn generate(
 async fn chat(State(st): St, ApiJson(req): ApiJson<ChatRequest>) -> ApiResult {
     let conv = parse_messages(&req.messages)?;
     let sampling = sampling(&st, &req.sampling)?;
-    let method = method(&st, req.kv.as_ref())?;
+    let method = parse_method(&st.defaults, req.kv.as_ref())?;
     let refs = parse_documents(&req.documents)?;
     let (st2, q, retrieve) = (st.clone(), conv.question.clone(), req.retrieve.clone());
     let docs = blocking(move || resolve_documents(&st2, refs, retrieve, &q)).await??;
@@ -492,18 +403,7 @@ async fn chat(State(st): St, ApiJson(req): ApiJson<ChatRequest>) -> ApiResult {
 }
 
 async fn completions(State(st): St, ApiJson(req): ApiJson<CompletionRequest>) -> ApiResult {
-    let prompt = match &req.prompt {
-        Value::String(s) => s.clone(),
-        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
-            a[0].as_str().unwrap_or_default().to_string()
-        }
-        _ => {
-            return Err(ApiError::invalid("prompt must be one string").param("prompt"));
-        }
-    };
-    if prompt.trim().is_empty() {
-        return Err(ApiError::invalid("prompt is empty").param("prompt"));
-    }
+    let prompt = completion_prompt(&req.prompt)?;
     let sampling = sampling(&st, &req.sampling)?;
     let work = GenerateWork {
         prompt: Prompt {
@@ -539,17 +439,7 @@ fn doc_json(r: &DocRecord, with_text: bool) -> Value {
 }
 
 async fn upload(State(st): St, ApiJson(req): ApiJson<DocumentUpload>) -> ApiResult {
-    check_text(&st, &req.text, "text")?;
-    let id = match req.id {
-        Some(id) if !valid_id(&id) => {
-            return Err(
-                ApiError::invalid("id must be 1-128 characters from A-Z a-z 0-9 . _ : -")
-                    .param("id"),
-            )
-        }
-        Some(id) => id,
-        None => text_id(&req.text),
-    };
+    let id = upload_id(&req, st.opts.max_document_tokens)?;
     let (st2, id2) = (st.clone(), id.clone());
     let old = blocking(move || st2.registry.get(&id2)).await?;
     if let Some(old) = &old {

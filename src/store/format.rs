@@ -241,7 +241,11 @@ pub fn decode_on(bytes: &[u8], expected: Option<&DocId>, device: &Device) -> Res
 /// The `samkv.meta` JSON of an entry file, reading only its header (for listings; nothing is
 /// verified beyond the header parsing).
 pub fn read_meta_json(path: &Path) -> Result<serde_json::Value> {
-    let mut f = std::fs::File::open(path)?;
+    read_meta_json_from(&mut std::fs::File::open(path)?)
+}
+
+/// [`read_meta_json`] from any reader positioned at the start of an entry.
+pub fn read_meta_json_from(f: &mut impl Read) -> Result<serde_json::Value> {
     let mut len = [0u8; 8];
     f.read_exact(&mut len)
         .map_err(|e| store_err(format!("header unreadable (truncated file?): {e}")))?;
@@ -251,9 +255,17 @@ pub fn read_meta_json(path: &Path) -> Result<serde_json::Value> {
             "header length {n} is implausible; corrupt file"
         )));
     }
-    let mut buf = vec![0u8; n as usize];
-    f.read_exact(&mut buf)
-        .map_err(|e| store_err(format!("header unreadable (truncated file?): {e}")))?;
+    // Read what is there rather than allocating the claimed length up front.
+    let mut buf = Vec::new();
+    f.take(n)
+        .read_to_end(&mut buf)
+        .map_err(|e| store_err(format!("header unreadable: {e}")))?;
+    if buf.len() as u64 != n {
+        return Err(store_err(format!(
+            "header unreadable (truncated file?): {} of {n} header bytes",
+            buf.len()
+        )));
+    }
     let header: serde_json::Value =
         serde_json::from_slice(&buf).map_err(|e| store_err(format!("header is not JSON: {e}")))?;
     let meta = header
