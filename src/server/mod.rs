@@ -43,7 +43,7 @@ pub struct ServeOptions {
     /// Requests admitted at once, running or waiting; more are refused with 429.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
-    /// Requests decoded at once (interleaved token by token on the model thread).
+    /// Requests decoded at once, in one batched forward per token on the model thread.
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
     /// Most documents in one chat request (given and retrieved together).

@@ -2,11 +2,10 @@
 //! blocking CPU work never runs on the async reactor.
 //!
 //! Scheduling. Requests wait in a FIFO. Each round the worker starts (assembles) at most one
-//! waiting request, then advances every running request by one decode step. `Model::forward`
-//! takes a single sequence, so concurrent requests are interleaved token by token rather than
-//! decoded in one batched forward: the worker is never idle while requests are running, new
-//! requests get their first token without waiting for long generations to end, and every
-//! running stream keeps moving.
+//! waiting request, then advances every running request by one decode step, all of them in one
+//! batched forward (`Model::decode_batch`: the weights are read once per step for the whole
+//! batch). New requests get their first token without waiting for long generations to end,
+//! and every running stream keeps moving.
 //!
 //! Admission is bounded by [`Gate`]: a request holds a [`Permit`] from arrival to completion,
 //! and the HTTP layer answers 429 when none is left. A request whose client went away (its
