@@ -1,7 +1,8 @@
 //! SamKV (`../shared/docs/METHODS.md` section 3): sparse attention across independently
 //! computed document caches. Every document keeps its sink and local tokens (the anchors);
 //! blocks of its middle are scored against a question summary personalized with what the
-//! other documents are about, a per-document share of them is kept, and the kept rows plus
+//! other documents are about, a per-document share of them is kept (or, in the global
+//! reading, the best blocks of all documents within one token budget), and the kept rows plus
 //! the question are recomputed together so documents attend to each other. Decoding then runs
 //! over the kept rows only.
 //!
