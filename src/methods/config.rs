@@ -89,9 +89,10 @@ pub struct MethodConfig {
     /// SamKV: fusion rule, linear `(1-theta)*old + theta*new` or cosine-weighted.
     #[arg(long, default_value = "linear", value_parser = ["linear", "cosine"])]
     pub fusion_rule: String,
-    /// SamKV: block selection per document (keep ratio P_i) or a global top-k over all
-    /// documents' blocks.
-    #[arg(long, default_value = "per-doc", value_parser = ["per-doc", "global"])]
+    /// SamKV: block selection per document (keep ratio P_i), or the best blocks of all
+    /// documents within one budget (`--keep`), ranked by raw scores (global) or by each
+    /// document's scores on Eq. 2's scale (global-relative).
+    #[arg(long, default_value = "per-doc", value_parser = ["per-doc", "global", "global-relative"])]
     pub selection: String,
     /// SamKV with global selection: fraction of the documents' tokens retained, anchors
     /// included (the paper's "15% of the sequence").
@@ -201,15 +202,18 @@ impl MethodConfig {
         };
         let selection = match self.selection.as_str() {
             "per-doc" => Selection::PerDoc,
-            "global" => {
+            g @ ("global" | "global-relative") => {
                 if !(self.keep > 0.0 && self.keep <= 1.0) {
                     return bad(format!("keep must be in (0, 1], got {}", self.keep));
                 }
-                Selection::Global { keep: self.keep }
+                Selection::Global {
+                    keep: self.keep,
+                    relative: g == "global-relative",
+                }
             }
             other => {
                 return bad(format!(
-                    "selection `{other}` is unknown; use per-doc or global"
+                    "selection `{other}` is unknown; use per-doc, global or global-relative"
                 ))
             }
         };
@@ -283,7 +287,7 @@ mod tests {
         assert!(s(|c| global(c, 0.0)).contains("keep"));
         assert!(s(|c| global(c, 1.01)).contains("keep"));
         assert!(s(|c| c.samkv_preset = "medium".into()).contains("small or large"));
-        assert!(s(|c| c.selection = "local".into()).contains("per-doc or global"));
+        assert!(s(|c| c.selection = "local".into()).contains("per-doc, global or global-relative"));
         assert!(s(|c| c.update = "blend".into()).contains("overwrite or fusion"));
         let mut c = MethodConfig::with_method("infllm");
         c.infllm_block = 0;

@@ -39,8 +39,10 @@ pub enum Selection {
     PerDoc,
     /// The "globally most critical blocks": one ranking over every document's blocks, within
     /// a budget for the whole request: the retained context (anchors plus every selected
-    /// block) is at most `keep` of the documents' tokens.
-    Global { keep: f64 },
+    /// block) is at most `keep` of the documents' tokens. With `relative`, blocks are ranked
+    /// by [`relative_scores`] (each document's scores on Eq. 2's scale) instead of raw dot
+    /// products, which differ in scale between documents (each has its own `q_hat_i`).
+    Global { keep: f64, relative: bool },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -161,7 +163,14 @@ impl Method for SamKv {
         let p = &self.params;
         let sel = match p.selection {
             Selection::PerDoc => "per-doc".to_string(),
-            Selection::Global { keep } => format!("global,keep={keep}"),
+            Selection::Global {
+                keep,
+                relative: false,
+            } => format!("global,keep={keep}"),
+            Selection::Global {
+                keep,
+                relative: true,
+            } => format!("global-relative,keep={keep}"),
         };
         let upd = match p.update {
             Update::Overwrite => "overwrite".to_string(),
@@ -527,7 +536,7 @@ pub fn block_selection(
                     .collect()
             })
             .collect(),
-        Selection::Global { keep } => {
+        Selection::Global { keep, relative } => {
             let doc_tokens: usize = docs.iter().map(|d| d.rows.len()).sum();
             let anchor_tokens: usize = docs.iter().map(|d| d.anchor_positions().count()).sum();
             let budget =
@@ -538,7 +547,15 @@ pub fn block_selection(
                 .collect();
             let sc: Vec<Vec<Vec<f32>>> = scores
                 .iter()
-                .map(|layer| layer.iter().map(|x| x.0.clone()).collect())
+                .map(|layer| {
+                    layer
+                        .iter()
+                        .map(|(s, a)| match relative {
+                            true => relative_scores(s, *a),
+                            false => s.clone(),
+                        })
+                        .collect()
+                })
                 .collect();
             select_blocks_global(&sc, &lens, budget)
         }
@@ -555,6 +572,20 @@ pub fn block_selection(
             rows
         })
         .collect()
+}
+
+/// One document's block scores on the scale of Eq. 2: `(s_b - a) / (max_b s_b - min_b s_b)`,
+/// how far each block stands above the document's anchors relative to the spread of its
+/// blocks; comparable across documents, unlike the raw dot products. No spread gives zeros.
+pub fn relative_scores(scores: &[f32], a: f32) -> Vec<f32> {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let min = scores.iter().copied().fold(f32::INFINITY, f32::min);
+    let spread = max - min;
+    // Also catches NaN (and the empty case, where the spread is -inf).
+    if spread.is_nan() || spread <= 0.0 {
+        return vec![0.0; scores.len()];
+    }
+    scores.iter().map(|s| (s - a) / spread).collect()
 }
 
 /// Indices of `scores`, best first (ties: the earlier index first).

@@ -181,3 +181,18 @@ fn cosine_fusion_weights() {
     let (k, _) = cosine_fusion(&a, &a, &b, &b, 0.5).unwrap();
     close(&k, &[0.25, 0.75]);
 }
+
+#[test]
+fn relative_scores_put_documents_on_one_scale() {
+    // Same shape, 10x the scale: equal relative scores.
+    assert_eq!(
+        relative_scores(&[1.0, 3.0, 5.0], 2.0),
+        vec![-0.25, 0.25, 0.75]
+    );
+    assert_eq!(
+        relative_scores(&[10.0, 30.0, 50.0], 20.0),
+        vec![-0.25, 0.25, 0.75]
+    );
+    assert_eq!(relative_scores(&[2.0, 2.0], 1.0), vec![0.0, 0.0]);
+    assert!(relative_scores(&[], 1.0).is_empty());
+}
