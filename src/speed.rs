@@ -49,8 +49,9 @@ fn median(xs: &mut [f64]) -> f64 {
     }
 }
 
-/// Deterministic pseudo-random token ids in `0..vocab` (a fixed LCG).
-fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+/// Deterministic pseudo-random token ids in `0..vocab` (a fixed LCG; no tokenizer needed).
+/// Also the tests' source of token ids.
+pub fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut s = seed;
     (0..n)
         .map(|_| {

@@ -21,17 +21,9 @@ pub fn model_path(file: &str) -> PathBuf {
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const QWEN05: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 
-/// Deterministic pseudo-random token ids below `vocab` (a fixed LCG; no tokenizer needed).
+/// Deterministic pseudo-random token ids below `vocab` (samkv's own, as `bench-speed` uses).
 pub fn token_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % vocab as u64) as u32
-        })
-        .collect()
+    samkv::speed::random_tokens(n, vocab, seed)
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -184,12 +184,7 @@ impl LayerKv {
 
     /// Keeps the given rows (indices into the current rows), in position order.
     pub fn select(&self, rows: &[usize]) -> Result<Self> {
-        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let idx_t = Tensor::new(idx.as_slice(), self.k.device())?;
-        // Indices are below len, so select from the whole (contiguous) buffer: index_select
-        // does not take the strided view keys() returns when there is spare capacity.
-        let k = self.k.index_select(&idx_t, 1)?;
-        let v = self.v.index_select(&idx_t, 1)?;
+        let (k, v) = self.gather(rows)?;
         let pos = rows.iter().map(|&r| self.pos[r]).collect();
         Self::from_parts(k, v, pos)
     }
@@ -224,12 +219,21 @@ impl LayerKv {
 
     /// K/V of the given rows, (kv_heads, rows, head_dim).
     pub fn gather(&self, rows: &[usize]) -> Result<(Tensor, Tensor)> {
+        let idx = self.row_index(rows)?;
+        Ok((self.k.index_select(&idx, 1)?, self.v.index_select(&idx, 1)?))
+    }
+
+    /// Keys of the given rows, (kv_heads, rows, head_dim).
+    pub fn gather_keys(&self, rows: &[usize]) -> Result<Tensor> {
+        Ok(self.k.index_select(&self.row_index(rows)?, 1)?)
+    }
+
+    /// Row indices for index_select on the whole buffer: they are below len, so selecting
+    /// from the (contiguous) buffer avoids the strided view keys() returns when there is spare
+    /// capacity, which index_select does not take.
+    fn row_index(&self, rows: &[usize]) -> Result<Tensor> {
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let idx_t = Tensor::new(idx.as_slice(), self.k.device())?;
-        Ok((
-            self.k.index_select(&idx_t, 1)?,
-            self.v.index_select(&idx_t, 1)?,
-        ))
+        Ok(Tensor::new(idx.as_slice(), self.k.device())?)
     }
 
     fn sort_by_position(&mut self) -> Result<()> {

@@ -195,6 +195,11 @@ pub fn concat_caches(model: &Model, ctx: &Context, stats: &mut Stats) -> Result<
     // (segment, layer).
     let t1 = Instant::now();
     let mut tables = Vec::with_capacity(ctx.segments.len());
+    let positions: Vec<Vec<u32>> = ctx
+        .segments
+        .iter()
+        .map(|s| s.positions().collect())
+        .collect();
     for s in &ctx.segments {
         let stored_start = s.kv.meta.positions.first().copied().unwrap_or(0);
         let delta = s.start as i64 - stored_start as i64;
@@ -209,7 +214,7 @@ pub fn concat_caches(model: &Model, ctx: &Context, stats: &mut Stats) -> Result<
     let mut cache = model.new_cache()?;
     for (l, layer) in cache.layers.iter_mut().enumerate() {
         *layer = LayerKv::with_capacity(c.n_kv_heads, cap, c.head_dim, dt, dev)?;
-        for (s, table) in ctx.segments.iter().zip(&tables) {
+        for ((s, table), pos) in ctx.segments.iter().zip(&tables).zip(&positions) {
             let doc = &s.kv;
             let k = doc.k[l].to_device(dev)?.to_dtype(dt)?;
             let v = doc.v[l].to_device(dev)?.to_dtype(dt)?;
@@ -219,7 +224,7 @@ pub fn concat_caches(model: &Model, ctx: &Context, stats: &mut Stats) -> Result<
                 None => k,
             };
             reposition += t2.elapsed().as_secs_f64();
-            layer.append(&k, &v, &s.positions().collect::<Vec<u32>>())?;
+            layer.append(&k, &v, pos)?;
         }
     }
     stats.reposition_ms += reposition * 1e3;

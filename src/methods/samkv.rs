@@ -462,12 +462,11 @@ pub fn block_scores(layer: &LayerKv, doc: &DocSpan, q_hat: &Tensor) -> Result<(V
     let keys = layer.keys()?;
     let blocks: Vec<Range<usize>> = doc.blocks.iter().map(to_rows).collect();
     let s = dot_scores(&block_mean_keys(&keys, &blocks)?, q_hat)?;
-    let anchor: Vec<u32> = doc
+    let anchor: Vec<usize> = doc
         .anchor_positions()
-        .map(|p| first as u32 + (p - base))
+        .map(|p| first + (p - base) as usize)
         .collect();
-    let idx = Tensor::new(anchor.as_slice(), keys.device())?;
-    let k_anchor = mean_rows(&keys.contiguous()?.index_select(&idx, 1)?)?;
+    let k_anchor = mean_rows(&layer.gather_keys(&anchor)?)?;
     let a = dot_scores(&k_anchor.unsqueeze(0)?, q_hat)?[0];
     Ok((s, a))
 }
@@ -475,13 +474,19 @@ pub fn block_scores(layer: &LayerKv, doc: &DocSpan, q_hat: &Tensor) -> Result<(V
 /// Step 5, paper Eq. 2: `P = (max - a) / (max - min)` when `min < a <= max`, else 0 (so an
 /// anchor score outside the blocks' range, or no spread at all, keeps no middle block).
 pub fn keep_ratio(scores: &[f32], a: f32) -> f64 {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let min = scores.iter().copied().fold(f32::INFINITY, f32::min) as f64;
-    let a = a as f64;
+    let (min, max) = score_range(scores);
+    let (min, max, a) = (min as f64, max as f64, a as f64);
     if scores.is_empty() || !(min < a && a <= max) {
         return 0.0;
     }
     (max - a) / (max - min)
+}
+
+/// (min, max) of a document's block scores; (inf, -inf) when it has none.
+fn score_range(scores: &[f32]) -> (f32, f32) {
+    let min = scores.iter().copied().fold(f32::INFINITY, f32::min);
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    (min, max)
 }
 
 /// Block and anchor scores, `scores[s][i]`, of document i at stable layer s.
@@ -578,8 +583,7 @@ pub fn block_selection(
 /// how far each block stands above the document's anchors relative to the spread of its
 /// blocks; comparable across documents, unlike the raw dot products. No spread gives zeros.
 pub fn relative_scores(scores: &[f32], a: f32) -> Vec<f32> {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let min = scores.iter().copied().fold(f32::INFINITY, f32::min);
+    let (min, max) = score_range(scores);
     let spread = max - min;
     // Also catches NaN (and the empty case, where the spread is -inf).
     if spread.is_nan() || spread <= 0.0 {

@@ -563,6 +563,12 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .unwrap()
+    }
+
     #[test]
     fn exp_matches_libm() {
         let mut xs: Vec<f32> = (0..1000).map(|i| -90.0 + i as f32 * 0.09).collect();
@@ -591,15 +597,7 @@ mod tests {
         let reference =
             super::super::attention::attend_ops_for_test(&q, &k, &v, &qpos, &kpos).unwrap();
         assert_eq!(ours.dims(), &[tq, h * d]);
-        let diff = (ours - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        let diff = diff.to_scalar::<f32>().unwrap();
+        let diff = max_abs_diff(&ours, &reference);
         assert!(diff < 1e-5, "max diff {diff}");
         // Keys all after the query: no visible key gives a zero row, not NaN.
         qpos[7] = 5;
@@ -630,15 +628,7 @@ mod tests {
             let ours = attend(&q, &k, &v, &qpos, &kpos).unwrap().unwrap();
             let reference =
                 super::super::attention::attend_ops_for_test(&q, &k, &v, &qpos, &kpos).unwrap();
-            let diff = (ours - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            let diff = diff.to_scalar::<f32>().unwrap();
+            let diff = max_abs_diff(&ours, &reference);
             assert!(
                 diff < 1e-5,
                 "h {h} hkv {hkv} d {d} tk {tk}: max diff {diff}"
