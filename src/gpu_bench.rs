@@ -161,6 +161,79 @@ pub fn method_config(spec: &str) -> Result<MethodConfig> {
     Ok(cfg)
 }
 
+/// Attention alone, one layer, causal prefill of each request's length: the attention
+/// kernel against candle's op-by-op attention (skipped where it would take long), with the
+/// kernel's throughput (4 T^2 d h / 2 FLOPs: the causal half of QK^T and PV).
+fn attention_table(
+    cfg: &Config,
+    dtype: DType,
+    dev: &Device,
+    args: &BenchGpuArgs,
+) -> Result<Option<Value>> {
+    if !dev.is_cuda() {
+        return Ok(None);
+    }
+    let (h, hkv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+    let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+        f()?;
+        sync(dev)?;
+        let mut ms = Vec::new();
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            f()?;
+            sync(dev)?;
+            ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(median(&ms).unwrap_or_default())
+    };
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    for &len in &args.doc_len {
+        let t = args.docs * len + args.preamble_len + args.question_len;
+        let q = Tensor::randn(0f32, 1f32, (h, t, d), dev)?.to_dtype(dtype)?;
+        let k = Tensor::randn(0f32, 1f32, (hkv, t, d), dev)?.to_dtype(dtype)?;
+        let v = Tensor::randn(0f32, 1f32, (hkv, t, d), dev)?.to_dtype(dtype)?;
+        let pos: Vec<u32> = (0..t as u32).collect();
+        let kernel = time(&|| crate::model::attend(&q, &k, &v, &pos, &pos))?;
+        let ops = if t <= 6000 {
+            Some(time(&|| crate::model::attend_ops(&q, &k, &v, &pos, &pos))?)
+        } else {
+            None
+        };
+        let tflops = 2.0 * (t as f64).powi(2) * (d * h) as f64 / (kernel * 1e-3) / 1e12;
+        rows.push(vec![
+            t.to_string(),
+            format!("{kernel:.2}"),
+            format!("{tflops:.0}"),
+            ops.map_or("-".into(), |o| format!("{o:.2}")),
+            ops.map_or("-".into(), |o| format!("{:.1}x", o / kernel)),
+        ]);
+        out.push(json!({"tokens": t, "attend_ms": kernel, "tflops": tflops, "ops_ms": ops}));
+    }
+    println!(
+        "\n## Attention alone: one layer, causal prefill ({h} heads, {hkv} KV heads, d {d})\n"
+    );
+    println!(
+        "{}",
+        markdown_table(
+            &[
+                "tokens",
+                "attend ms",
+                "TFLOP/s",
+                "candle ops ms",
+                "ops / attend"
+            ],
+            &rows
+        )
+    );
+    println!(
+        "attend: what the model runs (samkv's kernel where it applies; SAMKV_CUDA_KERNELS=0 \
+         turns it off); candle ops: matmul, host-built mask, softmax, matmul per 512 queries. \
+         Median of 5 after a warm-up."
+    );
+    Ok(Some(json!(out)))
+}
+
 /// Waits for the device's queued work, so the clock reads what it did.
 pub fn sync(dev: &Device) -> Result<()> {
     Ok(dev.synchronize()?)
@@ -317,6 +390,9 @@ pub fn run(args: &BenchGpuArgs, device: Device) -> Result<()> {
         "model_init_s": init_s,
         "runs": [],
     });
+    if let Some(t) = attention_table(&cfg, dtype, &device, args)? {
+        report["attention"] = t;
+    }
     for &len in &args.doc_len {
         let run = match bench_length(&engine, args, len, &mut mem) {
             Ok(r) => r,

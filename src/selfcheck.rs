@@ -33,6 +33,9 @@ pub struct SelfcheckArgs {
     /// gets a looser, distribution-level bound).
     #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
     pub dtypes: Vec<String>,
+    /// Only check samkv's CUDA kernels against candle's ops (random inputs; no model needed).
+    #[arg(long)]
+    pub kernels_only: bool,
 }
 
 /// How two logit vectors compare.
@@ -138,6 +141,22 @@ impl Report {
             .push(json!({"check": name, "result": tag, "detail": detail}));
     }
 
+    /// Prints the tally; Err when a check failed.
+    fn finish(&self) -> Result<()> {
+        println!(
+            "\n{} checks, {} failed",
+            self.lines.iter().filter(|l| l["result"] != "SKIP").count(),
+            self.failed
+        );
+        if self.failed > 0 {
+            return Err(Error::InvalidInput(format!(
+                "{} selfcheck(s) failed",
+                self.failed
+            )));
+        }
+        Ok(())
+    }
+
     fn skip(&mut self, name: &str, why: &str) {
         println!("SKIP  {name}: {why}");
         self.lines
@@ -155,6 +174,26 @@ fn dtype_of(s: &str) -> Result<DType> {
 
 /// Runs every check; Err when one fails (after printing them all).
 pub fn run(args: &SelfcheckArgs, device: Device, models_dir: &Path) -> Result<()> {
+    let mut rep = Report {
+        failed: 0,
+        lines: Vec::new(),
+    };
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        println!("# samkv's CUDA kernels vs candle's ops (f32) on random inputs");
+        for c in crate::model::cuda::check::check_kernels(&device) {
+            rep.check(&c.name, c.pass, &c.detail);
+        }
+    }
+    if args.kernels_only {
+        if !device.is_cuda() {
+            return Err(Error::InvalidInput(
+                "--kernels-only checks the CUDA kernels: use --device cuda with a CUDA build"
+                    .into(),
+            ));
+        }
+        return rep.finish();
+    }
     let path = fetch::resolve_model(&args.model, models_dir, false)?;
     let docs: serde_json::Value = serde_json::from_str(DOCS_JSON)
         .map_err(|e| Error::InvalidInput(format!("tests/data/selfcheck.json: {e}")))?;
@@ -172,10 +211,6 @@ pub fn run(args: &SelfcheckArgs, device: Device, models_dir: &Path) -> Result<()
             "tests/data/selfcheck.json needs 3 documents and a question".into(),
         ));
     }
-    let mut rep = Report {
-        failed: 0,
-        lines: Vec::new(),
-    };
     println!(
         "# samkv selfcheck: {} on {}",
         path.display(),
@@ -231,18 +266,7 @@ pub fn run(args: &SelfcheckArgs, device: Device, models_dir: &Path) -> Result<()
         check_decode_batch(&mut rep, &engine.model, dt);
         check_invariants(&mut rep, &engine, &texts, &question, dt);
     }
-    println!(
-        "\n{} checks, {} failed",
-        rep.lines.iter().filter(|l| l["result"] != "SKIP").count(),
-        rep.failed
-    );
-    if rep.failed > 0 {
-        return Err(Error::InvalidInput(format!(
-            "{} selfcheck(s) failed",
-            rep.failed
-        )));
-    }
-    Ok(())
+    rep.finish()
 }
 
 /// decode_batch over three caches of different lengths equals separate forward steps.

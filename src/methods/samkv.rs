@@ -430,14 +430,32 @@ fn cosine(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(dot.broadcast_div(&(na * nb)?.affine(1.0, 1e-12)?)?)
 }
 
-/// Mean key of each block of rows, (blocks, kv_heads, d) f32. `blocks` are consecutive
-/// ranges of row indices into `keys` (kv_heads, T, d).
+/// Mean key of each block of rows, (blocks, kv_heads, d) f32. `blocks` are ranges of row
+/// indices into `keys` (kv_heads, T, d). Runs of back-to-back blocks of one length (all of a
+/// document's middle but its last block) are averaged by one reshape and mean, not block by
+/// block: on a GPU that is a few kernels per document instead of a few per block.
 pub fn block_mean_keys(keys: &Tensor, blocks: &[Range<usize>]) -> Result<Tensor> {
-    let means = blocks
-        .iter()
-        .map(|b| mean_rows(&keys.narrow(1, b.start, b.len())?))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&means, 0)?)
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < blocks.len() {
+        let (start, len) = (blocks[i].start, blocks[i].len());
+        let mut n = 1;
+        while i + n < blocks.len()
+            && blocks[i + n].start == start + n * len
+            && blocks[i + n].len() == len
+        {
+            n += 1;
+        }
+        let (kv, _, d) = keys.dims3()?;
+        let run = keys
+            .narrow(1, start, n * len)?
+            .to_dtype(DType::F32)?
+            .reshape((kv, n, len, d))?
+            .mean(2)?; // (kv, n, d)
+        parts.push(run.transpose(0, 1)?);
+        i += n;
+    }
+    Ok(Tensor::cat(&parts, 0)?.contiguous()?)
 }
 
 /// `<K_b, q>` summed over KV heads for each block mean `K_b`: means (blocks, kv, d), q (kv, d).
@@ -461,13 +479,18 @@ pub fn block_scores(layer: &LayerKv, doc: &DocSpan, q_hat: &Tensor) -> Result<(V
         |r: &Range<u32>| (first + (r.start - base) as usize)..(first + (r.end - base) as usize);
     let keys = layer.keys()?;
     let blocks: Vec<Range<usize>> = doc.blocks.iter().map(to_rows).collect();
-    let s = dot_scores(&block_mean_keys(&keys, &blocks)?, q_hat)?;
     let anchor: Vec<usize> = doc
         .anchor_positions()
         .map(|p| first + (p - base) as usize)
         .collect();
     let k_anchor = mean_rows(&layer.gather_keys(&anchor)?)?;
-    let a = dot_scores(&k_anchor.unsqueeze(0)?, q_hat)?[0];
+    // One read back to the host for the blocks and the anchor together.
+    let means = Tensor::cat(
+        &[block_mean_keys(&keys, &blocks)?, k_anchor.unsqueeze(0)?],
+        0,
+    )?;
+    let mut s = dot_scores(&means, q_hat)?;
+    let a = s.pop().unwrap_or_default();
     Ok((s, a))
 }
 

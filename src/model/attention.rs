@@ -18,6 +18,10 @@ const QUERY_BLOCK: usize = 512;
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, qpos: &[u32], kpos: &[u32]) -> Result<Tensor> {
     // Tiny problems (short prompts, decode over a short cache) stay on candle's ops, which
     // match candle-transformers' attention bit for bit; larger ones take the blocked kernel.
+    #[cfg(feature = "cuda")]
+    if let Some(out) = super::cuda::attend(q, k, v, qpos, kpos)? {
+        return Ok(out);
+    }
     let tk = k.dim(1)?;
     if q.dim(1)? >= 64 || tk >= 256 {
         if let Some(out) = super::attn_cpu::attend(q, k, v, qpos, kpos)? {
@@ -27,7 +31,15 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, qpos: &[u32], kpos: &[u32]) ->
     attend_ops(q, k, v, qpos, kpos)
 }
 
-fn attend_ops(q: &Tensor, k: &Tensor, v: &Tensor, qpos: &[u32], kpos: &[u32]) -> Result<Tensor> {
+/// The same attention with candle's ops only (matmul, mask, softmax, matmul), block by block:
+/// the path for small problems, and the reference the fast kernels are checked against.
+pub fn attend_ops(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    qpos: &[u32],
+    kpos: &[u32],
+) -> Result<Tensor> {
     let (h, tq, d) = q.dims3()?;
     let (hkv, tk, _) = k.dims3()?;
     debug_assert_eq!(tk, kpos.len());
@@ -101,15 +113,4 @@ fn causal_mask(
 /// Mean over rows of per-head states: (heads, T, d) -> (heads, d).
 pub fn mean_rows(x: &Tensor) -> Result<Tensor> {
     Ok(x.to_dtype(DType::F32)?.mean(D::Minus2)?)
-}
-
-#[cfg(test)]
-pub(crate) fn attend_ops_for_test(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    qpos: &[u32],
-    kpos: &[u32],
-) -> Result<Tensor> {
-    attend_ops(q, k, v, qpos, kpos)
 }

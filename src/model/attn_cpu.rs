@@ -594,8 +594,7 @@ mod tests {
         let kpos: Vec<u32> = (0..tk as u32).map(|i| 10 + 2 * i).collect();
         let mut qpos: Vec<u32> = (0..tq as u32).map(|i| 4 * i + 11).rev().collect();
         let ours = attend(&q, &k, &v, &qpos, &kpos).unwrap().unwrap();
-        let reference =
-            super::super::attention::attend_ops_for_test(&q, &k, &v, &qpos, &kpos).unwrap();
+        let reference = super::super::attention::attend_ops(&q, &k, &v, &qpos, &kpos).unwrap();
         assert_eq!(ours.dims(), &[tq, h * d]);
         let diff = max_abs_diff(&ours, &reference);
         assert!(diff < 1e-5, "max diff {diff}");
@@ -626,8 +625,7 @@ mod tests {
             let kpos: Vec<u32> = (0..tk as u32).collect();
             let qpos = [tk as u32 - 3];
             let ours = attend(&q, &k, &v, &qpos, &kpos).unwrap().unwrap();
-            let reference =
-                super::super::attention::attend_ops_for_test(&q, &k, &v, &qpos, &kpos).unwrap();
+            let reference = super::super::attention::attend_ops(&q, &k, &v, &qpos, &kpos).unwrap();
             let diff = max_abs_diff(&ours, &reference);
             assert!(
                 diff < 1e-5,

@@ -68,10 +68,10 @@ impl Model {
                 let v = v_rows.get(i)?.unsqueeze(1)?;
                 cache.layers[l].append(&k, &v, &positions[i..i + 1])?;
             }
-            // On CPU each sequence attends on its own (the fast kernel reads its cache in
-            // place; stacking the caches would copy them all every step); on a GPU one
-            // batched matmul over the stacked caches saves B kernel launches per layer.
-            let a = if b == 1 || self.device.is_cpu() {
+            // Each sequence attends on its own where a kernel reads its cache in place (CPU,
+            // samkv's CUDA kernel: stacking would copy every cache every step); otherwise
+            // one batched matmul over the stacked caches saves B op chains per layer.
+            let a = if b == 1 || self.device.is_cpu() || self.attends_in_place() {
                 let mut outs = Vec::with_capacity(b);
                 for (i, cache) in caches.iter_mut().enumerate() {
                     let q = qkv.q.narrow(1, i, 1)?;
@@ -88,6 +88,15 @@ impl Model {
             x = self.layer_after_attention(l, &x, &a)?;
         }
         self.logits(&x)
+    }
+
+    /// Whether attention on this model's device and dtype reads caches in place.
+    fn attends_in_place(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() {
+            return super::cuda::attends(self.dtype, self.cfg.head_dim);
+        }
+        false
     }
 
     /// Attention of B single-token queries q (heads, B, d), each over its own cache's layer

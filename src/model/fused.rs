@@ -1,5 +1,6 @@
-//! One-pass CPU kernels for the elementwise glue around the fused projections: splitting the
-//! Q|K|V output into per-head layouts with bias and RoPE applied, and SiLU(gate) * up. Each
+//! One-pass CPU kernels for the elementwise glue around the fused projections (on CUDA they
+//! hand over to `super::cuda`): splitting the Q|K|V output into per-head layouts with bias
+//! and RoPE applied, and SiLU(gate) * up. Each
 //! replaces several candle ops and copies (narrow, reshape, transpose, contiguous, rope,
 //! silu, mul). The float operations are the same as candle's, in the same order, so results
 //! are bit-identical to the op-by-op path.
@@ -28,6 +29,10 @@ pub(crate) fn qkv_rope(
     hkv: usize,
     d: usize,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    if y.device().is_cuda() {
+        return super::cuda::qkv_rope(y, bias, cos, sin, layout, h, hkv, d);
+    }
     let t = y.dim(0)?;
     let width = (h + 2 * hkv) * d;
     if y.dims() != [t, width] || cos.dims() != [t, d / 2] || !d.is_multiple_of(2) {
@@ -148,6 +153,10 @@ impl SendPtr {
 /// y: (t, 2 f) = [gate | up] per row. Returns silu(gate) * up, (t, f), computed as candle's
 /// `silu` (v / (1 + exp(-v))) followed by the product.
 pub(crate) fn silu_mul(y: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if y.device().is_cuda() {
+        return super::cuda::silu_mul(y);
+    }
     let (t, w) = y.dims2()?;
     let f = w / 2;
     let out = with_cpu_f32(y, |ys| {

@@ -7,6 +7,8 @@
 mod attention;
 mod attn_cpu;
 mod batch;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod fused;
 mod linear;
 mod load;
@@ -15,7 +17,7 @@ pub mod rope;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use attention::{attend, mean_rows};
+pub use attention::{attend, attend_ops, mean_rows};
 pub use linear::Linear;
 pub use load::{LoadOptions, WeightMode};
 pub use rope::{Llama3Scaling, Rope, RopeLayout};

@@ -196,3 +196,26 @@ fn relative_scores_put_documents_on_one_scale() {
     assert_eq!(relative_scores(&[2.0, 2.0], 1.0), vec![0.0, 0.0]);
     assert!(relative_scores(&[], 1.0).is_empty());
 }
+
+#[test]
+fn block_means_by_runs_equal_block_by_block_means() {
+    // kv_heads 2, 11 rows, d 3: distinct values so a wrong row or head shows.
+    let v: Vec<f32> = (0..2 * 11 * 3).map(|i| (i as f32 * 0.37).sin()).collect();
+    let keys = t(&v, &[2, 11, 3]);
+    let v = &v;
+    // Three back-to-back blocks of 3, a last partial block of 1, then a gap and a block of 2.
+    let blocks = vec![0..3, 3..6, 6..9, 9..10, 9..11];
+    let got = block_mean_keys(&keys, &blocks).unwrap();
+    assert_eq!(got.dims(), &[5, 2, 3]);
+    let want: Vec<f32> = blocks
+        .iter()
+        .flat_map(|b| {
+            (0..2).flat_map(move |h| {
+                (0..3).map(move |j| {
+                    b.clone().map(|r| v[(h * 11 + r) * 3 + j]).sum::<f32>() / b.len() as f32
+                })
+            })
+        })
+        .collect();
+    close(&got, &want);
+}

@@ -1,0 +1,238 @@
+//! Checks of samkv's CUDA kernels against candle's op-by-op path on the same device, on
+//! random inputs shaped like the models' (run by `samkv selfcheck` on a CUDA device). The
+//! reference runs in f32, which the kernels leave to candle's ops.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::super::rope::{Rope, RopeLayout};
+use crate::Result;
+
+/// One kernel check: its name, whether it passed, and the numbers.
+pub struct Check {
+    pub name: String,
+    pub pass: bool,
+    pub detail: String,
+}
+
+/// Largest |a - b| relative to the largest |a|.
+fn rel_err(reference: &Tensor, got: &Tensor) -> Result<f32> {
+    let r = reference.to_dtype(DType::F32)?.flatten_all()?;
+    let g = got.to_dtype(DType::F32)?.flatten_all()?;
+    let diff = (&r - &g)?.abs()?.max(0)?.to_scalar::<f32>()?;
+    let scale = r.abs()?.max(0)?.to_scalar::<f32>()?.max(1e-6);
+    Ok(diff / scale)
+}
+
+/// Tolerance of a half-precision kernel against the f32 reference, relative to the output's
+/// largest magnitude: bf16 keeps 8 bits of mantissa (2^-8 = 0.004), and inputs, the
+/// probabilities and the output are each rounded once.
+fn tol(dt: DType) -> f32 {
+    if dt == DType::BF16 {
+        0.03
+    } else {
+        0.01
+    }
+}
+
+struct AttnCase {
+    name: &'static str,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    qpos: Vec<u32>,
+    kpos: Vec<u32>,
+    dtype: DType,
+}
+
+fn attn_cases() -> Vec<AttnCase> {
+    let range = |a: u32, b: u32| (a..b).collect::<Vec<u32>>();
+    // Documents at gapped positions followed by the question's own rows.
+    let gapped: Vec<u32> = [range(0, 500), range(700, 1160), range(1200, 1240)].concat();
+    vec![
+        AttnCase {
+            name: "decode, 8B shape, 5184 keys (split keys)",
+            heads: 32,
+            kv_heads: 8,
+            d: 128,
+            qpos: vec![5184],
+            kpos: range(0, 5185),
+            dtype: DType::BF16,
+        },
+        AttnCase {
+            name: "causal prefill, 8B shape, 300 tokens",
+            heads: 32,
+            kv_heads: 8,
+            d: 128,
+            qpos: range(0, 300),
+            kpos: range(0, 300),
+            dtype: DType::BF16,
+        },
+        AttnCase {
+            name: "question over gapped documents, SmolLM2 shape",
+            heads: 9,
+            kv_heads: 3,
+            d: 64,
+            qpos: range(1200, 1240),
+            kpos: gapped,
+            dtype: DType::BF16,
+        },
+        AttnCase {
+            name: "causal prefill, Qwen-0.5B shape, 130 tokens, f16",
+            heads: 14,
+            kv_heads: 2,
+            d: 64,
+            qpos: range(0, 130),
+            kpos: range(0, 130),
+            dtype: DType::F16,
+        },
+        AttnCase {
+            name: "decode batch row over a short cache, f16",
+            heads: 32,
+            kv_heads: 8,
+            d: 128,
+            qpos: vec![40],
+            kpos: range(0, 41),
+            dtype: DType::F16,
+        },
+    ]
+}
+
+fn check_attention(dev: &Device, c: &AttnCase) -> Result<Check> {
+    let (tq, tk) = (c.qpos.len(), c.kpos.len());
+    let q = Tensor::randn(0f32, 1f32, (c.heads, tq, c.d), dev)?;
+    let k = Tensor::randn(0f32, 1f32, (c.kv_heads, tk, c.d), dev)?;
+    let v = Tensor::randn(0f32, 1f32, (c.kv_heads, tk, c.d), dev)?;
+    // The reference sees the same rounded inputs as the kernel.
+    let (q, k, v) = (
+        q.to_dtype(c.dtype)?,
+        k.to_dtype(c.dtype)?,
+        v.to_dtype(c.dtype)?,
+    );
+    let f = |t: &Tensor| t.to_dtype(DType::F32);
+    let want = super::super::attend(&f(&q)?, &f(&k)?, &f(&v)?, &c.qpos, &c.kpos)?;
+    let got = super::attend(&q, &k, &v, &c.qpos, &c.kpos)?;
+    let name = format!("kernel attention: {}", c.name);
+    Ok(match got {
+        None => Check {
+            name,
+            pass: false,
+            detail: "the kernel declined these inputs".into(),
+        },
+        Some(got) => {
+            let e = rel_err(&want, &got)?;
+            Check {
+                name,
+                pass: e < tol(c.dtype),
+                detail: format!(
+                    "max |diff| / max |ref| = {e:.2e} (tolerance {})",
+                    tol(c.dtype)
+                ),
+            }
+        }
+    })
+}
+
+fn check_qkv_rope(dev: &Device, layout: RopeLayout, dt: DType, bias: bool) -> Result<Check> {
+    let (h, hkv, d, t) = (9, 3, 64, 37);
+    let width = (h + 2 * hkv) * d;
+    let y = Tensor::randn(0f32, 1f32, (t, width), dev)?.to_dtype(dt)?;
+    let b = Tensor::randn(0f32, 1f32, width, dev)?.to_dtype(dt)?;
+    let rope = Rope::new(d, 10000.0, layout, None, None);
+    let pos: Vec<i64> = (0..t as i64).map(|p| p * 7 + 3).collect();
+    let (cos, sin) = rope.tables(&pos, dt, dev)?;
+    let got = super::qkv_rope(&y, bias.then_some(&b), &cos, &sin, layout, h, hkv, d)?;
+    // Reference: candle's ops in f32.
+    let yf = if bias {
+        y.to_dtype(DType::F32)?
+            .broadcast_add(&b.to_dtype(DType::F32)?)?
+    } else {
+        y.to_dtype(DType::F32)?
+    };
+    let (cf, sf) = rope.tables(&pos, DType::F32, dev)?;
+    let part = |off: usize, n: usize| -> Result<Tensor> {
+        Ok(yf
+            .narrow(1, off * d, n * d)?
+            .reshape((t, n, d))?
+            .transpose(0, 1)?
+            .contiguous()?)
+    };
+    let want_q = rope.apply(&part(0, h)?, &cf, &sf)?;
+    let want_k = rope.apply(&part(h, hkv)?, &cf, &sf)?;
+    let want_v = part(h + hkv, hkv)?;
+    let name = format!(
+        "kernel qkv+rope: {} {dt:?}{}",
+        layout.as_str(),
+        if bias { " with bias" } else { "" }
+    )
+    .to_lowercase();
+    Ok(match got {
+        None => Check {
+            name,
+            pass: false,
+            detail: "the kernel declined these inputs".into(),
+        },
+        Some((q, k, v)) => {
+            let e = rel_err(&want_q, &q)?
+                .max(rel_err(&want_k, &k)?)
+                .max(rel_err(&want_v, &v)?);
+            let limit = if dt == DType::F32 { 1e-5 } else { tol(dt) };
+            Check {
+                name,
+                pass: e < limit,
+                detail: format!("max |diff| / max |ref| = {e:.2e} (tolerance {limit})"),
+            }
+        }
+    })
+}
+
+fn check_silu_mul(dev: &Device, dt: DType) -> Result<Check> {
+    let gu = Tensor::randn(0f32, 2f32, (23, 2 * 96), dev)?.to_dtype(dt)?;
+    let g = gu.narrow(1, 0, 96)?.to_dtype(DType::F32)?;
+    let u = gu.narrow(1, 96, 96)?.to_dtype(DType::F32)?;
+    let want = (candle_nn::ops::silu(&g)? * u)?;
+    let got = super::silu_mul(&gu)?;
+    let name = format!("kernel silu*up: {dt:?}").to_lowercase();
+    Ok(match got {
+        None => Check {
+            name,
+            pass: false,
+            detail: "the kernel declined these inputs".into(),
+        },
+        Some(got) => {
+            let e = rel_err(&want, &got)?;
+            let limit = if dt == DType::F32 { 1e-5 } else { tol(dt) };
+            Check {
+                name,
+                pass: e < limit,
+                detail: format!("max |diff| / max |ref| = {e:.2e} (tolerance {limit})"),
+            }
+        }
+    })
+}
+
+/// Every kernel check; an error inside one becomes a failed check.
+pub fn check_kernels(dev: &Device) -> Vec<Check> {
+    let mut out = Vec::new();
+    let mut push = |name: &str, r: Result<Check>| {
+        out.push(r.unwrap_or_else(|e| Check {
+            name: name.into(),
+            pass: false,
+            detail: format!("error: {e}"),
+        }))
+    };
+    for c in attn_cases() {
+        push(c.name, check_attention(dev, &c));
+    }
+    for (layout, dt, bias) in [
+        (RopeLayout::SplitHalf, DType::F32, true),
+        (RopeLayout::SplitHalf, DType::BF16, false),
+        (RopeLayout::Interleaved, DType::F32, false),
+        (RopeLayout::Interleaved, DType::F16, true),
+    ] {
+        push("qkv+rope", check_qkv_rope(dev, layout, dt, bias));
+    }
+    for dt in [DType::F32, DType::BF16] {
+        push("silu*up", check_silu_mul(dev, dt));
+    }
+    out
+}

@@ -1,0 +1,465 @@
+//! samkv's own CUDA kernels (kernels.cu, compiled to PTX by build.rs) behind candle's
+//! custom-op hook: attention without a score matrix, the Q/K/V split with RoPE, and
+//! SiLU(gate) * up. Each replaces a chain of candle ops (and, for attention, a host-built
+//! mask that forced a host/device round trip per layer).
+//!
+//! Every entry point returns `Ok(None)` when its inputs are not what the kernel handles
+//! (dtype, head size, layout), and the caller takes candle's op-by-op path. Setting
+//! `SAMKV_CUDA_KERNELS=0` turns all of them off, for comparisons and as an escape hatch.
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
+use half::{bf16, f16};
+
+use super::rope::RopeLayout;
+use crate::Result;
+
+pub mod check;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/samkv_kernels.ptx"));
+const MODULE: &str = "samkv_kernels";
+/// Query rows and keys per attention block (BQ, BK in kernels.cu).
+const BQ: usize = 64;
+const BK: usize = 64;
+/// Blocks worth filling the GPU with (an H200 has 132 SMs, two attention blocks fit on each).
+const TARGET_BLOCKS: usize = 264;
+
+/// Whether samkv's kernels are on (`SAMKV_CUDA_KERNELS=0` turns them off).
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SAMKV_CUDA_KERNELS").map_or(true, |v| v != "0"))
+}
+
+/// Whether the attention kernel takes activations of this dtype and head size.
+pub fn attends(dt: DType, head_dim: usize) -> bool {
+    enabled() && matches!(dt, DType::BF16 | DType::F16) && matches!(head_dim, 64 | 128)
+}
+
+fn dtype_name(dt: DType) -> Option<&'static str> {
+    match dt {
+        DType::F32 => Some("f32"),
+        DType::BF16 => Some("bf16"),
+        DType::F16 => Some("f16"),
+        _ => None,
+    }
+}
+
+fn cuda_only(name: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{name} runs on CUDA only"))
+}
+
+/// The typed device slice of a storage starting at the layout's offset.
+fn view<'a, T: candle_core::cuda_backend::CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+fn launch_1d(n: usize) -> LaunchConfig {
+    let threads = 256u32;
+    let blocks = n.div_ceil(threads as usize).clamp(1, 65535) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention
+
+struct FlashAttn {
+    /// Keys visible to each query (a prefix: keys are sorted by position); None: all.
+    vis: Option<Vec<u32>>,
+}
+
+impl FlashAttn {
+    fn run<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        (qs, ql): (&CudaStorage, &Layout),
+        (ks, kl): (&CudaStorage, &Layout),
+        (vs, vl): (&CudaStorage, &Layout),
+        name: &str,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (h, tq, d) = ql.shape().dims3()?;
+        let (hkv, tk, _) = kl.shape().dims3()?;
+        let group = h / hkv;
+        let rows = tq * group;
+        let q_blocks = rows.div_ceil(BQ);
+        // Few query blocks over many keys (decode, a short question over long documents):
+        // split the keys so the GPU has enough blocks, then merge the splits.
+        let mut nsplit = 1;
+        let mut split_len = tk.max(1).div_ceil(BK) * BK;
+        let blocks = q_blocks * hkv;
+        if blocks < TARGET_BLOCKS && tk > 2 * BK {
+            let want = TARGET_BLOCKS.div_ceil(blocks).min(tk.div_ceil(2 * BK));
+            split_len = tk.div_ceil(want).div_ceil(BK) * BK;
+            nsplit = tk.div_ceil(split_len);
+        }
+        let out = unsafe { dev.alloc::<T>(tq * h * d)? };
+        let part = if nsplit > 1 {
+            Some(unsafe { dev.alloc::<f32>(nsplit * hkv * rows * (d + 2))? })
+        } else {
+            None
+        };
+        let vis = match &self.vis {
+            Some(v) => Some(dev.clone_htod(v.as_slice())?),
+            None => None,
+        };
+        let (q, k, v) = (view::<T>(qs, ql)?, view::<T>(ks, kl)?, view::<T>(vs, vl)?);
+        let (q_hs, k_hs, v_hs) = (
+            ql.stride()[0] as i64,
+            kl.stride()[0] as i64,
+            vl.stride()[0] as i64,
+        );
+        let scale_log2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
+        let (tq_i, tk_i, group_i, h_i, split_i) = (
+            tq as i32,
+            tk as i32,
+            group as i32,
+            h as i32,
+            split_len as i32,
+        );
+        let null = 0u64;
+        let func = dev.get_or_load_custom_func(&format!("flash_attn_{name}_d{d}"), MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&q).arg(&k).arg(&v).arg(&out);
+        match &part {
+            Some(p) => b.arg(p),
+            None => b.arg(&null),
+        };
+        match &vis {
+            Some(p) => b.arg(p),
+            None => b.arg(&null),
+        };
+        b.arg(&tq_i).arg(&tk_i).arg(&group_i).arg(&h_i);
+        b.arg(&q_hs)
+            .arg(&k_hs)
+            .arg(&v_hs)
+            .arg(&scale_log2)
+            .arg(&split_i);
+        let cfg = LaunchConfig {
+            grid_dim: (q_blocks as u32, hkv as u32, nsplit as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.w()?;
+        if let Some(p) = &part {
+            let func =
+                dev.get_or_load_custom_func(&format!("flash_combine_{name}_d{d}"), MODULE, PTX)?;
+            let (ns, rows_i) = (nsplit as i32, rows as i32);
+            let mut b = func.builder();
+            b.arg(p)
+                .arg(&out)
+                .arg(&ns)
+                .arg(&rows_i)
+                .arg(&group_i)
+                .arg(&h_i);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, hkv as u32, 1),
+                block_dim: (d as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((tq, h * d)),
+        ))
+    }
+}
+
+impl CustomOp3 for FlashAttn {
+    fn name(&self) -> &'static str {
+        "samkv-flash-attn"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_only(self.name()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = qs.device().clone();
+        let args = ((qs, ql), (ks, kl), (vs, vl));
+        match qs.dtype() {
+            DType::BF16 => self.run::<bf16>(&dev, args.0, args.1, args.2, "bf16"),
+            DType::F16 => self.run::<f16>(&dev, args.0, args.1, args.2, "f16"),
+            dt => Err(candle_core::Error::Msg(format!(
+                "samkv-flash-attn: {dt:?} is not supported"
+            ))),
+        }
+    }
+}
+
+/// Rows of a (heads, T, d) tensor are d apart and each row is contiguous: what the kernel
+/// indexes (the head stride is free, so narrowed KV buffers need no copy).
+fn rows_packed(t: &Tensor, d: usize) -> bool {
+    let (_, layout) = t.storage_and_layout();
+    layout.stride().len() == 3 && layout.stride()[1] == d && layout.stride()[2] == 1
+}
+
+/// Attention of q (heads, Tq, d) at `qpos` over k, v (kv_heads, Tk, d) at sorted `kpos`, as
+/// [`super::attention::attend`]; returns (Tq, heads * d). None unless the tensors are CUDA
+/// bf16/f16 with d of 64 or 128.
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    qpos: &[u32],
+    kpos: &[u32],
+) -> Result<Option<Tensor>> {
+    let (h, tq, d) = q.dims3()?;
+    let (hkv, tk, _) = k.dims3()?;
+    if !q.device().is_cuda() || !attends(q.dtype(), d) {
+        return Ok(None);
+    }
+    if hkv == 0 || h % hkv != 0 || tk == 0 || qpos.len() != tq {
+        return Ok(None);
+    }
+    let q = if rows_packed(q, d) {
+        q.clone()
+    } else {
+        q.contiguous()?
+    };
+    let k = if rows_packed(k, d) {
+        k.clone()
+    } else {
+        k.contiguous()?
+    };
+    let v = if rows_packed(v, d) {
+        v.clone()
+    } else {
+        v.contiguous()?
+    };
+    // Only when some query cannot see every key does the kernel need per-query counts.
+    let last = kpos[tk - 1];
+    let vis = if qpos.iter().all(|&p| p >= last) {
+        None
+    } else {
+        Some(
+            qpos.iter()
+                .map(|&p| kpos.partition_point(|&kp| kp <= p) as u32)
+                .collect(),
+        )
+    };
+    Ok(Some(q.apply_op3_no_bwd(&k, &v, &FlashAttn { vis })?))
+}
+
+// ---------------------------------------------------------------------------------------
+// Q/K/V split with RoPE
+
+struct QkvRope {
+    bias: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+    h: usize,
+    hkv: usize,
+    d: usize,
+    interleaved: bool,
+}
+
+impl QkvRope {
+    fn run<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        ys: &CudaStorage,
+        yl: &Layout,
+        name: &str,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let t = yl.shape().dims()[0];
+        let heads = self.h + 2 * self.hkv;
+        let out = unsafe { dev.alloc::<T>(heads * t * self.d)? };
+        let y = view::<T>(ys, yl)?;
+        let (cs, cl) = self.cos.storage_and_layout();
+        let (ss, sl) = self.sin.storage_and_layout();
+        let (cs, ss) = match (&*cs, &*ss) {
+            (candle_core::Storage::Cuda(c), candle_core::Storage::Cuda(s)) => (c, s),
+            _ => return Err(cuda_only("qkv-rope tables")),
+        };
+        let cos = view::<T>(cs, cl)?;
+        let sin = view::<T>(ss, sl)?;
+        let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bias_guard {
+            Some((s, l)) => match &**s {
+                candle_core::Storage::Cuda(c) => Some(view::<T>(c, l)?),
+                _ => return Err(cuda_only("qkv-rope bias")),
+            },
+            None => None,
+        };
+        let null = 0u64;
+        let (t_i, h_i, hkv_i, d_i, il) = (
+            t as i32,
+            self.h as i32,
+            self.hkv as i32,
+            self.d as i32,
+            self.interleaved as i32,
+        );
+        let func = dev.get_or_load_custom_func(&format!("qkv_rope_{name}"), MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&y);
+        match &bias {
+            Some(v) => b.arg(v),
+            None => b.arg(&null),
+        };
+        b.arg(&cos).arg(&sin).arg(&out);
+        b.arg(&t_i).arg(&h_i).arg(&hkv_i).arg(&d_i).arg(&il);
+        unsafe { b.launch(launch_1d(heads * t * self.d / 2)) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((heads, t, self.d)),
+        ))
+    }
+}
+
+impl CustomOp1 for QkvRope {
+    fn name(&self) -> &'static str {
+        "samkv-qkv-rope"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_only(self.name()))
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = s.device().clone();
+        match s.dtype() {
+            DType::F32 => self.run::<f32>(&dev, s, l, "f32"),
+            DType::BF16 => self.run::<bf16>(&dev, s, l, "bf16"),
+            DType::F16 => self.run::<f16>(&dev, s, l, "f16"),
+            dt => Err(candle_core::Error::Msg(format!(
+                "samkv-qkv-rope: {dt:?} is not supported"
+            ))),
+        }
+    }
+}
+
+/// The CUDA counterpart of [`super::fused::qkv_rope`]: y (t, (h + 2 hkv) d) = [Q | K | V]
+/// rows to q (h, t, d), k (hkv, t, d) rotated by cos/sin (t, d/2), and v (hkv, t, d).
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope(
+    y: &Tensor,
+    bias: Option<&Tensor>,
+    cos: &Tensor,
+    sin: &Tensor,
+    layout: RopeLayout,
+    h: usize,
+    hkv: usize,
+    d: usize,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    if !enabled() || !y.device().is_cuda() || dtype_name(y.dtype()).is_none() {
+        return Ok(None);
+    }
+    let t = y.dim(0)?;
+    let width = (h + 2 * hkv) * d;
+    let same = |x: &Tensor| x.dtype() == y.dtype() && x.is_contiguous();
+    if y.dims() != [t, width]
+        || !y.is_contiguous()
+        || cos.dims() != [t, d / 2]
+        || !same(cos)
+        || !same(sin)
+        || bias.is_some_and(|b| b.elem_count() != width || !same(b))
+    {
+        return Ok(None);
+    }
+    let op = QkvRope {
+        bias: bias.cloned(),
+        cos: cos.clone(),
+        sin: sin.clone(),
+        h,
+        hkv,
+        d,
+        interleaved: layout == RopeLayout::Interleaved,
+    };
+    let all = y.apply_op1_no_bwd(&op)?;
+    Ok(Some((
+        all.narrow(0, 0, h)?,
+        all.narrow(0, h, hkv)?,
+        all.narrow(0, h + hkv, hkv)?,
+    )))
+}
+
+// ---------------------------------------------------------------------------------------
+// SiLU(gate) * up
+
+struct SiluMul;
+
+impl SiluMul {
+    fn run<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        s: &CudaStorage,
+        l: &Layout,
+        name: &str,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (t, f2) = l.shape().dims2()?;
+        let f = f2 / 2;
+        let out = unsafe { dev.alloc::<T>(t * f)? };
+        let gu = view::<T>(s, l)?;
+        let (t_i, f_i) = (t as i32, f as i32);
+        let func = dev.get_or_load_custom_func(&format!("silu_mul_{name}"), MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&gu).arg(&out).arg(&t_i).arg(&f_i);
+        unsafe { b.launch(launch_1d(t * f)) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((t, f)),
+        ))
+    }
+}
+
+impl CustomOp1 for SiluMul {
+    fn name(&self) -> &'static str {
+        "samkv-silu-mul"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_only(self.name()))
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = s.device().clone();
+        match s.dtype() {
+            DType::F32 => Self::run::<f32>(&dev, s, l, "f32"),
+            DType::BF16 => Self::run::<bf16>(&dev, s, l, "bf16"),
+            DType::F16 => Self::run::<f16>(&dev, s, l, "f16"),
+            dt => Err(candle_core::Error::Msg(format!(
+                "samkv-silu-mul: {dt:?} is not supported"
+            ))),
+        }
+    }
+}
+
+/// gu (t, 2f) = [gate | up] rows to silu(gate) * up (t, f) in one pass.
+pub fn silu_mul(gu: &Tensor) -> Result<Option<Tensor>> {
+    if !enabled()
+        || !gu.device().is_cuda()
+        || dtype_name(gu.dtype()).is_none()
+        || !gu.is_contiguous()
+        || gu.rank() != 2
+        || gu.dim(1)? % 2 != 0
+    {
+        return Ok(None);
+    }
+    Ok(Some(gu.apply_op1_no_bwd(&SiluMul)?))
+}
