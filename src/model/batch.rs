@@ -71,6 +71,21 @@ impl Model {
             // Each sequence attends on its own where a kernel reads its cache in place (CPU,
             // samkv's CUDA kernel: stacking would copy every cache every step); otherwise
             // one batched matmul over the stacked caches saves B op chains per layer.
+            #[cfg(feature = "cuda")]
+            if b > 1 && self.device.is_cuda() {
+                let kv = caches
+                    .iter()
+                    .map(|c| {
+                        let layer = &c.layers[l];
+                        Ok((layer.keys()?, layer.values()?, layer.positions()))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                if let Some(a) = super::cuda::attend_batch(&qkv.q, &kv, positions)? {
+                    drop(kv);
+                    x = self.layer_after_attention(l, &x, &a)?;
+                    continue;
+                }
+            }
             let a = if b == 1 || self.device.is_cpu() || self.attends_in_place() {
                 let mut outs = Vec::with_capacity(b);
                 for (i, cache) in caches.iter_mut().enumerate() {

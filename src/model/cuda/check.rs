@@ -132,6 +132,53 @@ fn check_attention(dev: &Device, c: &AttnCase) -> Result<Check> {
     })
 }
 
+/// Batched decode: three sequences of different lengths, caches with spare capacity (as
+/// LayerKv keeps them), one with a key after its query's position.
+fn check_attention_batch(dev: &Device, dt: DType) -> Result<Check> {
+    let (h, hkv, d) = (32, 8, 128);
+    let lens = [41usize, 700, 5185];
+    let q = Tensor::randn(0f32, 1f32, (h, lens.len(), d), dev)?.to_dtype(dt)?;
+    let mut kv = Vec::new();
+    let mut kpos = Vec::new();
+    let mut qpos = Vec::new();
+    for (i, &n) in lens.iter().enumerate() {
+        let cap = n + 64;
+        let k = Tensor::randn(0f32, 1f32, (hkv, cap, d), dev)?.to_dtype(dt)?;
+        let v = Tensor::randn(0f32, 1f32, (hkv, cap, d), dev)?.to_dtype(dt)?;
+        kv.push((k.narrow(1, 0, n)?, v.narrow(1, 0, n)?));
+        kpos.push((0..n as u32).map(|p| p * 2).collect::<Vec<u32>>());
+        // The second sequence's query sits before its last 10 keys.
+        qpos.push(if i == 1 { 2 * (n as u32 - 10) } else { 2 * n as u32 });
+    }
+    let args: Vec<(Tensor, Tensor, &[u32])> = kv
+        .iter()
+        .zip(&kpos)
+        .map(|((k, v), p)| (k.clone(), v.clone(), p.as_slice()))
+        .collect();
+    let got = super::attend_batch(&q, &args, &qpos)?;
+    let name = format!("kernel attention: batched decode, 3 caches of 41/700/5185 rows, {dt:?}")
+        .to_lowercase();
+    let Some(got) = got else {
+        return Ok(Check {
+            name,
+            pass: false,
+            detail: "the kernel declined these inputs".into(),
+        });
+    };
+    let mut worst = 0f32;
+    for (i, ((k, v), p)) in kv.iter().zip(&kpos).enumerate() {
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let qi = q.narrow(1, i, 1)?;
+        let want = super::super::attend_ops(&f(&qi)?, &f(k)?, &f(v)?, &qpos[i..i + 1], p)?;
+        worst = worst.max(rel_err(&want, &got.narrow(0, i, 1)?)?);
+    }
+    Ok(Check {
+        name,
+        pass: worst < tol(dt),
+        detail: format!("max |diff| / max |ref| = {worst:.2e} (tolerance {})", tol(dt)),
+    })
+}
+
 fn check_qkv_rope(dev: &Device, layout: RopeLayout, dt: DType, bias: bool) -> Result<Check> {
     let (h, hkv, d, t) = (9, 3, 64, 37);
     let width = (h + 2 * hkv) * d;
@@ -222,6 +269,9 @@ pub fn check_kernels(dev: &Device) -> Vec<Check> {
     };
     for c in attn_cases() {
         push(c.name, check_attention(dev, &c));
+    }
+    for dt in [DType::BF16, DType::F16] {
+        push("batched attention", check_attention_batch(dev, dt));
     }
     for (layout, dt, bias) in [
         (RopeLayout::SplitHalf, DType::F32, true),

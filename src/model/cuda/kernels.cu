@@ -18,7 +18,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#define BQ 64   // packed query rows per block: 4 warps x 16
+#define BQ 64   // packed query rows per block: 4 warps x 16 (measured faster than 8 x 16)
 #define BK 64   // keys per tile
 #define PAD 8   // shared-memory row padding (elements): no bank conflicts, 16-byte rows
 
@@ -119,10 +119,14 @@ __device__ __forceinline__ float quad_sum(float x) {
 // Without `part`, writes out (tq, heads * D) normalized; with it, writes this split's
 // normalized rows and their (max, sum) for flash_combine:
 // part[((split * kv_heads + kvh) * rows + r) * (D + 2) + ...].
+//
+// Batched decode (`seqs` not null): query i is sequence i's new token and has its own cache;
+// seqs[5 i ..] = its keys' and values' addresses, their head strides and its visible count.
+// Block x is then sequence x (its `group` rows).
 template <typename T, int D>
-__device__ void flash_attn(const T *__restrict__ q, const T *__restrict__ k,
-                           const T *__restrict__ v, T *__restrict__ out, float *__restrict__ part,
-                           const uint32_t *__restrict__ vis, int tq, int tk, int group,
+__device__ void flash_attn(const T *__restrict__ q, const T *k, const T *v, T *__restrict__ out,
+                           float *__restrict__ part, const uint32_t *__restrict__ vis,
+                           const long long *__restrict__ seqs, int tq, int tk, int group,
                            int heads, long long q_hs, long long k_hs, long long v_hs,
                            float scale_log2, int split_len) {
     __shared__ __align__(16) T ks[BK][D + PAD];
@@ -132,15 +136,26 @@ __device__ void flash_attn(const T *__restrict__ q, const T *__restrict__ k,
     const int g = lane >> 2, t = lane & 3;
     const int kvh = blockIdx.y;
     const int rows = tq * group;
+    const bool batch = seqs != nullptr;
     // Later query blocks have more keys to visit: start them first.
-    const int qblock = gridDim.x - 1 - blockIdx.x;
-    const int row0 = qblock * BQ + warp * 16;
+    const int qblock = batch ? blockIdx.x : gridDim.x - 1 - blockIdx.x;
+    const int row_lo = batch ? qblock * group : qblock * BQ;
+    const int row_hi = batch ? row_lo + group : rows;  // this block's rows: [row_lo, row_hi)
+    const int row0 = row_lo + warp * 16;
+    if (batch) {
+        const long long *e = seqs + 5 * qblock;
+        k = reinterpret_cast<const T *>(e[0]);
+        v = reinterpret_cast<const T *>(e[1]);
+        k_hs = e[2];
+        v_hs = e[3];
+        tk = (int)e[4];
+    }
 
     if (threadIdx.x == 0) cta_vis = 0;
     __syncthreads();
     if (threadIdx.x < BQ) {
-        int r = qblock * BQ + threadIdx.x;
-        if (r < rows) atomicMax(&cta_vis, vis ? (int)vis[r / group] : tk);
+        int r = row_lo + threadIdx.x;
+        if (r < row_hi) atomicMax(&cta_vis, vis ? (int)vis[r / group] : tk);
     }
     __syncthreads();
     const int kbeg = blockIdx.z * split_len;
@@ -151,7 +166,7 @@ __device__ void flash_attn(const T *__restrict__ q, const T *__restrict__ k,
     int rvis[2];
     const T *qrow[2];
     for (int i = 0; i < 2; i++) {
-        bool ok = rr[i] < rows;
+        bool ok = rr[i] < row_hi;
         int qi = ok ? rr[i] / group : 0;
         int head = kvh * group + (ok ? rr[i] % group : 0);
         rvis[i] = ok ? (vis ? (int)vis[qi] : tk) : 0;
@@ -161,17 +176,17 @@ __device__ void flash_attn(const T *__restrict__ q, const T *__restrict__ k,
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
         int c = kk * 16 + 2 * t;
-        qa[kk][0] = rr[0] < rows ? *reinterpret_cast<const uint32_t *>(qrow[0] + c) : 0;
-        qa[kk][1] = rr[1] < rows ? *reinterpret_cast<const uint32_t *>(qrow[1] + c) : 0;
-        qa[kk][2] = rr[0] < rows ? *reinterpret_cast<const uint32_t *>(qrow[0] + c + 8) : 0;
-        qa[kk][3] = rr[1] < rows ? *reinterpret_cast<const uint32_t *>(qrow[1] + c + 8) : 0;
+        qa[kk][0] = rr[0] < row_hi ? *reinterpret_cast<const uint32_t *>(qrow[0] + c) : 0;
+        qa[kk][1] = rr[1] < row_hi ? *reinterpret_cast<const uint32_t *>(qrow[1] + c) : 0;
+        qa[kk][2] = rr[0] < row_hi ? *reinterpret_cast<const uint32_t *>(qrow[0] + c + 8) : 0;
+        qa[kk][3] = rr[1] < row_hi ? *reinterpret_cast<const uint32_t *>(qrow[1] + c + 8) : 0;
     }
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     float o[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    const bool active = row0 < rows;
+    const bool active = row0 < row_hi;
 
     // Tiles stream through one K and one V buffer, FlashAttention-2 style: V of this tile
     // loads while the scores are computed, K of the next tile while P @ V runs.
@@ -270,7 +285,7 @@ __device__ void flash_attn(const T *__restrict__ q, const T *__restrict__ k,
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         l[i] = quad_sum(l[i]);
-        if (rr[i] >= rows) continue;
+        if (rr[i] >= row_hi) continue;
         float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
         int qi = rr[i] / group, head = kvh * group + rr[i] % group;
         if (part == nullptr) {
@@ -321,11 +336,11 @@ __device__ void flash_combine(const float *__restrict__ part, T *__restrict__ ou
 #define FLASH(NAME, T, D)                                                                      \
     extern "C" __global__ void __launch_bounds__(128)                                          \
         flash_attn_##NAME##_d##D(const T *q, const T *k, const T *v, T *out, float *part,      \
-                                 const uint32_t *vis, int tq, int tk, int group, int heads,    \
-                                 long long q_hs, long long k_hs, long long v_hs,               \
-                                 float scale_log2, int split_len) {                            \
-        flash_attn<T, D>(q, k, v, out, part, vis, tq, tk, group, heads, q_hs, k_hs, v_hs,      \
-                         scale_log2, split_len);                                               \
+                                 const uint32_t *vis, const long long *seqs, int tq, int tk,   \
+                                 int group, int heads, long long q_hs, long long k_hs,         \
+                                 long long v_hs, float scale_log2, int split_len) {            \
+        flash_attn<T, D>(q, k, v, out, part, vis, seqs, tq, tk, group, heads, q_hs, k_hs,      \
+                         v_hs, scale_log2, split_len);                                         \
     }                                                                                          \
     extern "C" __global__ void flash_combine_##NAME##_d##D(const float *part, T *out,          \
                                                            int nsplit, int rows, int group,    \

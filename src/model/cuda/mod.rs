@@ -10,7 +10,9 @@
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
@@ -25,7 +27,7 @@ const MODULE: &str = "samkv_kernels";
 /// Query rows and keys per attention block (BQ, BK in kernels.cu).
 const BQ: usize = 64;
 const BK: usize = 64;
-/// Blocks worth filling the GPU with (an H200 has 132 SMs, two attention blocks fit on each).
+/// Blocks worth filling the GPU with (an H200 has 132 SMs; three attention blocks fit on each).
 const TARGET_BLOCKS: usize = 264;
 
 /// Whether samkv's kernels are on (`SAMKV_CUDA_KERNELS=0` turns them off).
@@ -78,6 +80,109 @@ struct FlashAttn {
     vis: Option<Vec<u32>>,
 }
 
+/// What one attention launch reads besides q.
+struct Keys<'a, T> {
+    /// (k, v) with their head strides; None in batched decode, where `seqs` has them.
+    kv: Option<(CudaView<'a, T>, CudaView<'a, T>, i64, i64)>,
+    /// Batched decode: per sequence [k address, v address, k head stride, v head stride,
+    /// visible keys], uploaded as one table.
+    seqs: Option<Vec<i64>>,
+    /// Longest key range of any query.
+    tk: usize,
+    kv_heads: usize,
+}
+
+/// Runs flash_attn (and flash_combine when the keys are split) for q (heads, tq, d) with
+/// head stride `q_hs`; returns (tq, heads * d).
+fn launch_flash<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    q: &CudaView<'_, T>,
+    (h, tq, d, q_hs): (usize, usize, usize, i64),
+    keys: Keys<'_, T>,
+    vis: Option<&[u32]>,
+    name: &str,
+) -> candle_core::Result<CudaStorage> {
+    let (tk, hkv) = (keys.tk, keys.kv_heads);
+    let group = h / hkv;
+    let rows = tq * group;
+    let batch = keys.seqs.is_some();
+    // One block per sequence in batched decode, else per BQ packed rows.
+    let q_blocks = if batch { tq } else { rows.div_ceil(BQ) };
+    // Few blocks over many keys (decode, a short question over long documents): split the
+    // keys so the GPU has enough blocks, then merge the splits.
+    let mut nsplit = 1;
+    let mut split_len = tk.max(1).div_ceil(BK) * BK;
+    let blocks = q_blocks * hkv;
+    if blocks < TARGET_BLOCKS && tk > 2 * BK {
+        let want = TARGET_BLOCKS.div_ceil(blocks).min(tk.div_ceil(2 * BK));
+        split_len = tk.div_ceil(want).div_ceil(BK) * BK;
+        nsplit = tk.div_ceil(split_len);
+    }
+    let out = unsafe { dev.alloc::<T>(tq * h * d)? };
+    let part = if nsplit > 1 {
+        Some(unsafe { dev.alloc::<f32>(nsplit * hkv * rows * (d + 2))? })
+    } else {
+        None
+    };
+    let vis = vis.map(|v| dev.clone_htod(v)).transpose()?;
+    let seqs = keys.seqs.as_ref().map(|t| dev.clone_htod(t.as_slice())).transpose()?;
+    let scale_log2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
+    let (tq_i, tk_i, group_i, h_i, split_i) = (
+        tq as i32,
+        tk as i32,
+        group as i32,
+        h as i32,
+        split_len as i32,
+    );
+    let (null, zero) = (0u64, 0i64);
+    let func = dev.get_or_load_custom_func(&format!("flash_attn_{name}_d{d}"), MODULE, PTX)?;
+    let mut b = func.builder();
+    b.arg(q);
+    match &keys.kv {
+        Some((k, v, _, _)) => b.arg(k).arg(v),
+        None => b.arg(&null).arg(&null),
+    };
+    b.arg(&out);
+    match &part {
+        Some(p) => b.arg(p),
+        None => b.arg(&null),
+    };
+    match &vis {
+        Some(p) => b.arg(p),
+        None => b.arg(&null),
+    };
+    match &seqs {
+        Some(p) => b.arg(p),
+        None => b.arg(&null),
+    };
+    b.arg(&tq_i).arg(&tk_i).arg(&group_i).arg(&h_i).arg(&q_hs);
+    match &keys.kv {
+        Some((_, _, k_hs, v_hs)) => b.arg(k_hs).arg(v_hs),
+        None => b.arg(&zero).arg(&zero),
+    };
+    b.arg(&scale_log2).arg(&split_i);
+    let cfg = LaunchConfig {
+        grid_dim: (q_blocks as u32, hkv as u32, nsplit as u32),
+        block_dim: (BQ as u32 * 2, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { b.launch(cfg) }.w()?;
+    if let Some(p) = &part {
+        let func =
+            dev.get_or_load_custom_func(&format!("flash_combine_{name}_d{d}"), MODULE, PTX)?;
+        let (ns, rows_i) = (nsplit as i32, rows as i32);
+        let mut b = func.builder();
+        b.arg(p).arg(&out).arg(&ns).arg(&rows_i).arg(&group_i).arg(&h_i);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, hkv as u32, 1),
+            block_dim: (d as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
 impl FlashAttn {
     fn run<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
         &self,
@@ -89,89 +194,21 @@ impl FlashAttn {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let (h, tq, d) = ql.shape().dims3()?;
         let (hkv, tk, _) = kl.shape().dims3()?;
-        let group = h / hkv;
-        let rows = tq * group;
-        let q_blocks = rows.div_ceil(BQ);
-        // Few query blocks over many keys (decode, a short question over long documents):
-        // split the keys so the GPU has enough blocks, then merge the splits.
-        let mut nsplit = 1;
-        let mut split_len = tk.max(1).div_ceil(BK) * BK;
-        let blocks = q_blocks * hkv;
-        if blocks < TARGET_BLOCKS && tk > 2 * BK {
-            let want = TARGET_BLOCKS.div_ceil(blocks).min(tk.div_ceil(2 * BK));
-            split_len = tk.div_ceil(want).div_ceil(BK) * BK;
-            nsplit = tk.div_ceil(split_len);
-        }
-        let out = unsafe { dev.alloc::<T>(tq * h * d)? };
-        let part = if nsplit > 1 {
-            Some(unsafe { dev.alloc::<f32>(nsplit * hkv * rows * (d + 2))? })
-        } else {
-            None
+        let keys = Keys {
+            kv: Some((
+                view::<T>(ks, kl)?,
+                view::<T>(vs, vl)?,
+                kl.stride()[0] as i64,
+                vl.stride()[0] as i64,
+            )),
+            seqs: None,
+            tk,
+            kv_heads: hkv,
         };
-        let vis = match &self.vis {
-            Some(v) => Some(dev.clone_htod(v.as_slice())?),
-            None => None,
-        };
-        let (q, k, v) = (view::<T>(qs, ql)?, view::<T>(ks, kl)?, view::<T>(vs, vl)?);
-        let (q_hs, k_hs, v_hs) = (
-            ql.stride()[0] as i64,
-            kl.stride()[0] as i64,
-            vl.stride()[0] as i64,
-        );
-        let scale_log2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
-        let (tq_i, tk_i, group_i, h_i, split_i) = (
-            tq as i32,
-            tk as i32,
-            group as i32,
-            h as i32,
-            split_len as i32,
-        );
-        let null = 0u64;
-        let func = dev.get_or_load_custom_func(&format!("flash_attn_{name}_d{d}"), MODULE, PTX)?;
-        let mut b = func.builder();
-        b.arg(&q).arg(&k).arg(&v).arg(&out);
-        match &part {
-            Some(p) => b.arg(p),
-            None => b.arg(&null),
-        };
-        match &vis {
-            Some(p) => b.arg(p),
-            None => b.arg(&null),
-        };
-        b.arg(&tq_i).arg(&tk_i).arg(&group_i).arg(&h_i);
-        b.arg(&q_hs)
-            .arg(&k_hs)
-            .arg(&v_hs)
-            .arg(&scale_log2)
-            .arg(&split_i);
-        let cfg = LaunchConfig {
-            grid_dim: (q_blocks as u32, hkv as u32, nsplit as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { b.launch(cfg) }.w()?;
-        if let Some(p) = &part {
-            let func =
-                dev.get_or_load_custom_func(&format!("flash_combine_{name}_d{d}"), MODULE, PTX)?;
-            let (ns, rows_i) = (nsplit as i32, rows as i32);
-            let mut b = func.builder();
-            b.arg(p)
-                .arg(&out)
-                .arg(&ns)
-                .arg(&rows_i)
-                .arg(&group_i)
-                .arg(&h_i);
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, hkv as u32, 1),
-                block_dim: (d as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { b.launch(cfg) }.w()?;
-        }
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from((tq, h * d)),
-        ))
+        let q = view::<T>(qs, ql)?;
+        let shape = (h, tq, d, ql.stride()[0] as i64);
+        let out = launch_flash(dev, &q, shape, keys, self.vis.as_deref(), name)?;
+        Ok((out, Shape::from((tq, h * d))))
     }
 }
 
@@ -265,6 +302,116 @@ pub fn attend(
         )
     };
     Ok(Some(q.apply_op3_no_bwd(&k, &v, &FlashAttn { vis })?))
+}
+
+/// Batched decode: query b of q (heads, B, d) over its own sequence's keys and values.
+struct FlashAttnBatch {
+    /// Per sequence: keys, values (kv_heads, T_b, d) and how many of them it sees.
+    seqs: Vec<(Tensor, Tensor, u32)>,
+}
+
+impl FlashAttnBatch {
+    fn run<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        qs: &CudaStorage,
+        ql: &Layout,
+        name: &str,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (h, b, d) = ql.shape().dims3()?;
+        let hkv = self.seqs.first().map_or(Ok(1), |s| s.0.dim(0))?;
+        let stream = dev.cuda_stream();
+        let guards: Vec<_> = self
+            .seqs
+            .iter()
+            .map(|(k, v, _)| (k.storage_and_layout(), v.storage_and_layout()))
+            .collect();
+        let mut table = Vec::with_capacity(5 * b);
+        // Held until the kernel is queued: they record the reads for candle's event tracking.
+        let mut reads = Vec::with_capacity(2 * b);
+        let size = std::mem::size_of::<T>() as u64;
+        for (((ks, kl), (vs, vl)), (_, _, vis)) in guards.iter().zip(&self.seqs) {
+            let (kc, vc) = match (&**ks, &**vs) {
+                (candle_core::Storage::Cuda(k), candle_core::Storage::Cuda(v)) => (k, v),
+                _ => return Err(cuda_only("batched attention")),
+            };
+            let (kp, kr) = kc.as_cuda_slice::<T>()?.device_ptr(&stream);
+            let (vp, vr) = vc.as_cuda_slice::<T>()?.device_ptr(&stream);
+            reads.push(kr);
+            reads.push(vr);
+            table.extend([
+                (kp + kl.start_offset() as u64 * size) as i64,
+                (vp + vl.start_offset() as u64 * size) as i64,
+                kl.stride()[0] as i64,
+                vl.stride()[0] as i64,
+                *vis as i64,
+            ]);
+        }
+        let tk = self.seqs.iter().map(|s| s.2 as usize).max().unwrap_or(0);
+        let keys = Keys {
+            kv: None,
+            seqs: Some(table),
+            tk,
+            kv_heads: hkv,
+        };
+        let q = view::<T>(qs, ql)?;
+        let out = launch_flash(dev, &q, (h, b, d, ql.stride()[0] as i64), keys, None, name)?;
+        drop(reads);
+        Ok((out, Shape::from((b, h * d))))
+    }
+}
+
+impl CustomOp1 for FlashAttnBatch {
+    fn name(&self) -> &'static str {
+        "samkv-flash-attn-batch"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_only(self.name()))
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = s.device().clone();
+        match s.dtype() {
+            DType::BF16 => self.run::<bf16>(&dev, s, l, "bf16"),
+            DType::F16 => self.run::<f16>(&dev, s, l, "f16"),
+            dt => Err(candle_core::Error::Msg(format!(
+                "samkv-flash-attn-batch: {dt:?} is not supported"
+            ))),
+        }
+    }
+}
+
+/// Batched decode attention: query b of q (heads, B, d), at `qpos[b]`, over sequence b's
+/// keys and values `kv[b]` (kv_heads, T_b, d) at sorted positions `kpos[b]`, all in one
+/// launch. Returns (B, heads * d); None where the kernel does not apply.
+pub fn attend_batch(
+    q: &Tensor,
+    kv: &[(Tensor, Tensor, &[u32])],
+    qpos: &[u32],
+) -> Result<Option<Tensor>> {
+    let (h, b, d) = q.dims3()?;
+    if !q.device().is_cuda() || !attends(q.dtype(), d) || kv.len() != b || qpos.len() != b {
+        return Ok(None);
+    }
+    let packed = |t: &Tensor| rows_packed(t, d) && t.dtype() == q.dtype();
+    if !rows_packed(q, d)
+        || kv.iter().any(|(k, v, pos)| {
+            !packed(k) || !packed(v) || k.dim(1).ok() != Some(pos.len()) || pos.is_empty()
+        })
+        || kv.iter().any(|(k, _, _)| k.dim(0).ok().is_none_or(|n| n == 0 || h % n != 0))
+    {
+        return Ok(None);
+    }
+    let seqs = kv
+        .iter()
+        .zip(qpos)
+        .map(|((k, v, pos), &p)| {
+            let vis = pos.partition_point(|&kp| kp <= p) as u32;
+            (k.clone(), v.clone(), vis)
+        })
+        .collect();
+    Ok(Some(q.apply_op1_no_bwd(&FlashAttnBatch { seqs })?))
 }
 
 // ---------------------------------------------------------------------------------------
