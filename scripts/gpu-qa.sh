@@ -47,9 +47,46 @@ DEV="${SAMKV_DEVICE:-cuda}"
 
 SMOL=models/SmolLM2-135M-Instruct.Q4_1.gguf
 QWEN=models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+QWEN15=models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf # for QA_RUNS
 t0=$SECONDS
 timeout -k 5 150 "$S" --device "$DEV" selfcheck --model "$SMOL" >"$OUT/selfcheck.txt" 2>&1
 log "== selfcheck: exit $? after $((SECONDS - t0)) s"
+
+# How many examples of run directory $1 have every method's result, in order.
+completed() {
+    python3 - "$1" <<'PY'
+import json, sys
+d = sys.argv[1]
+cfg = json.load(open(f"{d}/config.json"))
+labels = set(cfg.get("methods", {})) or None
+seen, order = {}, []
+for line in open(f"{d}/results.jsonl"):
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    if r["example"] not in seen:
+        order.append(r["example"])
+        seen[r["example"]] = set()
+    seen[r["example"]].add(r["method"])
+n = 0
+for ex in order:
+    if labels is not None and not labels <= seen[ex]:
+        break
+    n += 1
+print(n)
+PY
+}
+
+# Writes the summary of run directory $1 over its first $5 examples: a resume with --limit
+# that computes nothing new (args $4 with any --limit of their own dropped).
+summarize() {
+    local dir=$1 model=$2 data=$3 args=$4 limit=$5
+    args=$(echo "$args" | sed -E 's/--limit [0-9]+//')
+    # shellcheck disable=SC2086 # args is a list of arguments
+    timeout -k 5 60 "$S" --device "$DEV" --store /tmp/qa-store bench --model "$model" \
+        --data "$data" --out "$dir" $args --limit "$limit"
+}
 
 METHODS="recompute,reuse,cacheblend,epic,infllm,samkv,samkv:selection=global:keep=0.15"
 DEFAULT_RUNS="qwen-musique $QWEN dist/staged/musique_s.jsonl --methods $METHODS
@@ -81,49 +118,23 @@ while read -r name model data args; do
     [ -z "$name" ] && continue
     d="dist/runs/$name"
     if [ ! -f "$d/summary.md" ] && [ -f "$d/results.jsonl" ]; then
-        k=$(python3 - "$d" <<'PY'
-import json, sys
-d = sys.argv[1]
-cfg = json.load(open(f"{d}/config.json"))
-labels = set(cfg.get("methods", {})) or None
-seen, order = {}, []
-for line in open(f"{d}/results.jsonl"):
-    try:
-        r = json.loads(line)
-    except ValueError:
-        continue
-    if r["example"] not in seen:
-        order.append(r["example"])
-        seen[r["example"]] = set()
-    seen[r["example"]].add(r["method"])
-n = 0
-for ex in order:
-    if labels is not None and not labels <= seen[ex]:
-        break
-    n += 1
-print(n)
-PY
-)
-        # shellcheck disable=SC2086
-        args2=$(echo "$args" | sed -E 's/--limit [0-9]+//')
+        k=$(completed "$d")
         log "== $name: summary over the first $k completed examples"
-        # shellcheck disable=SC2086
-        timeout -k 5 60 "$S" --device "$DEV" --store /tmp/qa-store bench --model "$model" \
-            --data "$data" --out "$d" $args2 --limit "$k" >>"$d/log.txt" 2>&1
+        summarize "$d" "$model" "$data" "$args" "$k" >>"$d/log.txt" 2>&1
     fi
     tar -czf "$OUT/$name.tar.gz" -C dist/runs "$name"
 done <<<"$RUNS"
-# Issue 4's table: the first 20 MuSiQue examples with Qwen, from the same results.
-if [ -f dist/runs/qwen-musique/results.jsonl ]; then
-    rm -rf dist/runs/qwen-musique-first20
-    cp -r dist/runs/qwen-musique dist/runs/qwen-musique-first20
-    rm -f dist/runs/qwen-musique-first20/summary.*
-    read -r _ model data args <dist/runs/qwen-musique/cmd.txt
-    args=$(echo "$args" | sed -E 's/--limit [0-9]+//')
-    # shellcheck disable=SC2086
-    timeout -k 5 60 "$S" --device "$DEV" --store /tmp/qa-store bench --model "$model" \
-        --data "$data" --out dist/runs/qwen-musique-first20 $args --limit 20 >>"$RUN" 2>&1
-    tar -czf "$OUT/qwen-musique-first20.tar.gz" -C dist/runs qwen-musique-first20/summary.md \
-        qwen-musique-first20/summary.json
-fi
+# Issue 4's table: the first 20 MuSiQue examples of each MuSiQue run, from the same results.
+while read -r name model data args; do
+    case "$name" in *-musique) ;; *) continue ;; esac
+    [ -f "dist/runs/$name/results.jsonl" ] || continue
+    [ "$(completed "dist/runs/$name")" -ge 20 ] || continue
+    f20="dist/runs/$name-first20"
+    rm -rf "$f20"
+    cp -r "dist/runs/$name" "$f20"
+    rm -f "$f20"/summary.*
+    summarize "$f20" "$model" "$data" "$args" 20 >>"$RUN" 2>&1
+    tar -czf "$OUT/$name-first20.tar.gz" -C dist/runs "$name-first20/summary.md" \
+        "$name-first20/summary.json"
+done <<<"$RUNS"
 log "== total $SECONDS s"

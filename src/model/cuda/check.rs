@@ -148,7 +148,11 @@ fn check_attention_batch(dev: &Device, dt: DType) -> Result<Check> {
         kv.push((k.narrow(1, 0, n)?, v.narrow(1, 0, n)?));
         kpos.push((0..n as u32).map(|p| p * 2).collect::<Vec<u32>>());
         // The second sequence's query sits before its last 10 keys.
-        qpos.push(if i == 1 { 2 * (n as u32 - 10) } else { 2 * n as u32 });
+        qpos.push(if i == 1 {
+            2 * (n as u32 - 10)
+        } else {
+            2 * n as u32
+        });
     }
     let args: Vec<(Tensor, Tensor, &[u32])> = kv
         .iter()
@@ -175,7 +179,10 @@ fn check_attention_batch(dev: &Device, dt: DType) -> Result<Check> {
     Ok(Check {
         name,
         pass: worst < tol(dt),
-        detail: format!("max |diff| / max |ref| = {worst:.2e} (tolerance {})", tol(dt)),
+        detail: format!(
+            "max |diff| / max |ref| = {worst:.2e} (tolerance {})",
+            tol(dt)
+        ),
     })
 }
 

@@ -89,6 +89,9 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, int src
                  "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_one() {
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+}
 __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
@@ -129,8 +132,10 @@ __device__ void flash_attn(const T *__restrict__ q, const T *k, const T *v, T *_
                            const long long *__restrict__ seqs, int tq, int tk, int group,
                            int heads, long long q_hs, long long k_hs, long long v_hs,
                            float scale_log2, int split_len) {
-    __shared__ __align__(16) T ks[BK][D + PAD];
-    __shared__ __align__(16) T vs[BK][D + PAD];
+    // Two stages of one K and one V tile each (dynamic: 68 KiB for D = 128).
+    extern __shared__ __align__(16) unsigned char smem[];
+    typedef T Tile[BK][D + PAD];
+    Tile *tiles = reinterpret_cast<Tile *>(smem);  // [stage * 2] = K, [stage * 2 + 1] = V
     __shared__ int cta_vis;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;
@@ -188,16 +193,24 @@ __device__ void flash_attn(const T *__restrict__ q, const T *k, const T *v, T *_
     for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     const bool active = row0 < row_hi;
 
-    // Tiles stream through one K and one V buffer, FlashAttention-2 style: V of this tile
-    // loads while the scores are computed, K of the next tile while P @ V runs.
-    if (kbeg < kend) load_tile<T, D>(ks, k + kvh * k_hs, kbeg, kend);
+    // Double-buffered: the next tile's K and V load while this one is computed.
+    const int ntiles = kend > kbeg ? (kend - kbeg + BK - 1) / BK : 0;
+    if (ntiles > 0) {
+        load_tile<T, D>(tiles[0], k + kvh * k_hs, kbeg, kend);
+        load_tile<T, D>(tiles[1], v + kvh * v_hs, kbeg, kend);
+    }
     cp_async_commit();
-    for (int kt = kbeg; kt < kend; kt += BK) {
-        cp_async_wait_all();
-        __syncthreads();  // K of this tile is in; every warp is done with the last V
-        load_tile<T, D>(vs, v + kvh * v_hs, kt, kend);
+    for (int it = 0; it < ntiles; it++) {
+        const int kt = kbeg + it * BK, st = it & 1;
+        if (it + 1 < ntiles) {
+            load_tile<T, D>(tiles[2 * (st ^ 1)], k + kvh * k_hs, kt + BK, kend);
+            load_tile<T, D>(tiles[2 * (st ^ 1) + 1], v + kvh * v_hs, kt + BK, kend);
+        }
         cp_async_commit();
-
+        cp_async_wait_one();  // this tile's group is in (the next one may still be loading)
+        __syncthreads();
+        T(*ks)[D + PAD] = tiles[2 * st];
+        T(*vs)[D + PAD] = tiles[2 * st + 1];
         // S = Q K^T for 16 rows x BK keys.
         float s[BK / 8][4];
         if (active) {
@@ -255,11 +268,6 @@ __device__ void flash_attn(const T *__restrict__ q, const T *k, const T *v, T *_
             }
         }
 
-        cp_async_wait_all();
-        __syncthreads();  // V of this tile is in; every warp is done with K
-        if (kt + BK < kend) load_tile<T, D>(ks, k + kvh * k_hs, kt + BK, kend);
-        cp_async_commit();
-
         // O += P V: the score accumulators of key tiles 2j, 2j + 1 form P's A operand.
         if (active) {
 #pragma unroll
@@ -278,6 +286,7 @@ __device__ void flash_attn(const T *__restrict__ q, const T *k, const T *v, T *_
                 }
             }
         }
+        __syncthreads();  // every warp is done with this stage before it is refilled
     }
     cp_async_wait_all();
     if (!active) return;
@@ -334,7 +343,7 @@ __device__ void flash_combine(const float *__restrict__ part, T *__restrict__ ou
 }
 
 #define FLASH(NAME, T, D)                                                                      \
-    extern "C" __global__ void __launch_bounds__(128)                                          \
+    extern "C" __global__ void __launch_bounds__(128, 3)                                          \
         flash_attn_##NAME##_d##D(const T *q, const T *k, const T *v, T *out, float *part,      \
                                  const uint32_t *vis, const long long *seqs, int tq, int tk,   \
                                  int group, int heads, long long q_hs, long long k_hs,         \

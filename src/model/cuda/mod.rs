@@ -7,13 +7,16 @@
 //! (dtype, head size, layout), and the caller takes candle's op-by-op path. Setting
 //! `SAMKV_CUDA_KERNELS=0` turns all of them off, for comparisons and as an escape hatch.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, DeviceId, WrapErr};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
@@ -80,6 +83,40 @@ struct FlashAttn {
     vis: Option<Vec<u32>>,
 }
 
+/// flash_attn for this dtype name and head size, with its dynamic shared memory (two stages of
+/// a K and a V tile) allowed past the default 48 KiB. Loaded once per device through cudarc:
+/// candle's loader does not expose the function to set that attribute on.
+fn flash_function(
+    dev: &CudaDevice,
+    name: &str,
+    d: usize,
+) -> candle_core::Result<(CudaFunction, u32)> {
+    type Loaded = HashMap<(DeviceId, String), CudaFunction>;
+    static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
+    let smem = (4 * BK * (d + 8) * 2) as u32; // stages x (K, V) x rows x padded row, 2 bytes
+    let key = (dev.id(), format!("flash_attn_{name}_d{d}"));
+    let mut loaded = LOADED
+        .get_or_init(Default::default)
+        .lock()
+        .expect("not poisoned");
+    if let Some(f) = loaded.get(&key) {
+        return Ok((f.clone(), smem));
+    }
+    let module = dev
+        .cuda_stream()
+        .context()
+        .load_module(Ptx::from_src(PTX))
+        .w()?;
+    let func = module.load_function(&key.1).w()?;
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .w()?;
+    loaded.insert(key, func.clone());
+    Ok((func, smem))
+}
+
 /// What one attention launch reads besides q.
 struct Keys<'a, T> {
     /// (k, v) with their head strides; None in batched decode, where `seqs` has them.
@@ -125,7 +162,11 @@ fn launch_flash<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
         None
     };
     let vis = vis.map(|v| dev.clone_htod(v)).transpose()?;
-    let seqs = keys.seqs.as_ref().map(|t| dev.clone_htod(t.as_slice())).transpose()?;
+    let seqs = keys
+        .seqs
+        .as_ref()
+        .map(|t| dev.clone_htod(t.as_slice()))
+        .transpose()?;
     let scale_log2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
     let (tq_i, tk_i, group_i, h_i, split_i) = (
         tq as i32,
@@ -135,8 +176,9 @@ fn launch_flash<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
         split_len as i32,
     );
     let (null, zero) = (0u64, 0i64);
-    let func = dev.get_or_load_custom_func(&format!("flash_attn_{name}_d{d}"), MODULE, PTX)?;
-    let mut b = func.builder();
+    let (func, smem) = flash_function(dev, name, d)?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
     b.arg(q);
     match &keys.kv {
         Some((k, v, _, _)) => b.arg(k).arg(v),
@@ -164,7 +206,7 @@ fn launch_flash<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
     let cfg = LaunchConfig {
         grid_dim: (q_blocks as u32, hkv as u32, nsplit as u32),
         block_dim: (BQ as u32 * 2, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: smem,
     };
     unsafe { b.launch(cfg) }.w()?;
     if let Some(p) = &part {
@@ -172,7 +214,12 @@ fn launch_flash<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
             dev.get_or_load_custom_func(&format!("flash_combine_{name}_d{d}"), MODULE, PTX)?;
         let (ns, rows_i) = (nsplit as i32, rows as i32);
         let mut b = func.builder();
-        b.arg(p).arg(&out).arg(&ns).arg(&rows_i).arg(&group_i).arg(&h_i);
+        b.arg(p)
+            .arg(&out)
+            .arg(&ns)
+            .arg(&rows_i)
+            .arg(&group_i)
+            .arg(&h_i);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, hkv as u32, 1),
             block_dim: (d as u32, 1, 1),
@@ -399,7 +446,9 @@ pub fn attend_batch(
         || kv.iter().any(|(k, v, pos)| {
             !packed(k) || !packed(v) || k.dim(1).ok() != Some(pos.len()) || pos.is_empty()
         })
-        || kv.iter().any(|(k, _, _)| k.dim(0).ok().is_none_or(|n| n == 0 || h % n != 0))
+        || kv
+            .iter()
+            .any(|(k, _, _)| k.dim(0).ok().is_none_or(|n| n == 0 || h % n != 0))
     {
         return Ok(None);
     }
