@@ -360,30 +360,21 @@ fn hand_made() -> (Vec<u32>, Tensor, LayerKv) {
 
 fn pick(keep: usize) -> Vec<u32> {
     let (rows, fresh, layer) = hand_made();
-    select_hkvd(
-        &rows,
-        &fresh,
-        &layer.keys().unwrap(),
-        layer.positions(),
-        keep,
-    )
-    .unwrap()
+    select_hkvd(&rows, &fresh, &layer, Deviation::K, keep).unwrap()
 }
 
 #[test]
 fn hkvd_deviation_is_squared_l2() {
     let (rows, fresh, layer) = hand_made();
-    let d = deviations(&rows, &fresh, &layer.keys().unwrap(), layer.positions()).unwrap();
+    let d = deviations(&rows, &fresh, &layer, Deviation::K).unwrap();
     assert_eq!(d, vec![(0, 0.0), (1, 4.0), (2, 1.0), (3, 4.0), (4, 9.0)]);
+    // V is read when asked for: here V equals K, so the same numbers.
+    assert_eq!(deviations(&rows, &fresh, &layer, Deviation::V).unwrap(), d);
     // Summed over KV heads: two heads with the same rows double it.
     let two = |x: &Tensor| Tensor::cat(&[x, x], 0).unwrap();
-    let d2 = deviations(
-        &rows,
-        &two(&fresh),
-        &two(&layer.keys().unwrap()),
-        layer.positions(),
-    )
-    .unwrap();
+    let k2 = two(&layer.keys().unwrap());
+    let layer2 = LayerKv::from_parts(k2.clone(), k2, layer.positions().to_vec()).unwrap();
+    let d2 = deviations(&rows, &two(&fresh), &layer2, Deviation::K).unwrap();
     assert_eq!(d2[4], (4, 18.0));
 }
 

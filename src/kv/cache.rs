@@ -201,14 +201,13 @@ impl LayerKv {
             )));
         }
         // In place: every (head, row, dim) element of the new rows goes to (head, rows[j], dim).
+        // The (h, n, d) index is broadcast on the device from the n row numbers: built on the
+        // host it was h * d times larger, and on a GPU its upload dominated the recompute.
         let (h, n, d) = k.dims3()?;
-        let mut idx = Vec::with_capacity(h * n * d);
-        for _ in 0..h {
-            for &r in rows {
-                idx.extend(std::iter::repeat_n(r as u32, d));
-            }
-        }
-        let idx_t = Tensor::from_vec(idx, (h, n, d), self.k.device())?;
+        let r: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx_t = Tensor::from_vec(r, (1, n, 1), self.k.device())?
+            .broadcast_as((h, n, d))?
+            .contiguous()?;
         self.half = None;
         self.k
             .scatter_set(&idx_t, &k.to_dtype(self.k.dtype())?.contiguous()?, 1)?;
@@ -226,6 +225,11 @@ impl LayerKv {
     /// Keys of the given rows, (kv_heads, rows, head_dim).
     pub fn gather_keys(&self, rows: &[usize]) -> Result<Tensor> {
         Ok(self.k.index_select(&self.row_index(rows)?, 1)?)
+    }
+
+    /// Values of the given rows, (kv_heads, rows, head_dim).
+    pub fn gather_values(&self, rows: &[usize]) -> Result<Tensor> {
+        Ok(self.v.index_select(&self.row_index(rows)?, 1)?)
     }
 
     /// Row indices for index_select on the whole buffer: they are below len, so selecting

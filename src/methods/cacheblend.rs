@@ -133,20 +133,22 @@ pub fn keep_count(ratio: f64, n: usize) -> usize {
 }
 
 /// Squared L2 deviation, summed over KV heads and head dimensions, between the fresh states
-/// `fresh` (kv_heads, rows.len(), head_dim) and the cached ones, for every row of `rows`
-/// that `cached` holds. Returns `(position, deviation)` in the order of `rows`; rows the
-/// cache does not hold (the question) are left out.
+/// `fresh` (kv_heads, rows.len(), head_dim) and the cached K or V (`which`) of every row of
+/// `rows` that `cached` holds. Returns `(position, deviation)` in the order of `rows`; rows
+/// the cache does not hold (the question) are left out. Only those rows are read from the
+/// cache (a gather, not a copy of the layer).
 pub fn deviations(
     rows: &[u32],
     fresh: &Tensor,
-    cached: &Tensor,
-    held: &[u32],
+    cached: &LayerKv,
+    which: Deviation,
 ) -> Result<Vec<(u32, f32)>> {
-    let (mut fresh_idx, mut cached_idx, mut pos) = (Vec::new(), Vec::new(), Vec::new());
+    let held = cached.positions();
+    let (mut fresh_idx, mut cached_rows, mut pos) = (Vec::new(), Vec::new(), Vec::new());
     for (i, p) in rows.iter().enumerate() {
         if let Ok(r) = held.binary_search(p) {
             fresh_idx.push(i as u32);
-            cached_idx.push(r as u32);
+            cached_rows.push(r);
             pos.push(*p);
         }
     }
@@ -155,11 +157,11 @@ pub fn deviations(
     }
     let dev = fresh.device();
     let f = fresh.index_select(&Tensor::new(fresh_idx.as_slice(), dev)?, 1)?;
-    let c = cached
-        .contiguous()?
-        .index_select(&Tensor::new(cached_idx.as_slice(), cached.device())?, 1)?;
-    let c = c.to_device(dev)?;
-    let d = (f.to_dtype(DType::F32)? - c.to_dtype(DType::F32)?)?
+    let c = match which {
+        Deviation::K => cached.gather_keys(&cached_rows)?,
+        Deviation::V => cached.gather_values(&cached_rows)?,
+    };
+    let d = (f.to_dtype(DType::F32)? - c.to_device(dev)?.to_dtype(DType::F32)?)?
         .sqr()?
         .sum(2)?
         .sum(0)?
@@ -173,14 +175,15 @@ pub fn deviations(
 pub fn select_hkvd(
     rows: &[u32],
     fresh: &Tensor,
-    cached: &Tensor,
-    held: &[u32],
+    cached: &LayerKv,
+    which: Deviation,
     keep: usize,
 ) -> Result<Vec<u32>> {
-    let mut scored = deviations(rows, fresh, cached, held)?;
+    let mut scored = deviations(rows, fresh, cached, which)?;
     scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     scored.truncate(keep);
     let mut out: Vec<u32> = scored.into_iter().map(|x| x.0).collect();
+    let held = cached.positions();
     out.extend(rows.iter().filter(|p| held.binary_search(p).is_err()));
     out.sort_unstable();
     Ok(out)
@@ -234,11 +237,11 @@ impl LayerPlan for BlendPlan {
         let next = if keep >= in_cache {
             rows.to_vec()
         } else {
-            let (fresh, old) = match self.deviation {
-                Deviation::K => (&qkv.k, cached.keys()?),
-                Deviation::V => (&qkv.v, cached.values()?),
+            let fresh = match self.deviation {
+                Deviation::K => &qkv.k,
+                Deviation::V => &qkv.v,
             };
-            select_hkvd(rows, fresh, &old, held, keep)?
+            select_hkvd(rows, fresh, cached, self.deviation, keep)?
         };
         self.chosen.push((l, next.clone()));
         self.select_ms += ms(t);
