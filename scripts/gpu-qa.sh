@@ -5,8 +5,9 @@
 # models, all at once (small models leave the H200 mostly idle, so runs in parallel add up),
 # each stopped in time to write its summary. One call, under 10 minutes.
 #
-# Writes to $OUT: run.txt (log), selfcheck.txt, and one RUN.tar.gz per run (config.json,
-# results.jsonl, summary.md/json, sweep plots).
+# Writes to $OUT three files (the device tool brings back at most 8): run.txt (log),
+# selfcheck.txt, and runs.tar.gz with one folder per run (config.json, results.jsonl,
+# summary.md/json, sweep plots, log.txt) and NAME-first20/ summaries for MuSiQue runs.
 # Env: SAMKV_GPU_BUDGET_S (default 560) seconds for the whole script; QA_RUNS to replace the
 # default run list (lines of `name model data extra-args...`); SAMKV_BIN and SAMKV_DEVICE for a
 # dry run on another machine (a CPU binary and `cpu`).
@@ -84,8 +85,8 @@ summarize() {
     local dir=$1 model=$2 data=$3 args=$4 limit=$5
     args=$(echo "$args" | sed -E 's/--limit [0-9]+//')
     # shellcheck disable=SC2086 # args is a list of arguments
-    timeout -k 5 60 "$S" --device "$DEV" --store /tmp/qa-store bench --model "$model" \
-        --data "$data" --out "$dir" $args --limit "$limit"
+    timeout -k 5 60 "$S" --device "$DEV" --store "/tmp/qa-store-$(basename "$dir" -first20)" bench \
+        --model "$model" --data "$data" --out "$dir" $args --limit "$limit"
 }
 
 METHODS="recompute,reuse,cacheblend,epic,infllm,samkv,samkv:selection=global:keep=0.15"
@@ -102,8 +103,10 @@ declare -A PIDS
 while read -r name model data args; do
     [ -z "$name" ] && continue
     mkdir -p "dist/runs/$name"
+    # Each run its own store: runs share nothing but the GPU.
     # shellcheck disable=SC2086 # args is a list of arguments
-    timeout -k 5 "$left" "$S" --device "$DEV" --store /tmp/qa-store bench --model "$model" \
+    RUST_BACKTRACE=1 timeout -k 5 "$left" "$S" --device "$DEV" --store "/tmp/qa-store-$name" \
+        bench --model "$model" \
         --data "$data" --out "dist/runs/$name" $args >"dist/runs/$name/log.txt" 2>&1 &
     PIDS[$name]=$!
     echo "$name $model $data $args" >"dist/runs/$name/cmd.txt"
@@ -122,7 +125,6 @@ while read -r name model data args; do
         log "== $name: summary over the first $k completed examples"
         summarize "$d" "$model" "$data" "$args" "$k" >>"$d/log.txt" 2>&1
     fi
-    tar -czf "$OUT/$name.tar.gz" -C dist/runs "$name"
 done <<<"$RUNS"
 # Issue 4's table: the first 20 MuSiQue examples of each MuSiQue run, from the same results.
 while read -r name model data args; do
@@ -134,7 +136,9 @@ while read -r name model data args; do
     cp -r "dist/runs/$name" "$f20"
     rm -f "$f20"/summary.*
     summarize "$f20" "$model" "$data" "$args" 20 >>"$RUN" 2>&1
-    tar -czf "$OUT/$name-first20.tar.gz" -C dist/runs "$name-first20/summary.md" \
-        "$name-first20/summary.json"
+    rm -f "$f20/results.jsonl" # the summary is what this copy is for
 done <<<"$RUNS"
+names=$(while read -r name _; do [ -n "$name" ] && echo "$name"; done <<<"$RUNS")
+# shellcheck disable=SC2086 # names is a list
+(cd dist/runs && tar -czf "$OUT/runs.tar.gz" $names $(ls -d ./*-first20 2>/dev/null))
 log "== total $SECONDS s"

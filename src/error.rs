@@ -16,6 +16,9 @@ pub enum Error {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    #[error("internal error (a bug in samkv; please report it with RUST_BACKTRACE=1 output): {0}")]
+    Internal(String),
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

@@ -564,6 +564,20 @@ pub fn run(
     Ok(summary)
 }
 
+/// Runs `f`, turning a panic into an error, so that one example that trips a bug becomes an
+/// error line (with the panic's message; RUST_BACKTRACE=1 prints where) instead of ending a
+/// run of hundreds.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        Err(crate::Error::Internal(format!("panicked: {msg}")))
+    })
+}
+
 /// Runs every missing (example, method) pair of one example, handing each line to `emit` as
 /// soon as it is ready; a failed method becomes an error line.
 #[allow(clippy::too_many_arguments)]
@@ -625,7 +639,8 @@ fn bench_example(
         Ok(x) => x,
         Err(e) => return fail_all(format!("preparing the example: {e}"), emit),
     };
-    let reference = match run_method(engine, &Recompute, &t, Some(&prepared), sampling) {
+    let reference = match guarded(|| run_method(engine, &Recompute, &t, Some(&prepared), sampling))
+    {
         Ok(r) => r,
         Err(e) => return fail_all(format!("the Recompute reference failed: {e}"), emit),
     };
@@ -642,7 +657,7 @@ fn bench_example(
         let o = if spec.config.method == "recompute" {
             &reference
         } else {
-            match run_method(engine, method.as_ref(), &t, None, sampling) {
+            match guarded(|| run_method(engine, method.as_ref(), &t, None, sampling)) {
                 Ok(o) => {
                     fresh = o;
                     &fresh
