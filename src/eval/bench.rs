@@ -751,6 +751,15 @@ mod tests {
     }
 
     #[test]
+    fn a_panic_becomes_an_internal_error() {
+        let e = guarded::<()>(|| panic!("index 7 out of range")).unwrap_err();
+        assert!(matches!(&e, crate::Error::Internal(m) if m.contains("index 7 out of range")));
+        let e = guarded::<()>(|| std::panic::panic_any(42u8)).unwrap_err();
+        assert!(e.to_string().contains("(no message)"), "{e}");
+        assert_eq!(guarded(|| Ok(5)).unwrap(), 5);
+    }
+
+    #[test]
     fn peak_rss_is_read() {
         assert!(peak_rss_bytes() > 0);
     }

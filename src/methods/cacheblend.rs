@@ -268,10 +268,7 @@ impl Method for CacheBlend {
                 "CacheBlend needs at least one question token".into(),
             ));
         }
-        let mut stats = Stats {
-            method: self.name(),
-            ..Default::default()
-        };
+        let mut stats = Stats::for_method(self.name());
         let mut cache = concat_caches(model, ctx, &mut stats)?;
         let t = Instant::now();
         let (_, mut rows) = ctx.all_tokens();

@@ -44,10 +44,7 @@ impl Method for Epic {
             ));
         }
         let model = ctx.model;
-        let mut stats = Stats {
-            method: self.name(),
-            ..Default::default()
-        };
+        let mut stats = Stats::for_method(self.name());
         let mut cache = concat_caches(model, ctx, &mut stats)?;
         let t = Instant::now();
         let rows = self.rows(ctx);

@@ -62,10 +62,7 @@ impl Method for MultiInfLlm {
 
     fn assemble(&self, ctx: &Context) -> Result<Assembled> {
         let model = ctx.model;
-        let mut stats = Stats {
-            method: self.name(),
-            ..Default::default()
-        };
+        let mut stats = Stats::for_method(self.name());
         let mut cache = concat_caches(model, ctx, &mut stats)?;
         let t = Instant::now();
         let mut select_s = 0.0;

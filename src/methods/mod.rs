@@ -129,6 +129,14 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Empty stats of the named method, filled as it assembles.
+    pub fn for_method(method: String) -> Self {
+        Self {
+            method,
+            ..Default::default()
+        }
+    }
+
     /// Fills the kept/recomputed summaries from the final cache and per-layer counts.
     pub fn finish(&mut self, ctx: &Context, cache: &KvCache, recomputed_per_layer: Vec<usize>) {
         let q = ctx.question.len();

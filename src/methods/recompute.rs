@@ -22,11 +22,8 @@ impl Method for Recompute {
         let mut cache = model.new_cache()?;
         let out = model.forward(&tokens, &pos, &mut cache, Logits::Last, &[])?;
         let logits = super::last_logits(out.logits)?;
-        let mut stats = Stats {
-            method: self.name(),
-            recompute_ms: ms(t),
-            ..Default::default()
-        };
+        let mut stats = Stats::for_method(self.name());
+        stats.recompute_ms = ms(t);
         stats.finish(ctx, &cache, vec![tokens.len(); model.n_layers()]);
         Ok(Assembled {
             cache,

@@ -15,10 +15,7 @@ impl Method for Reuse {
     }
 
     fn assemble(&self, ctx: &Context) -> Result<Assembled> {
-        let mut stats = Stats {
-            method: self.name(),
-            ..Default::default()
-        };
+        let mut stats = Stats::for_method(self.name());
         let mut cache = concat_caches(ctx.model, ctx, &mut stats)?;
         let t = Instant::now();
         let logits = prefill_question(ctx.model, ctx, &mut cache)?;

@@ -192,10 +192,7 @@ impl Method for SamKv {
     }
 
     fn assemble(&self, ctx: &Context) -> Result<Assembled> {
-        let mut stats = Stats {
-            method: self.name(),
-            ..Default::default()
-        };
+        let mut stats = Stats::for_method(self.name());
         let concat = concat_caches(ctx.model, ctx, &mut stats)?;
         let t = Instant::now();
         let plan = self.plan(ctx, &concat)?;
