@@ -342,6 +342,8 @@ __device__ void flash_combine(const float *__restrict__ part, T *__restrict__ ou
     out[(long long)qi * heads * D + head * D + d] = from_f<T>(wsum > 0.f ? acc / wsum : 0.f);
 }
 
+// __launch_bounds__(128, 3): registers capped for three blocks per SM, measured faster on the
+// H200 (1.32 vs 1.60 ms per layer at 5184 tokens) despite a few spilled bytes.
 #define FLASH(NAME, T, D)                                                                      \
     extern "C" __global__ void __launch_bounds__(128, 3)                                          \
         flash_attn_##NAME##_d##D(const T *q, const T *k, const T *v, T *out, float *part,      \
