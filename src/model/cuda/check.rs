@@ -23,14 +23,32 @@ fn rel_err(reference: &Tensor, got: &Tensor) -> Result<f32> {
     Ok(diff / scale)
 }
 
-/// Tolerance of a half-precision kernel against the f32 reference, relative to the output's
-/// largest magnitude: bf16 keeps 8 bits of mantissa (2^-8 = 0.004), and inputs, the
-/// probabilities and the output are each rounded once.
+/// Tolerance of a kernel against the f32 reference, relative to the output's largest
+/// magnitude: bf16 keeps 8 bits of mantissa (2^-8 = 0.004), and inputs, the probabilities
+/// and the output are each rounded once; f32 differs only in the order of operations.
 fn tol(dt: DType) -> f32 {
-    if dt == DType::BF16 {
-        0.03
-    } else {
-        0.01
+    match dt {
+        DType::BF16 => 0.03,
+        DType::F32 => 1e-5,
+        _ => 0.01,
+    }
+}
+
+/// The check's verdict: `err` is the relative error of the kernel's output, None when the
+/// kernel declined the inputs (a failure: every check's inputs are ones it must take).
+fn verdict(name: String, err: Option<f32>, dt: DType) -> Check {
+    let limit = tol(dt);
+    match err {
+        None => Check {
+            name,
+            pass: false,
+            detail: "the kernel declined these inputs".into(),
+        },
+        Some(e) => Check {
+            name,
+            pass: e < limit,
+            detail: format!("max |diff| / max |ref| = {e:.2e} (tolerance {limit})"),
+        },
     }
 }
 
@@ -111,25 +129,12 @@ fn check_attention(dev: &Device, c: &AttnCase) -> Result<Check> {
     let f = |t: &Tensor| t.to_dtype(DType::F32);
     let want = super::super::attend(&f(&q)?, &f(&k)?, &f(&v)?, &c.qpos, &c.kpos)?;
     let got = super::attend(&q, &k, &v, &c.qpos, &c.kpos)?;
-    let name = format!("kernel attention: {}", c.name);
-    Ok(match got {
-        None => Check {
-            name,
-            pass: false,
-            detail: "the kernel declined these inputs".into(),
-        },
-        Some(got) => {
-            let e = rel_err(&want, &got)?;
-            Check {
-                name,
-                pass: e < tol(c.dtype),
-                detail: format!(
-                    "max |diff| / max |ref| = {e:.2e} (tolerance {})",
-                    tol(c.dtype)
-                ),
-            }
-        }
-    })
+    let err = got.map(|g| rel_err(&want, &g)).transpose()?;
+    Ok(verdict(
+        format!("kernel attention: {}", c.name),
+        err,
+        c.dtype,
+    ))
 }
 
 /// Batched decode: three sequences of different lengths, caches with spare capacity (as
@@ -163,11 +168,7 @@ fn check_attention_batch(dev: &Device, dt: DType) -> Result<Check> {
     let name = format!("kernel attention: batched decode, 3 caches of 41/700/5185 rows, {dt:?}")
         .to_lowercase();
     let Some(got) = got else {
-        return Ok(Check {
-            name,
-            pass: false,
-            detail: "the kernel declined these inputs".into(),
-        });
+        return Ok(verdict(name, None, dt));
     };
     let mut worst = 0f32;
     for (i, ((k, v), p)) in kv.iter().zip(&kpos).enumerate() {
@@ -176,14 +177,7 @@ fn check_attention_batch(dev: &Device, dt: DType) -> Result<Check> {
         let want = super::super::attend_ops(&f(&qi)?, &f(k)?, &f(v)?, &qpos[i..i + 1], p)?;
         worst = worst.max(rel_err(&want, &got.narrow(0, i, 1)?)?);
     }
-    Ok(Check {
-        name,
-        pass: worst < tol(dt),
-        detail: format!(
-            "max |diff| / max |ref| = {worst:.2e} (tolerance {})",
-            tol(dt)
-        ),
-    })
+    Ok(verdict(name, Some(worst), dt))
 }
 
 fn check_qkv_rope(dev: &Device, layout: RopeLayout, dt: DType, bias: bool) -> Result<Check> {
@@ -219,24 +213,15 @@ fn check_qkv_rope(dev: &Device, layout: RopeLayout, dt: DType, bias: bool) -> Re
         if bias { " with bias" } else { "" }
     )
     .to_lowercase();
-    Ok(match got {
-        None => Check {
-            name,
-            pass: false,
-            detail: "the kernel declined these inputs".into(),
-        },
-        Some((q, k, v)) => {
-            let e = rel_err(&want_q, &q)?
+    let err = match got {
+        Some((q, k, v)) => Some(
+            rel_err(&want_q, &q)?
                 .max(rel_err(&want_k, &k)?)
-                .max(rel_err(&want_v, &v)?);
-            let limit = if dt == DType::F32 { 1e-5 } else { tol(dt) };
-            Check {
-                name,
-                pass: e < limit,
-                detail: format!("max |diff| / max |ref| = {e:.2e} (tolerance {limit})"),
-            }
-        }
-    })
+                .max(rel_err(&want_v, &v)?),
+        ),
+        None => None,
+    };
+    Ok(verdict(name, err, dt))
 }
 
 fn check_silu_mul(dev: &Device, dt: DType) -> Result<Check> {
@@ -245,23 +230,12 @@ fn check_silu_mul(dev: &Device, dt: DType) -> Result<Check> {
     let u = gu.narrow(1, 96, 96)?.to_dtype(DType::F32)?;
     let want = (candle_nn::ops::silu(&g)? * u)?;
     let got = super::silu_mul(&gu)?;
-    let name = format!("kernel silu*up: {dt:?}").to_lowercase();
-    Ok(match got {
-        None => Check {
-            name,
-            pass: false,
-            detail: "the kernel declined these inputs".into(),
-        },
-        Some(got) => {
-            let e = rel_err(&want, &got)?;
-            let limit = if dt == DType::F32 { 1e-5 } else { tol(dt) };
-            Check {
-                name,
-                pass: e < limit,
-                detail: format!("max |diff| / max |ref| = {e:.2e} (tolerance {limit})"),
-            }
-        }
-    })
+    let err = got.map(|g| rel_err(&want, &g)).transpose()?;
+    Ok(verdict(
+        format!("kernel silu*up: {dt:?}").to_lowercase(),
+        err,
+        dt,
+    ))
 }
 
 /// Every kernel check; an error inside one becomes a failed check.

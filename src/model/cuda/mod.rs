@@ -304,6 +304,15 @@ fn rows_packed(t: &Tensor, d: usize) -> bool {
     layout.stride().len() == 3 && layout.stride()[1] == d && layout.stride()[2] == 1
 }
 
+/// `t` itself when its rows are packed, else a contiguous copy.
+fn packed(t: &Tensor, d: usize) -> Result<Tensor> {
+    Ok(if rows_packed(t, d) {
+        t.clone()
+    } else {
+        t.contiguous()?
+    })
+}
+
 /// Attention of q (heads, Tq, d) at `qpos` over k, v (kv_heads, Tk, d) at sorted `kpos`, as
 /// [`super::attention::attend`]; returns (Tq, heads * d). None unless the tensors are CUDA
 /// bf16/f16 with d of 64 or 128.
@@ -322,21 +331,7 @@ pub fn attend(
     if hkv == 0 || h % hkv != 0 || tk == 0 || qpos.len() != tq {
         return Ok(None);
     }
-    let q = if rows_packed(q, d) {
-        q.clone()
-    } else {
-        q.contiguous()?
-    };
-    let k = if rows_packed(k, d) {
-        k.clone()
-    } else {
-        k.contiguous()?
-    };
-    let v = if rows_packed(v, d) {
-        v.clone()
-    } else {
-        v.contiguous()?
-    };
+    let (q, k, v) = (packed(q, d)?, packed(k, d)?, packed(v, d)?);
     // Only when some query cannot see every key does the kernel need per-query counts.
     let last = kpos[tk - 1];
     let vis = if qpos.iter().all(|&p| p >= last) {
