@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::samkv::{SamKvParams, Selection};
-use super::{CacheBlend, Epic, Method, MultiInfLlm, Recompute, Reuse, SamKv, Update};
+use super::{CacheBlend, Epic, Method, MultiInfLlm, Oracle, Recompute, Reuse, SamKv, Update};
 use crate::{Error, Result};
 
 pub const METHOD_NAMES: &[&str] = &[
@@ -14,12 +14,14 @@ pub const METHOD_NAMES: &[&str] = &[
     "epic",
     "infllm",
     "samkv",
+    "oracle",
 ];
 
 #[derive(clap::Args, Clone, Debug, Serialize, Deserialize)]
 #[serde(default)]
 pub struct MethodConfig {
-    /// recompute | reuse | cacheblend | epic | infllm | samkv
+    /// recompute | reuse | cacheblend | epic | infllm | samkv | oracle (a diagnostic: SamKV's
+    /// budget with the blocks Recompute's question attends to most; needs a full prefill)
     #[arg(long, default_value = "samkv")]
     pub method: String,
 
@@ -138,6 +140,17 @@ impl MethodConfig {
             "epic" => Ok(Box::new(Epic { k: self.epic_k })),
             "infllm" => Ok(Box::new(self.infllm()?)),
             "samkv" => Ok(Box::new(SamKv::new(self.samkv_params()?))),
+            "oracle" => {
+                let mut params = self.samkv_params()?;
+                if !(self.keep > 0.0 && self.keep <= 1.0) {
+                    return bad(format!("keep must be in (0, 1], got {}", self.keep));
+                }
+                params.selection = Selection::Global {
+                    keep: self.keep,
+                    relative: false,
+                };
+                Ok(Box::new(Oracle { params }))
+            }
             other if METHOD_NAMES.contains(&other) => Err(Error::InvalidInput(format!(
                 "method `{other}` is not available in this build yet"
             ))),

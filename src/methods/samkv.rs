@@ -103,7 +103,8 @@ impl SamKv {
         Self { params }
     }
 
-    fn stable(&self, n_layers: usize) -> Result<Vec<usize>> {
+    /// The stable layers (the last `stable_layers`), checked against the model's depth.
+    pub fn stable(&self, n_layers: usize) -> Result<Vec<usize>> {
         let s = self.params.stable_layers;
         if s == 0 || s > n_layers {
             return Err(Error::InvalidInput(format!(
@@ -122,11 +123,7 @@ impl SamKv {
         let stable = self.stable(n_layers)?;
         let (preamble, docs) = anchors(ctx, p.num_initial, p.num_local, p.block_size);
         let mut anchor_pos: Vec<u32> = preamble.clone();
-        let mut doc_anchors = Vec::new();
-        for d in &docs {
-            doc_anchors.extend(d.anchor_positions());
-        }
-        anchor_pos.extend(&doc_anchors);
+        anchor_pos.extend(docs.iter().flat_map(|d| d.anchor_positions()));
         anchor_pos.sort_unstable();
         let mut keep_ratios = vec![0.0; docs.len()];
         let mut selected = vec![Vec::new(); stable.len()];
@@ -140,21 +137,38 @@ impl SamKv {
             keep_ratios = keep_ratios_per_doc(&scores, docs.len());
             selected = block_selection(&docs, &scores, &keep_ratios, p.selection);
         }
-        let mut base = doc_anchors;
+        let mut plan = Plan::from_selection(ctx, &stable, preamble, docs, selected);
+        plan.keep_ratios = keep_ratios;
+        plan.slow_path_docs = slow_path_docs;
+        Ok(plan)
+    }
+}
+
+impl Plan {
+    /// The rest of step 6 once the blocks are chosen: the recompute set of every layer (the
+    /// union rule) and the retained rows. `selected[s]` holds the rows chosen at `stable[s]`.
+    pub fn from_selection(
+        ctx: &Context,
+        stable: &[usize],
+        preamble: Vec<u32>,
+        docs: Vec<DocSpan>,
+        selected: Vec<Vec<u32>>,
+    ) -> Plan {
+        let mut base: Vec<u32> = docs.iter().flat_map(|d| d.anchor_positions()).collect();
         base.extend(ctx.question_positions());
-        let recompute = recompute_sets(n_layers, &stable, &selected, &base);
+        let recompute = recompute_sets(ctx.model.n_layers(), stable, &selected, &base);
         let mut retained = preamble;
         let q0 = ctx.context_len() as u32;
         retained.extend(recompute[0].iter().copied().filter(|&x| x < q0));
         retained.sort_unstable();
-        Ok(Plan {
+        Plan {
+            keep_ratios: vec![0.0; docs.len()],
             docs,
-            keep_ratios,
             selected,
             retained,
             recompute,
-            slow_path_docs,
-        })
+            slow_path_docs: 0,
+        }
     }
 }
 

@@ -17,8 +17,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <limits.h>
 
-#define BQ 64   // packed query rows per block: 4 warps x 16 (measured faster than 8 x 16)
+#define BQ 64   // packed query rows per block: 4 warps x 16 (measured faster than 8 x 16, and
+                // than 4 x 32 with Q in shared memory: docs/PERFORMANCE.md)
 #define BK 64   // keys per tile
 #define PAD 8   // shared-memory row padding (elements): no bank conflicts, 16-byte rows
 
@@ -136,7 +138,7 @@ __device__ void flash_attn(const T *__restrict__ q, const T *k, const T *v, T *_
     extern __shared__ __align__(16) unsigned char smem[];
     typedef T Tile[BK][D + PAD];
     Tile *tiles = reinterpret_cast<Tile *>(smem);  // [stage * 2] = K, [stage * 2 + 1] = V
-    __shared__ int cta_vis;
+    __shared__ int cta_vis, cta_min_vis;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;
     const int kvh = blockIdx.y;
@@ -156,15 +158,21 @@ __device__ void flash_attn(const T *__restrict__ q, const T *k, const T *v, T *_
         tk = (int)e[4];
     }
 
-    if (threadIdx.x == 0) cta_vis = 0;
+    if (threadIdx.x == 0) cta_vis = 0, cta_min_vis = INT_MAX;
     __syncthreads();
     if (threadIdx.x < BQ) {
         int r = row_lo + threadIdx.x;
-        if (r < row_hi) atomicMax(&cta_vis, vis ? (int)vis[r / group] : tk);
+        if (r < row_hi) {
+            int n = vis ? (int)vis[r / group] : tk;
+            atomicMax(&cta_vis, n);
+            atomicMin(&cta_min_vis, n);
+        }
     }
     __syncthreads();
     const int kbeg = blockIdx.z * split_len;
     const int kend = min(min(tk, kbeg + split_len), cta_vis);
+    // Tiles wholly below this are visible to every row: no mask needed.
+    const int full_to = min(kend, cta_min_vis);
 
     // This thread's two rows (g and g + 8 of the warp's 16).
     int rr[2] = {row0 + g, row0 + g + 8};
@@ -227,38 +235,48 @@ __device__ void flash_attn(const T *__restrict__ q, const T *k, const T *v, T *_
                     mma16816<T>(s[nt + 1], qa[kk], b[2], b[3]);
                 }
             }
-            // Scale to log2 units, mask what a row may not see, new running max.
-            float mx[2] = {m[0], m[1]};
-            const bool whole = kt + BK <= min(kend, min(rvis[0], rvis[1]));
+            // Mask what a row may not see (only tiles some row of the block ends in), then
+            // the running max in log2 units. Reductions run as independent chains: a single
+            // chain of dependent max/add per row stalled the warps.
+            if (kt + BK > full_to) {
 #pragma unroll
-            for (int nt = 0; nt < BK / 8; nt++) {
+                for (int nt = 0; nt < BK / 8; nt++) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int key = kt + nt * 8 + 2 * t + (e & 1);
-                    int hi = e >> 1;
-                    s[nt][e] = (whole || (key < rvis[hi] && key < kend)) ? s[nt][e] * scale_log2
-                                                                       : -INFINITY;
-                    mx[hi] = fmaxf(mx[hi], s[nt][e]);
+                    for (int e = 0; e < 4; e++) {
+                        int key = kt + nt * 8 + 2 * t + (e & 1);
+                        if (!(key < rvis[e >> 1] && key < kend)) s[nt][e] = -INFINITY;
+                    }
                 }
             }
-            float alpha[2];
+            float mb[2], alpha[2];
 #pragma unroll
             for (int i = 0; i < 2; i++) {
-                mx[i] = quad_max(mx[i]);
-                alpha[i] = mx[i] == -INFINITY ? 1.f : exp2f(m[i] - mx[i]);
-                m[i] = mx[i];
-                l[i] *= alpha[i];
+                float c[4];
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+                    c[j] = fmaxf(fmaxf(s[j][2 * i], s[j][2 * i + 1]),
+                                 fmaxf(s[j + 4][2 * i], s[j + 4][2 * i + 1]));
+                float mx = quad_max(fmaxf(fmaxf(c[0], c[1]), fmaxf(c[2], c[3])));
+                float mnew = fmaxf(m[i], mx * scale_log2);
+                // A row that has seen nothing yet keeps -inf; exp2 of -inf - 0 is 0.
+                mb[i] = mnew == -INFINITY ? 0.f : mnew;
+                alpha[i] = exp2f(m[i] - mb[i]);
+                m[i] = mnew;
             }
+            float ls[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
             for (int nt = 0; nt < BK / 8; nt++) {
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     int hi = e >> 1;
-                    float p = s[nt][e] == -INFINITY ? 0.f : exp2f(s[nt][e] - mx[hi]);
+                    float p = exp2f(fmaf(s[nt][e], scale_log2, -mb[hi]));
                     s[nt][e] = p;
-                    l[hi] += p;
+                    ls[hi][(nt & 1) * 2 + (e & 1)] += p;
                 }
             }
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+                l[i] = l[i] * alpha[i] + ((ls[i][0] + ls[i][1]) + (ls[i][2] + ls[i][3]));
 #pragma unroll
             for (int dt = 0; dt < D / 8; dt++) {
                 o[dt][0] *= alpha[0];
@@ -342,8 +360,9 @@ __device__ void flash_combine(const float *__restrict__ part, T *__restrict__ ou
     out[(long long)qi * heads * D + head * D + d] = from_f<T>(wsum > 0.f ? acc / wsum : 0.f);
 }
 
-// __launch_bounds__(128, 3): registers capped for three blocks per SM, measured faster on the
-// H200 (1.32 vs 1.60 ms per layer at 5184 tokens) despite a few spilled bytes.
+// __launch_bounds__(128, 3): registers capped (168) for three blocks per SM, measured faster on
+// the H200 than two (1.32 vs 1.60 ms per layer at 5184 tokens); nothing spills since the
+// softmax reductions were split into independent chains.
 #define FLASH(NAME, T, D)                                                                      \
     extern "C" __global__ void __launch_bounds__(128, 3)                                          \
         flash_attn_##NAME##_d##D(const T *q, const T *k, const T *v, T *out, float *part,      \

@@ -27,8 +27,11 @@ pub mod check;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/samkv_kernels.ptx"));
 const MODULE: &str = "samkv_kernels";
-/// Query rows and keys per attention block (BQ, BK in kernels.cu).
+/// Packed query rows per attention block (BQ in kernels.cu).
 const BQ: usize = 64;
+/// Threads per attention block: 4 warps of 16 rows.
+const THREADS: u32 = 128;
+/// Keys per tile (BK in kernels.cu).
 const BK: usize = 64;
 /// Blocks worth filling the GPU with (an H200 has 132 SMs; three attention blocks fit on each).
 const TARGET_BLOCKS: usize = 264;
@@ -37,6 +40,20 @@ const TARGET_BLOCKS: usize = 264;
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("SAMKV_CUDA_KERNELS").map_or(true, |v| v != "0"))
+}
+
+/// The PTX flash_attn is loaded from: samkv's, or for tuning the kernel without rebuilding
+/// samkv (docs/GPU.md), a file named by `SAMKV_FLASH_PTX` compiled from a changed kernels.cu
+/// with the same block shape (BQ, BK, 4 warps).
+fn flash_ptx() -> candle_core::Result<&'static str> {
+    static SRC: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let src = SRC.get_or_init(|| match std::env::var("SAMKV_FLASH_PTX") {
+        Ok(path) => std::fs::read_to_string(&path)
+            .map_err(|e| format!("SAMKV_FLASH_PTX={path} cannot be read: {e}; unset it")),
+        Err(_) => Ok(PTX.to_string()),
+    });
+    src.as_deref()
+        .map_err(|e| candle_core::Error::Msg(e.clone()))
 }
 
 /// Whether the attention kernel takes activations of this dtype and head size.
@@ -105,7 +122,7 @@ fn flash_function(
     let module = dev
         .cuda_stream()
         .context()
-        .load_module(Ptx::from_src(PTX))
+        .load_module(Ptx::from_src(flash_ptx()?))
         .w()?;
     let func = module.load_function(&key.1).w()?;
     func.set_attribute(
@@ -205,7 +222,7 @@ fn launch_flash<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
     b.arg(&scale_log2).arg(&split_i);
     let cfg = LaunchConfig {
         grid_dim: (q_blocks as u32, hkv as u32, nsplit as u32),
-        block_dim: (BQ as u32 * 2, 1, 1),
+        block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem,
     };
     unsafe { b.launch(cfg) }.w()?;

@@ -1,0 +1,165 @@
+//! Oracle selection: a diagnostic, not a method of the paper and not usable in serving.
+//!
+//! When SamKV at a small budget answers worse than Reuse, is that its choice of blocks or the
+//! budget itself? The oracle keeps exactly what SamKV's global reading keeps (every
+//! document's anchors plus middle blocks up to `keep` of the documents' tokens) and then runs
+//! SamKV's steps 7-8 unchanged (local recompute of the retained rows, decoding from them
+//! only). Only the choice of blocks differs: the blocks Recompute's question actually reads,
+//! i.e. the softmax attention of every question token in a full prefill of the request,
+//! summed over query heads and all layers. That needs the full prefill SamKV exists to avoid,
+//! so the oracle's time to first token means nothing; its agreement and KL bound what any
+//! block selection can reach at that budget with this model.
+
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+
+use super::samkv::{anchors, block_selection, local_recompute, Plan, SamKv, SamKvParams, Scores};
+use super::{concat_caches, ms, Assembled, Context, Method, Stats};
+use crate::model::Logits;
+use crate::Result;
+
+#[derive(Clone, Debug)]
+pub struct Oracle {
+    /// SamKV's knobs; `selection` is the global budget (`keep`).
+    pub params: SamKvParams,
+}
+
+impl Oracle {
+    /// Steps 1 and 6 of SamKV with the blocks scored by [`question_attention`].
+    pub fn plan(&self, ctx: &Context) -> Result<Plan> {
+        let p = &self.params;
+        let stable = SamKv::new(p.clone()).stable(ctx.model.n_layers())?;
+        let (preamble, docs) = anchors(ctx, p.num_initial, p.num_local, p.block_size);
+        let mass = question_attention(ctx)?;
+        let per_doc: Vec<(Vec<f32>, f32)> = docs
+            .iter()
+            .map(|d| {
+                let blocks = d.blocks.iter();
+                let sums = blocks.map(|b| b.clone().map(|x| mass[x as usize]).sum());
+                (sums.collect(), 0.0)
+            })
+            .collect();
+        // Every stable layer ranks the same way, so their selections (and the union) agree.
+        let scores: Scores = vec![per_doc; stable.len()];
+        let selected = block_selection(&docs, &scores, &[], p.selection);
+        Ok(Plan::from_selection(ctx, &stable, preamble, docs, selected))
+    }
+}
+
+impl Method for Oracle {
+    fn name(&self) -> String {
+        let p = &self.params;
+        let keep = match p.selection {
+            super::samkv::Selection::Global { keep, .. } => keep,
+            super::samkv::Selection::PerDoc => 1.0,
+        };
+        format!(
+            "oracle(initial={},local={},block={},keep={keep})",
+            p.num_initial, p.num_local, p.block_size
+        )
+    }
+
+    fn assemble(&self, ctx: &Context) -> Result<Assembled> {
+        let mut stats = Stats::for_method(self.name());
+        let concat = concat_caches(ctx.model, ctx, &mut stats)?;
+        let t = Instant::now();
+        let plan = self.plan(ctx)?;
+        stats.select_ms = ms(t);
+        let t = Instant::now();
+        let (cache, logits, counts) = local_recompute(ctx, concat, &plan, &self.params)?;
+        stats.recompute_ms = ms(t);
+        stats.finish(ctx, &cache, counts);
+        Ok(Assembled {
+            cache,
+            logits,
+            stats,
+        })
+    }
+}
+
+/// Attention each context position receives from the question in a full causal prefill of
+/// the request, summed over question tokens, query heads and layers (one value per context
+/// position, in position order).
+pub fn question_attention(ctx: &Context) -> Result<Vec<f32>> {
+    let model = ctx.model;
+    let n = ctx.context_len();
+    let (tokens, pos) = ctx.all_tokens();
+    let mut cache = model.new_cache()?;
+    model.forward(&tokens[..n], &pos[..n], &mut cache, Logits::None, &[])?;
+    let qpos = ctx.question_positions();
+    let layers: Vec<usize> = (0..model.n_layers()).collect();
+    let out = model.forward(&ctx.question, &qpos, &mut cache, Logits::None, &layers)?;
+    let mut mass = Tensor::zeros(n, DType::F32, model.device())?;
+    for (l, q) in &out.queries {
+        let layer = &cache.layers[*l];
+        let probs = attention_probs(q, &layer.keys()?, &qpos, layer.positions())?;
+        mass = (mass + probs.narrow(0, 0, n)?)?;
+    }
+    Ok(mass.to_vec1()?)
+}
+
+/// Softmax attention of queries q (heads, Tq, d) over keys k (kv_heads, Tk, d), causal by
+/// position, summed over heads and queries: (Tk,) f32.
+pub fn attention_probs(q: &Tensor, k: &Tensor, qpos: &[u32], kpos: &[u32]) -> Result<Tensor> {
+    let (h, tq, d) = q.dims3()?;
+    let (kv, tk, _) = k.dims3()?;
+    let g = h / kv.max(1);
+    let q = q
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .reshape((kv, g * tq, d))?;
+    let k = k.to_dtype(DType::F32)?.contiguous()?;
+    let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+    // Row r of a group is query r % tq (the heads of a group are stacked along rows).
+    let mask: Vec<f32> = (0..g * tq)
+        .flat_map(|r| {
+            let p = qpos[r % tq];
+            kpos.iter()
+                .map(move |&kp| if kp <= p { 0.0 } else { f32::NEG_INFINITY })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (g * tq, tk), q.device())?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+    Ok(probs.sum((0, 1))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn attention_probs_sum_to_the_number_of_query_rows_and_respect_causality() {
+        let dev = Device::Cpu;
+        // 4 query heads over 2 KV heads, 2 queries at positions 2 and 3, keys at 0..4.
+        let q = Tensor::arange(0f32, 32.0, &dev)
+            .unwrap()
+            .affine(0.1, -1.0)
+            .unwrap()
+            .reshape((4, 2, 4))
+            .unwrap();
+        let k = Tensor::arange(0f32, 32.0, &dev)
+            .unwrap()
+            .affine(-0.05, 0.7)
+            .unwrap()
+            .reshape((2, 4, 4))
+            .unwrap();
+        let m = attention_probs(&q, &k, &[2, 3], &[0, 1, 2, 3])
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // Each of the 4 heads x 2 queries spreads mass 1 over what it sees.
+        assert!((m.iter().sum::<f32>() - 8.0).abs() < 1e-4, "{m:?}");
+        // Key 3 is seen only by the query at position 3 (one per head): less than 4 in total,
+        // and more than 0.
+        assert!(m[3] > 0.0 && m[3] < 4.0, "{m:?}");
+        // The query at position 2 cannot see key 3: with it alone, key 3 gets nothing.
+        let m2 = attention_probs(&q.narrow(1, 0, 1).unwrap(), &k, &[2], &[0, 1, 2, 3])
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(m2[3], 0.0);
+        assert!((m2.iter().sum::<f32>() - 4.0).abs() < 1e-4, "{m2:?}");
+    }
+}
