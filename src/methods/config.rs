@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::samkv::{SamKvParams, Selection};
+use super::samkv::{SamKvParams, Score, Selection};
 use super::{CacheBlend, Epic, Method, MultiInfLlm, Oracle, Recompute, Reuse, SamKv, Update};
 use crate::{Error, Result};
 
@@ -103,6 +103,11 @@ pub struct MethodConfig {
     /// SamKV: skip the local recompute (sparsify only).
     #[arg(long)]
     pub no_recompute: bool,
+    /// SamKV: how blocks are scored: `dot`, the paper's mean key against the personalized
+    /// query, or `attention`, the block's share of the question's attention (samkv's
+    /// alternative; docs/RESULTS.md compares them).
+    #[arg(long, default_value = "dot", value_parser = ["dot", "attention"])]
+    pub samkv_score: String,
 }
 
 impl Default for MethodConfig {
@@ -230,6 +235,11 @@ impl MethodConfig {
                 ))
             }
         };
+        let score = match self.samkv_score.as_str() {
+            "dot" => Score::Dot,
+            "attention" => Score::Attention,
+            other => return bad(format!("samkv_score `{other}` is unknown; use dot or attention")),
+        };
         Ok(SamKvParams {
             num_initial,
             num_local,
@@ -238,6 +248,7 @@ impl MethodConfig {
             update,
             selection,
             recompute: !self.no_recompute,
+            score,
         })
     }
 

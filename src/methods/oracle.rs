@@ -14,7 +14,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
-use super::samkv::{anchors, block_selection, local_recompute, Plan, SamKv, SamKvParams, Scores};
+use super::samkv::{
+    anchors, attention_probs, block_selection, local_recompute, Plan, SamKv, SamKvParams, Scores,
+};
 use super::{concat_caches, ms, Assembled, Context, Method, Stats};
 use crate::model::Logits;
 use crate::Result;
@@ -97,31 +99,6 @@ pub fn question_attention(ctx: &Context) -> Result<Vec<f32>> {
         mass = (mass + probs.narrow(0, 0, n)?)?;
     }
     Ok(mass.to_vec1()?)
-}
-
-/// Softmax attention of queries q (heads, Tq, d) over keys k (kv_heads, Tk, d), causal by
-/// position, summed over heads and queries: (Tk,) f32.
-pub fn attention_probs(q: &Tensor, k: &Tensor, qpos: &[u32], kpos: &[u32]) -> Result<Tensor> {
-    let (h, tq, d) = q.dims3()?;
-    let (kv, tk, _) = k.dims3()?;
-    let g = h / kv.max(1);
-    let q = q
-        .to_dtype(DType::F32)?
-        .contiguous()?
-        .reshape((kv, g * tq, d))?;
-    let k = k.to_dtype(DType::F32)?.contiguous()?;
-    let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
-    // Row r of a group is query r % tq (the heads of a group are stacked along rows).
-    let mask: Vec<f32> = (0..g * tq)
-        .flat_map(|r| {
-            let p = qpos[r % tq];
-            kpos.iter()
-                .map(move |&kp| if kp <= p { 0.0 } else { f32::NEG_INFINITY })
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (g * tq, tk), q.device())?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
-    Ok(probs.sum((0, 1))?)
 }
 
 #[cfg(test)]

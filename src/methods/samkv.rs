@@ -7,7 +7,9 @@
 //! over the kept rows only.
 //!
 //! The functions below follow the steps of the spec in order: [`anchors`],
-//! [`local_query_summaries`], [`generic_query`], [`personalized_queries`], [`score_blocks`]
+//! [`local_query_summaries`], [`question_queries`] and [`generic_query`],
+//! [`personalized_queries`], [`score_blocks`] (or, as an option that is not the paper's,
+//! [`score_blocks_by_attention`])
 //! and [`keep_ratios_per_doc`] (Eq. 2 in [`keep_ratio`]), [`block_selection`] (top-k in
 //! [`select_blocks`] / [`select_blocks_global`]) and [`recompute_sets`] (the layer union
 //! rule), then [`local_recompute`]; [`SamKv::plan`] strings steps 1-6 together.
@@ -45,6 +47,21 @@ pub enum Selection {
     Global { keep: f64, relative: bool },
 }
 
+/// How step 5 scores a block.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Score {
+    /// The paper: `s_b = <K_b, q_hat_i>`, the block's mean key against the document's
+    /// personalized query, summed over KV heads.
+    Dot,
+    /// samkv's alternative, not the paper's: the block's mean share of the question's
+    /// attention. The question tokens of step 3's prefill (over the anchors) attend, each head
+    /// with its own softmax, over every document's cached keys at once; `s_b` is the mean
+    /// attention a row of the block receives, `a` that of the document's anchor rows. Raw dot
+    /// products are dominated by a few heads and by what all keys share (Qwen2's key bias);
+    /// the softmax is not. See docs/RESULTS.md for what it changes.
+    Attention,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamKvParams {
     pub num_initial: usize,
@@ -56,6 +73,7 @@ pub struct SamKvParams {
     pub selection: Selection,
     /// false: sparsify only, prefill the question over the kept rows.
     pub recompute: bool,
+    pub score: Score,
 }
 
 #[derive(Clone, Debug)]
@@ -129,11 +147,20 @@ impl SamKv {
         let mut selected = vec![Vec::new(); stable.len()];
         let mut slow_path_docs = 0;
         if docs.iter().any(|d| !d.blocks.is_empty()) {
-            let (q_loc, slow) = local_query_summaries(ctx, &docs, &stable, p.num_local)?;
-            slow_path_docs = slow;
-            let q_gen = generic_query(ctx, concat, &anchor_pos, &stable)?;
-            let q_hat = personalized_queries(&q_loc, &q_gen, model.cfg.n_kv_heads)?;
-            let scores = score_blocks(concat, &docs, &q_hat, &stable)?;
+            let question = question_queries(ctx, concat, &anchor_pos, &stable)?;
+            let scores = match p.score {
+                Score::Dot => {
+                    let (q_loc, slow) = local_query_summaries(ctx, &docs, &stable, p.num_local)?;
+                    slow_path_docs = slow;
+                    let q_gen = generic_query(&question)?;
+                    let q_hat = personalized_queries(&q_loc, &q_gen, model.cfg.n_kv_heads)?;
+                    score_blocks(concat, &docs, &q_hat, &stable)?
+                }
+                Score::Attention => {
+                    let qpos = ctx.question_positions();
+                    score_blocks_by_attention(concat, &docs, &question, &qpos, &stable)?
+                }
+            };
             keep_ratios = keep_ratios_per_doc(&scores, docs.len());
             selected = block_selection(&docs, &scores, &keep_ratios, p.selection);
         }
@@ -358,15 +385,15 @@ fn recompute_local_summary(
     Ok(Tensor::stack(&pooled, 0)?)
 }
 
-/// Step 3. `q_gen`, (stable, heads, head_dim) f32: the question prefilled at its real
-/// positions over a temporary cache holding only the anchors (`anchor_pos`, preamble
-/// included), its query states mean-pooled at each stable layer.
-pub fn generic_query(
+/// Step 3, first half: the question prefilled at its real positions over a temporary cache
+/// holding only the anchors (`anchor_pos`, preamble included); returns its query states at
+/// each stable layer, (heads, question tokens, head_dim) each.
+pub fn question_queries(
     ctx: &Context,
     concat: &KvCache,
     anchor_pos: &[u32],
     stable: &[usize],
-) -> Result<Tensor> {
+) -> Result<Vec<Tensor>> {
     let mut tmp = KvCache {
         layers: concat
             .layers
@@ -378,10 +405,15 @@ pub fn generic_query(
     let out = ctx
         .model
         .forward(&ctx.question, &pos, &mut tmp, Logits::None, stable)?;
-    let pooled = out
-        .queries
+    Ok(out.queries.into_iter().map(|(_, q)| q).collect())
+}
+
+/// Step 3, second half: `q_gen`, (stable, heads, head_dim) f32, the question's query states
+/// mean-pooled at each stable layer.
+pub fn generic_query(question: &[Tensor]) -> Result<Tensor> {
+    let pooled = question
         .iter()
-        .map(|(_, q)| mean_rows(q))
+        .map(mean_rows)
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::stack(&pooled, 0)?)
 }
@@ -547,6 +579,65 @@ pub fn score_blocks(
 
 /// Step 5: `P_i`, the keep ratio of each document averaged over the stable layers (0 for a
 /// document without a middle).
+/// Step 5 with [`Score::Attention`]: at each stable layer, the attention every cached row
+/// receives from the question (`question[s]`, at `qpos`), then per document the mean over
+/// each block's rows and over its anchor rows. One read back to the host per stable layer.
+pub fn score_blocks_by_attention(
+    concat: &KvCache,
+    docs: &[DocSpan],
+    question: &[Tensor],
+    qpos: &[u32],
+    stable: &[usize],
+) -> Result<Scores> {
+    let mean = |m: &[f32], rows: &mut dyn Iterator<Item = usize>| {
+        let (sum, n) = rows.fold((0f32, 0usize), |(s, n), r| (s + m[r], n + 1));
+        sum / n.max(1) as f32
+    };
+    stable
+        .iter()
+        .zip(question)
+        .map(|(&l, q)| {
+            let layer = &concat.layers[l];
+            let mass = attention_probs(q, &layer.keys()?, qpos, layer.positions())?;
+            let mass: Vec<f32> = mass.to_vec1()?;
+            docs.iter()
+                .map(|d| {
+                    let idx = |p: u32| layer.positions().binary_search(&p).ok();
+                    let blocks = d
+                        .blocks
+                        .iter()
+                        .map(|b| mean(&mass, &mut b.clone().filter_map(idx)))
+                        .collect();
+                    let a = mean(&mass, &mut d.anchor_positions().filter_map(idx));
+                    Ok((blocks, a))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Softmax attention of queries q (heads, Tq, d) over keys k (kv_heads, Tk, d), causal by
+/// position, summed over heads and queries: (Tk,) f32.
+pub fn attention_probs(q: &Tensor, k: &Tensor, qpos: &[u32], kpos: &[u32]) -> Result<Tensor> {
+    let (h, tq, d) = q.dims3()?;
+    let (kv, tk, _) = k.dims3()?;
+    let g = h / kv.max(1);
+    let q = q.to_dtype(DType::F32)?.contiguous()?.reshape((kv, g * tq, d))?;
+    let k = k.to_dtype(DType::F32)?.contiguous()?;
+    let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+    // Row r of a group is query r % tq (the heads of a group are stacked along rows).
+    let mask: Vec<f32> = (0..g * tq)
+        .flat_map(|r| {
+            let p = qpos[r % tq];
+            kpos.iter()
+                .map(move |&kp| if kp <= p { 0.0 } else { f32::NEG_INFINITY })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (g * tq, tk), q.device())?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+    Ok(probs.sum((0, 1))?)
+}
+
 pub fn keep_ratios_per_doc(scores: &Scores, n_docs: usize) -> Vec<f64> {
     (0..n_docs)
         .map(|i| {
