@@ -238,7 +238,11 @@ impl MethodConfig {
         let score = match self.samkv_score.as_str() {
             "dot" => Score::Dot,
             "attention" => Score::Attention,
-            other => return bad(format!("samkv_score `{other}` is unknown; use dot or attention")),
+            other => {
+                return bad(format!(
+                    "samkv_score `{other}` is unknown; use dot or attention"
+                ))
+            }
         };
         Ok(SamKvParams {
             num_initial,

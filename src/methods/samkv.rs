@@ -411,10 +411,7 @@ pub fn question_queries(
 /// Step 3, second half: `q_gen`, (stable, heads, head_dim) f32, the question's query states
 /// mean-pooled at each stable layer.
 pub fn generic_query(question: &[Tensor]) -> Result<Tensor> {
-    let pooled = question
-        .iter()
-        .map(mean_rows)
-        .collect::<Result<Vec<_>>>()?;
+    let pooled = question.iter().map(mean_rows).collect::<Result<Vec<_>>>()?;
     Ok(Tensor::stack(&pooled, 0)?)
 }
 
@@ -622,7 +619,10 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, qpos: &[u32], kpos: &[u32]) -> Re
     let (h, tq, d) = q.dims3()?;
     let (kv, tk, _) = k.dims3()?;
     let g = h / kv.max(1);
-    let q = q.to_dtype(DType::F32)?.contiguous()?.reshape((kv, g * tq, d))?;
+    let q = q
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .reshape((kv, g * tq, d))?;
     let k = k.to_dtype(DType::F32)?.contiguous()?;
     let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
     // Row r of a group is query r % tq (the heads of a group are stacked along rows).

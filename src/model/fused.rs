@@ -185,3 +185,20 @@ pub(crate) fn silu_mul(y: &Tensor) -> Result<Option<Tensor>> {
         None => Ok(None),
     }
 }
+
+/// The residual add and the RMS norm after it: `(x + a, rms_norm(x + a) * w)`. On CUDA one
+/// kernel reads x and a once (`super::cuda::add_rms_norm`); elsewhere candle's ops.
+pub(crate) fn add_rms_norm(
+    x: &Tensor,
+    a: &Tensor,
+    w: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if let Some(out) = super::cuda::add_rms_norm(x, a, w, eps)? {
+        return Ok(out);
+    }
+    let sum = (x + a)?;
+    let h = candle_nn::ops::rms_norm(&sum, w, eps)?;
+    Ok((sum, h))
+}

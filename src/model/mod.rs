@@ -206,8 +206,8 @@ impl Model {
     /// Output projection, residual and MLP on the attention output a (T, heads * head_dim).
     fn layer_after_attention(&self, l: usize, x: &Tensor, a: &Tensor) -> Result<Tensor> {
         let layer = &self.layers[l];
-        let x = (x + layer.wo.forward(a)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
+        let eps = self.cfg.rms_eps as f32;
+        let (x, h) = fused::add_rms_norm(x, &layer.wo.forward(a)?, &layer.ffn_norm, eps)?;
         let gu = layer.gate_up.matmul_fused(&h)?;
         let act = match fused::silu_mul(&gu)? {
             Some(a) => a,

@@ -238,6 +238,26 @@ fn check_silu_mul(dev: &Device, dt: DType) -> Result<Check> {
     ))
 }
 
+fn check_add_rms_norm(dev: &Device, dt: DType) -> Result<Check> {
+    let (t, n) = (19, 576);
+    let x = Tensor::randn(0f32, 1f32, (t, n), dev)?.to_dtype(dt)?;
+    let a = Tensor::randn(0f32, 1f32, (t, n), dev)?.to_dtype(dt)?;
+    let w = Tensor::randn(1f32, 0.2f32, n, dev)?.to_dtype(dt)?;
+    let f = |t: &Tensor| t.to_dtype(DType::F32);
+    let want_sum = (f(&x)? + f(&a)?)?;
+    let want = candle_nn::ops::rms_norm(&want_sum, &f(&w)?, 1e-5)?;
+    let got = super::add_rms_norm(&x, &a, &w, 1e-5)?;
+    let err = match got {
+        Some((sum, h)) => Some(rel_err(&want_sum, &sum)?.max(rel_err(&want, &h)?)),
+        None => None,
+    };
+    Ok(verdict(
+        format!("kernel add+rms_norm: {dt:?}").to_lowercase(),
+        err,
+        dt,
+    ))
+}
+
 /// Every kernel check; an error inside one becomes a failed check.
 pub fn check_kernels(dev: &Device) -> Vec<Check> {
     let mut out = Vec::new();
@@ -257,6 +277,7 @@ pub fn check_kernels(dev: &Device) -> Vec<Check> {
     for (layout, dt, bias) in [
         (RopeLayout::SplitHalf, DType::F32, true),
         (RopeLayout::SplitHalf, DType::BF16, false),
+        (RopeLayout::SplitHalf, DType::BF16, true),
         (RopeLayout::Interleaved, DType::F32, false),
         (RopeLayout::Interleaved, DType::F16, true),
     ] {
@@ -264,6 +285,9 @@ pub fn check_kernels(dev: &Device) -> Vec<Check> {
     }
     for dt in [DType::F32, DType::BF16] {
         push("silu*up", check_silu_mul(dev, dt));
+    }
+    for dt in [DType::BF16, DType::F16] {
+        push("add+rms_norm", check_add_rms_norm(dev, dt));
     }
     out
 }

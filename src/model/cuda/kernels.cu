@@ -428,6 +428,159 @@ __device__ void silu_mul(const T *__restrict__ gu, T *__restrict__ out, int tt, 
     }
 }
 
+// The 2-byte types' paths below move 16 bytes (8 elements) per load and store: one element per
+// thread left these memory-bound kernels at a third of the H200's bandwidth.
+template <typename T> struct Vec8 {
+    T e[8];
+};
+template <typename T> __device__ __forceinline__ Vec8<T> ld8(const T *p) {
+    uint4 u = *reinterpret_cast<const uint4 *>(p);
+    return *reinterpret_cast<Vec8<T> *>(&u);
+}
+template <typename T> __device__ __forceinline__ void st8(T *p, const Vec8<T> &v) {
+    *reinterpret_cast<uint4 *>(p) = *reinterpret_cast<const uint4 *>(&v);
+}
+
+__device__ __forceinline__ void rotate(float &x0, float &x1, float c, float s) {
+    float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
+    x0 = y0;
+    x1 = y1;
+}
+
+// qkv_rope for 2-byte T with d / 2 a multiple of 8: one thread per 8 rotated pairs. Split
+// halves: pairs j..j+7 are elements j.. and half + j..; interleaved: elements 2j.. hold 4
+// pairs, so a thread takes 16 elements as two chunks of 8. Same arithmetic as qkv_rope.
+template <typename T>
+__device__ void qkv_rope_v8(const T *__restrict__ y, const T *__restrict__ bias,
+                            const T *__restrict__ cos, const T *__restrict__ sin,
+                            T *__restrict__ out, int tt, int h, int hkv, int d, int interleaved) {
+    const int half = d / 2, heads = h + 2 * hkv, chunks = half / 8;
+    const long long n = (long long)heads * tt * chunks;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < n;
+         idx += (long long)gridDim.x * blockDim.x) {
+        int c = idx % chunks;
+        int r = (idx / chunks) % tt;
+        int hh = idx / chunks / tt;
+        const T *src = y + (long long)r * heads * d + hh * d;
+        T *dst = out + ((long long)hh * tt + r) * d;
+        // Element offsets of the two chunks: [a, a + 8) and [b, b + 8).
+        const int a = interleaved ? 16 * c : 8 * c, b = interleaved ? 16 * c + 8 : half + 8 * c;
+        Vec8<T> xa = ld8(src + a), xb = ld8(src + b);
+        float fa[8], fb[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            fa[e] = to_f(xa.e[e]);
+            fb[e] = to_f(xb.e[e]);
+        }
+        if (bias) {
+            Vec8<T> ba = ld8(bias + hh * d + a), bb = ld8(bias + hh * d + b);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                fa[e] = to_f(from_f<T>(fa[e] + to_f(ba.e[e])));
+                fb[e] = to_f(from_f<T>(fb[e] + to_f(bb.e[e])));
+            }
+        }
+        if (hh < h + hkv) {
+            Vec8<T> cv = ld8(cos + (long long)r * half + 8 * c);
+            Vec8<T> sv = ld8(sin + (long long)r * half + 8 * c);
+            if (interleaved) {
+#pragma unroll
+                for (int p = 0; p < 4; p++) {
+                    rotate(fa[2 * p], fa[2 * p + 1], to_f(cv.e[p]), to_f(sv.e[p]));
+                    rotate(fb[2 * p], fb[2 * p + 1], to_f(cv.e[4 + p]), to_f(sv.e[4 + p]));
+                }
+            } else {
+#pragma unroll
+                for (int p = 0; p < 8; p++) rotate(fa[p], fb[p], to_f(cv.e[p]), to_f(sv.e[p]));
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            xa.e[e] = from_f<T>(fa[e]);
+            xb.e[e] = from_f<T>(fb[e]);
+        }
+        st8(dst + a, xa);
+        st8(dst + b, xb);
+    }
+}
+
+// silu_mul for 2-byte T with f a multiple of 8: one thread per 8 outputs.
+template <typename T>
+__device__ void silu_mul_v8(const T *__restrict__ gu, T *__restrict__ out, int tt, int f) {
+    const int fv = f / 8;
+    const long long n = (long long)tt * fv;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < n;
+         idx += (long long)gridDim.x * blockDim.x) {
+        long long r = idx / fv;
+        int j = (idx % fv) * 8;
+        Vec8<T> g = ld8(gu + r * 2 * f + j), u = ld8(gu + r * 2 * f + f + j), o;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            float gate = to_f(g.e[e]);
+            o.e[e] = from_f<T>(gate / (1.f + __expf(-gate)) * to_f(u.e[e]));
+        }
+        st8(out + r * f + j, o);
+    }
+}
+
+// The residual add and the RMS norm after it, one block per row of n (a multiple of 8):
+// sum = x + a (rounded to T, as candle's add), out = sum * rsqrt(mean(sum^2) + eps) * w with
+// the mean in f32 (as candle's rms_norm). Both go to `so`: sum in rows [0, t), out in [t, 2t).
+template <typename T>
+__device__ void add_rms_norm(const T *__restrict__ x, const T *__restrict__ a,
+                             const T *__restrict__ w, T *__restrict__ so, int tt, int n,
+                             float eps) {
+    const long long r = blockIdx.x;
+    const T *xr = x + r * n, *ar = a + r * n;
+    T *sr = so + r * n, *orow = so + ((long long)tt + r) * n;
+    float ss = 0.f;
+    for (int j = threadIdx.x * 8; j < n; j += blockDim.x * 8) {
+        Vec8<T> xv = ld8(xr + j), av = ld8(ar + j), sv;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            sv.e[e] = from_f<T>(to_f(xv.e[e]) + to_f(av.e[e]));
+            float v = to_f(sv.e[e]);
+            ss += v * v;
+        }
+        st8(sr + j, sv);
+    }
+    __shared__ float part[32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
+    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+        if (threadIdx.x == 0) part[0] = v;
+    }
+    __syncthreads();
+    const float scale = rsqrtf(part[0] / n + eps);
+    for (int j = threadIdx.x * 8; j < n; j += blockDim.x * 8) {
+        Vec8<T> sv = ld8(sr + j), wv = ld8(w + j), ov;
+#pragma unroll
+        for (int e = 0; e < 8; e++) ov.e[e] = from_f<T>(to_f(sv.e[e]) * scale * to_f(wv.e[e]));
+        st8(orow + j, ov);
+    }
+}
+
+#define ELEMENTWISE_V8(NAME, T)                                                                \
+    extern "C" __global__ void qkv_rope_v8_##NAME(const T *y, const T *bias, const T *cos,     \
+                                                  const T *sin, T *out, int tt, int h,         \
+                                                  int hkv, int d, int interleaved) {           \
+        qkv_rope_v8<T>(y, bias, cos, sin, out, tt, h, hkv, d, interleaved);                    \
+    }                                                                                          \
+    extern "C" __global__ void silu_mul_v8_##NAME(const T *gu, T *out, int tt, int f) {        \
+        silu_mul_v8<T>(gu, out, tt, f);                                                        \
+    }                                                                                          \
+    extern "C" __global__ void add_rms_norm_##NAME(const T *x, const T *a, const T *w, T *so,  \
+                                                   int tt, int n, float eps) {                 \
+        add_rms_norm<T>(x, a, w, so, tt, n, eps);                                              \
+    }
+ELEMENTWISE_V8(bf16, __nv_bfloat16)
+ELEMENTWISE_V8(f16, __half)
+
 #define ELEMENTWISE(NAME, T)                                                                   \
     extern "C" __global__ void qkv_rope_##NAME(const T *y, const T *bias, const T *cos,        \
                                                const T *sin, T *out, int tt, int h, int hkv,   \

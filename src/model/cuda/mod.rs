@@ -82,6 +82,11 @@ fn view<'a, T: candle_core::cuda_backend::CudaDType>(
     Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
 }
 
+/// Whether a view starts on a 16-byte boundary (allocations do), as the 8-wide kernels need.
+fn aligned16(l: &Layout, elem_bytes: usize) -> bool {
+    (l.start_offset() * elem_bytes).is_multiple_of(16)
+}
+
 fn launch_1d(n: usize) -> LaunchConfig {
     let threads = 256u32;
     let blocks = n.div_ceil(threads as usize).clamp(1, 65535) as u32;
@@ -524,7 +529,16 @@ impl QkvRope {
             self.d as i32,
             self.interleaved as i32,
         );
-        let func = dev.get_or_load_custom_func(&format!("qkv_rope_{name}"), MODULE, PTX)?;
+        // 8 pairs per thread for 2-byte types (every model's head size qualifies).
+        let wide = std::mem::size_of::<T>() == 2
+            && (self.d / 2).is_multiple_of(8)
+            && [yl, cl, sl].iter().all(|l| aligned16(l, 2))
+            && bias_guard.as_ref().is_none_or(|(_, l)| aligned16(l, 2));
+        let (kernel, threads) = match wide {
+            true => (format!("qkv_rope_v8_{name}"), heads * t * self.d / 16),
+            false => (format!("qkv_rope_{name}"), heads * t * self.d / 2),
+        };
+        let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
         let mut b = func.builder();
         b.arg(&y);
         match &bias {
@@ -533,7 +547,7 @@ impl QkvRope {
         };
         b.arg(&cos).arg(&sin).arg(&out);
         b.arg(&t_i).arg(&h_i).arg(&hkv_i).arg(&d_i).arg(&il);
-        unsafe { b.launch(launch_1d(heads * t * self.d / 2)) }.w()?;
+        unsafe { b.launch(launch_1d(threads)) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
             Shape::from((heads, t, self.d)),
@@ -625,10 +639,15 @@ impl SiluMul {
         let out = unsafe { dev.alloc::<T>(t * f)? };
         let gu = view::<T>(s, l)?;
         let (t_i, f_i) = (t as i32, f as i32);
-        let func = dev.get_or_load_custom_func(&format!("silu_mul_{name}"), MODULE, PTX)?;
+        let wide = std::mem::size_of::<T>() == 2 && f.is_multiple_of(8) && aligned16(l, 2);
+        let (kernel, threads) = match wide {
+            true => (format!("silu_mul_v8_{name}"), t * f / 8),
+            false => (format!("silu_mul_{name}"), t * f),
+        };
+        let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
         let mut b = func.builder();
         b.arg(&gu).arg(&out).arg(&t_i).arg(&f_i);
-        unsafe { b.launch(launch_1d(t * f)) }.w()?;
+        unsafe { b.launch(launch_1d(threads)) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
             Shape::from((t, f)),
@@ -670,4 +689,110 @@ pub fn silu_mul(gu: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     Ok(Some(gu.apply_op1_no_bwd(&SiluMul)?))
+}
+
+// ---------------------------------------------------------------------------------------
+// Residual add and RMS norm
+
+struct AddRmsNorm {
+    eps: f32,
+}
+
+impl AddRmsNorm {
+    fn run<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+        &self,
+        (xs, xl): (&CudaStorage, &Layout),
+        (as_, al): (&CudaStorage, &Layout),
+        (ws, wl): (&CudaStorage, &Layout),
+        name: &str,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = xs.device().clone();
+        let (t, n) = xl.shape().dims2()?;
+        let so = unsafe { dev.alloc::<T>(2 * t * n)? };
+        let (x, a, w) = (view::<T>(xs, xl)?, view::<T>(as_, al)?, view::<T>(ws, wl)?);
+        let (t_i, n_i) = (t as i32, n as i32);
+        let func = dev.get_or_load_custom_func(&format!("add_rms_norm_{name}"), MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&x)
+            .arg(&a)
+            .arg(&w)
+            .arg(&so)
+            .arg(&t_i)
+            .arg(&n_i)
+            .arg(&self.eps);
+        // One block per row, one thread per 8 elements, whole warps.
+        let threads = (n / 8).div_ceil(32).clamp(1, 32) as u32 * 32;
+        let cfg = LaunchConfig {
+            grid_dim: (t as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(so, dev),
+            Shape::from((2, t, n)),
+        ))
+    }
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "samkv-add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cuda_only(self.name()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        as_: &CudaStorage,
+        al: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let args = ((xs, xl), (as_, al), (ws, wl));
+        match xs.dtype() {
+            DType::BF16 => self.run::<bf16>(args.0, args.1, args.2, "bf16"),
+            DType::F16 => self.run::<f16>(args.0, args.1, args.2, "f16"),
+            dt => Err(candle_core::Error::Msg(format!(
+                "samkv-add-rms-norm: {dt:?} is not supported"
+            ))),
+        }
+    }
+}
+
+/// x + a and the RMS norm of that sum scaled by w, in one pass over rows of x, a (t, n) for
+/// 2-byte types with n a multiple of 8: returns (sum, normed), each (t, n).
+pub fn add_rms_norm(
+    x: &Tensor,
+    a: &Tensor,
+    w: &Tensor,
+    eps: f32,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let two_byte = matches!(x.dtype(), DType::BF16 | DType::F16);
+    let fits = |t: &Tensor| t.dtype() == x.dtype() && t.is_contiguous() && aligned16(t.layout(), 2);
+    let ok = enabled()
+        && x.device().is_cuda()
+        && two_byte
+        && x.rank() == 2
+        && a.dims() == x.dims()
+        && w.dims() == [x.dim(1)?]
+        && x.dim(1)?.is_multiple_of(8)
+        && [x, a, w].into_iter().all(fits);
+    if !ok {
+        return Ok(None);
+    }
+    let both = x.apply_op3_no_bwd(a, w, &AddRmsNorm { eps })?;
+    Ok(Some((both.get(0)?, both.get(1)?)))
 }
