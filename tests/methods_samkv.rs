@@ -382,3 +382,80 @@ fn cosine_fusion_runs_and_moves_the_recomputed_rows() {
     let d = rel_diff(&cos, &over);
     assert!(d > 0.0 && d < 0.5, "cosine fusion vs overwrite: {d}");
 }
+
+#[test]
+fn attention_scoring_keeps_the_invariant_and_the_budget() {
+    let f = fixture();
+    let ctx = context(f);
+    let all = samkv_cfg(|c| {
+        c.selection = "global".into();
+        c.keep = 1.0;
+        c.samkv_score = "attention".into();
+    });
+    let a = run(&ctx, all.build().unwrap().as_ref());
+    let r = run(&ctx, &Recompute);
+    let d = rel_diff(&a, &r);
+    assert!(d < 1e-4, "samkv(attention, all blocks) vs recompute: {d}");
+    let half = samkv_cfg(|c| {
+        c.selection = "global".into();
+        c.keep = 0.5;
+        c.samkv_score = "attention".into();
+    });
+    let (plan, _) = plan_and_assemble(&ctx, &half);
+    let doc_tokens: usize = plan.docs.iter().map(|d| d.rows.len()).sum();
+    let budget = doc_tokens / 2;
+    let kept_docs = plan.retained.len() - preamble_len(&ctx);
+    assert!(
+        kept_docs <= budget && kept_docs + 8 > budget,
+        "{kept_docs} of {doc_tokens} document tokens kept, budget {budget}"
+    );
+    // The attention path does not read the stored query summaries.
+    assert_eq!(plan.slow_path_docs, 0);
+}
+
+#[test]
+fn oracle_keeps_the_blocks_the_question_attends_to_most() {
+    use samkv::methods::oracle::{question_attention, Oracle};
+    let f = fixture();
+    let ctx = context(f);
+    let cfg = |keep: f64| {
+        let mut c = MethodConfig::with_method("oracle");
+        c.keep = keep;
+        c
+    };
+    // Everything kept and recomputed: Recompute again.
+    let a = run(&ctx, cfg(1.0).build().unwrap().as_ref());
+    let r = run(&ctx, &Recompute);
+    let d = rel_diff(&a, &r);
+    assert!(d < 1e-4, "oracle(keep 1) vs recompute: {d}");
+    // At half the document tokens: within the budget, and every chosen block gets at least as
+    // much of the question's attention as any block left out.
+    let mut params = cfg(0.5).samkv_params().unwrap();
+    params.selection = samkv::methods::samkv::Selection::Global {
+        keep: 0.5,
+        relative: false,
+    };
+    let plan = Oracle { params }.plan(&ctx).unwrap();
+    let mass = question_attention(&ctx).unwrap();
+    assert_eq!(mass.len(), ctx.context_len());
+    let (mut chosen, mut left) = (f32::INFINITY, f32::NEG_INFINITY);
+    for d in &plan.docs {
+        for b in &d.blocks {
+            let m: f32 = b.clone().map(|p| mass[p as usize]).sum();
+            match plan.retained.binary_search(&b.start).is_ok() {
+                true => chosen = chosen.min(m),
+                false => left = left.max(m),
+            }
+        }
+    }
+    assert!(
+        chosen.is_finite() && left.is_finite(),
+        "some blocks kept, some left"
+    );
+    assert!(
+        chosen >= left,
+        "a kept block has {chosen}, a dropped one {left}"
+    );
+    let doc_tokens: usize = plan.docs.iter().map(|d| d.rows.len()).sum();
+    assert!(plan.retained.len() - preamble_len(&ctx) <= doc_tokens / 2);
+}
