@@ -145,17 +145,16 @@ impl MethodConfig {
             "epic" => Ok(Box::new(Epic { k: self.epic_k })),
             "infllm" => Ok(Box::new(self.infllm()?)),
             "samkv" => Ok(Box::new(SamKv::new(self.samkv_params()?))),
-            "oracle" => {
-                let mut params = self.samkv_params()?;
-                if !(self.keep > 0.0 && self.keep <= 1.0) {
-                    return bad(format!("keep must be in (0, 1], got {}", self.keep));
-                }
-                params.selection = Selection::Global {
-                    keep: self.keep,
-                    relative: false,
-                };
-                Ok(Box::new(Oracle { params }))
-            }
+            // The oracle always reads the budget globally.
+            "oracle" => Ok(Box::new(Oracle {
+                params: SamKvParams {
+                    selection: Selection::Global {
+                        keep: self.checked_keep()?,
+                        relative: false,
+                    },
+                    ..self.samkv_params()?
+                },
+            })),
             other if METHOD_NAMES.contains(&other) => Err(Error::InvalidInput(format!(
                 "method `{other}` is not available in this build yet"
             ))),
@@ -220,15 +219,10 @@ impl MethodConfig {
         };
         let selection = match self.selection.as_str() {
             "per-doc" => Selection::PerDoc,
-            g @ ("global" | "global-relative") => {
-                if !(self.keep > 0.0 && self.keep <= 1.0) {
-                    return bad(format!("keep must be in (0, 1], got {}", self.keep));
-                }
-                Selection::Global {
-                    keep: self.keep,
-                    relative: g == "global-relative",
-                }
-            }
+            g @ ("global" | "global-relative") => Selection::Global {
+                keep: self.checked_keep()?,
+                relative: g == "global-relative",
+            },
             other => {
                 return bad(format!(
                     "selection `{other}` is unknown; use per-doc, global or global-relative"
@@ -254,6 +248,14 @@ impl MethodConfig {
             recompute: !self.no_recompute,
             score,
         })
+    }
+
+    /// `keep`, checked: a fraction in (0, 1].
+    fn checked_keep(&self) -> Result<f64> {
+        if !(self.keep > 0.0 && self.keep <= 1.0) {
+            return bad(format!("keep must be in (0, 1], got {}", self.keep));
+        }
+        Ok(self.keep)
     }
 
     /// The Multi-InfLLM knobs, checked.

@@ -16,10 +16,11 @@ use candle_core::{DType, Tensor};
 
 use super::samkv::{
     anchors, attention_probs, block_selection, local_recompute, Plan, SamKv, SamKvParams, Scores,
+    Selection,
 };
 use super::{concat_caches, ms, Assembled, Context, Method, Stats};
 use crate::model::Logits;
-use crate::Result;
+use crate::{Error, Result};
 
 #[derive(Clone, Debug)]
 pub struct Oracle {
@@ -31,6 +32,11 @@ impl Oracle {
     /// Steps 1 and 6 of SamKV with the blocks scored by [`question_attention`].
     pub fn plan(&self, ctx: &Context) -> Result<Plan> {
         let p = &self.params;
+        if p.selection == Selection::PerDoc {
+            return Err(Error::InvalidInput(
+                "the oracle fills a global budget: give it Selection::Global".into(),
+            ));
+        }
         let stable = SamKv::new(p.clone()).stable(ctx.model.n_layers())?;
         let (preamble, docs) = anchors(ctx, p.num_initial, p.num_local, p.block_size);
         let mass = question_attention(ctx)?;
@@ -53,11 +59,11 @@ impl Method for Oracle {
     fn name(&self) -> String {
         let p = &self.params;
         let keep = match p.selection {
-            super::samkv::Selection::Global { keep, .. } => keep,
-            super::samkv::Selection::PerDoc => 1.0,
+            Selection::Global { keep, .. } => format!("keep={keep}"),
+            Selection::PerDoc => "per-doc".into(), // not built by MethodConfig
         };
         format!(
-            "oracle(initial={},local={},block={},keep={keep})",
+            "oracle(initial={},local={},block={},{keep})",
             p.num_initial, p.num_local, p.block_size
         )
     }
