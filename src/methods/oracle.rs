@@ -10,15 +10,13 @@
 //! so the oracle's time to first token means nothing; its agreement and KL bound what any
 //! block selection can reach at that budget with this model.
 
-use std::time::Instant;
-
 use candle_core::{DType, Tensor};
 
 use super::samkv::{
-    anchors, attention_probs, block_selection, local_recompute, Plan, SamKv, SamKvParams, Scores,
+    anchors, assemble_planned, attention_probs, block_selection, Plan, SamKv, SamKvParams, Scores,
     Selection,
 };
-use super::{concat_caches, ms, Assembled, Context, Method, Stats};
+use super::{Assembled, Context, Method};
 use crate::model::Logits;
 use crate::{Error, Result};
 
@@ -69,20 +67,7 @@ impl Method for Oracle {
     }
 
     fn assemble(&self, ctx: &Context) -> Result<Assembled> {
-        let mut stats = Stats::for_method(self.name());
-        let concat = concat_caches(ctx.model, ctx, &mut stats)?;
-        let t = Instant::now();
-        let plan = self.plan(ctx)?;
-        stats.select_ms = ms(t);
-        let t = Instant::now();
-        let (cache, logits, counts) = local_recompute(ctx, concat, &plan, &self.params)?;
-        stats.recompute_ms = ms(t);
-        stats.finish(ctx, &cache, counts);
-        Ok(Assembled {
-            cache,
-            logits,
-            stats,
-        })
+        assemble_planned(ctx, &self.params, self.name(), |_| self.plan(ctx))
     }
 }
 

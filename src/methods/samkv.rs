@@ -233,21 +233,34 @@ impl Method for SamKv {
     }
 
     fn assemble(&self, ctx: &Context) -> Result<Assembled> {
-        let mut stats = Stats::for_method(self.name());
-        let concat = concat_caches(ctx.model, ctx, &mut stats)?;
-        let t = Instant::now();
-        let plan = self.plan(ctx, &concat)?;
-        stats.select_ms = ms(t);
-        let t = Instant::now();
-        let (cache, logits, counts) = local_recompute(ctx, concat, &plan, &self.params)?;
-        stats.recompute_ms = ms(t);
-        stats.finish(ctx, &cache, counts);
-        Ok(Assembled {
-            cache,
-            logits,
-            stats,
+        assemble_planned(ctx, &self.params, self.name(), |concat| {
+            self.plan(ctx, concat)
         })
     }
+}
+
+/// A whole assembly around a planner: the stored caches concatenated, `plan` (timed as the
+/// selection phase), steps 7-8 and the report. SamKV and the oracle differ only in `plan`.
+pub fn assemble_planned(
+    ctx: &Context,
+    params: &SamKvParams,
+    name: String,
+    plan: impl FnOnce(&KvCache) -> Result<Plan>,
+) -> Result<Assembled> {
+    let mut stats = Stats::for_method(name);
+    let concat = concat_caches(ctx.model, ctx, &mut stats)?;
+    let t = Instant::now();
+    let plan = plan(&concat)?;
+    stats.select_ms = ms(t);
+    let t = Instant::now();
+    let (cache, logits, counts) = local_recompute(ctx, concat, &plan, params)?;
+    stats.recompute_ms = ms(t);
+    stats.finish(ctx, &cache, counts);
+    Ok(Assembled {
+        cache,
+        logits,
+        stats,
+    })
 }
 
 /// Step 1. The preamble's positions (kept whole) and each document's span: its first
