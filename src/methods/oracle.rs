@@ -7,8 +7,9 @@
 //! only). Only the choice of blocks differs: the blocks Recompute's question actually reads,
 //! i.e. the softmax attention of every question token in a full prefill of the request,
 //! summed over query heads and all layers. That needs the full prefill SamKV exists to avoid,
-//! so the oracle's time to first token means nothing; its agreement and KL bound what any
-//! block selection can reach at that budget with this model.
+//! so the oracle's time to first token means nothing. Its agreement and KL show what a
+//! selection informed by Recompute itself reaches at that budget: a strong reference, not a
+//! proven bound (on SmolLM2, SamKV's own choice has the lower KL; docs/RESULTS.md).
 
 use candle_core::{DType, Tensor};
 
