@@ -30,7 +30,7 @@ use super::{
 };
 use crate::engine::qloc_key;
 use crate::kv::{KvCache, LayerKv};
-use crate::model::{mean_rows, Logits};
+use crate::model::{causal_mask, mean_rows, Logits};
 use crate::store::prefix_hash;
 use crate::{Error, Result};
 
@@ -587,8 +587,6 @@ pub fn score_blocks(
         .collect()
 }
 
-/// Step 5: `P_i`, the keep ratio of each document averaged over the stable layers (0 for a
-/// document without a middle).
 /// Step 5 with [`Score::Attention`]: at each stable layer, the attention every cached row
 /// receives from the question (`question[s]`, at `qpos`), then per document the mean over
 /// each block's rows and over its anchor rows. One read back to the host per stable layer.
@@ -632,25 +630,29 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, qpos: &[u32], kpos: &[u32]) -> Re
     let (h, tq, d) = q.dims3()?;
     let (kv, tk, _) = k.dims3()?;
     let g = h / kv.max(1);
+    // (kv, g * tq, d): the query heads of a group are consecutive, as in attention.
     let q = q
         .to_dtype(DType::F32)?
         .contiguous()?
         .reshape((kv, g * tq, d))?;
     let k = k.to_dtype(DType::F32)?.contiguous()?;
     let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
-    // Row r of a group is query r % tq (the heads of a group are stacked along rows).
-    let mask: Vec<f32> = (0..g * tq)
-        .flat_map(|r| {
-            let p = qpos[r % tq];
-            kpos.iter()
-                .map(move |&kp| if kp <= p { 0.0 } else { f32::NEG_INFINITY })
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (g * tq, tk), q.device())?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
-    Ok(probs.sum((0, 1))?)
+    // Only keys after the earliest query need masking (none when scoring the context).
+    let first_q = qpos.iter().copied().min().unwrap_or(0);
+    let scores = if kpos.last().is_some_and(|&p| p > first_q) {
+        let mask = causal_mask(qpos, kpos, DType::F32, q.device())?;
+        scores
+            .reshape((kv, g, tq, tk))?
+            .broadcast_add(&mask)?
+            .reshape((kv, g * tq, tk))?
+    } else {
+        scores
+    };
+    Ok(candle_nn::ops::softmax_last_dim(&scores)?.sum((0, 1))?)
 }
 
+/// Step 5: `P_i`, the keep ratio of each document averaged over the stable layers (0 for a
+/// document without a middle).
 pub fn keep_ratios_per_doc(scores: &Scores, n_docs: usize) -> Vec<f64> {
     (0..n_docs)
         .map(|i| {

@@ -94,7 +94,7 @@ fn softmax(scores: &Tensor) -> Result<Tensor> {
 }
 
 /// (n, visible) additive mask: 0 where key position <= query position, -inf elsewhere.
-fn causal_mask(
+pub fn causal_mask(
     qpos: &[u32],
     kpos: &[u32],
     dtype: DType,

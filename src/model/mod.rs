@@ -17,7 +17,7 @@ pub mod rope;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use attention::{attend, attend_ops, mean_rows};
+pub use attention::{attend, attend_ops, causal_mask, mean_rows};
 pub use linear::Linear;
 pub use load::{LoadOptions, WeightMode};
 pub use rope::{Llama3Scaling, Rope, RopeLayout};
