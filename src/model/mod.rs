@@ -151,11 +151,17 @@ impl Model {
     /// Step 1 of a layer: normalize the residual stream x (T, hidden) and project it to
     /// rotated Q, K and V.
     pub fn layer_qkv(&self, l: usize, x: &Tensor, rope: &(Tensor, Tensor)) -> Result<Qkv> {
+        let eps = self.cfg.rms_eps as f32;
+        let h = candle_nn::ops::rms_norm(x, &self.layers[l].attn_norm, eps)?;
+        self.layer_qkv_normed(l, &h, rope)
+    }
+
+    /// [`Model::layer_qkv`] on the already normalized stream h.
+    fn layer_qkv_normed(&self, l: usize, h: &Tensor, rope: &(Tensor, Tensor)) -> Result<Qkv> {
         let c = &self.cfg;
         let layer = &self.layers[l];
-        let t = x.dim(0)?;
-        let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, c.rms_eps as f32)?;
-        let y = layer.qkv.matmul_fused(&h)?;
+        let t = h.dim(0)?;
+        let y = layer.qkv.matmul_fused(h)?;
         let fast = fused::qkv_rope(
             &y,
             layer.qkv.bias(),
@@ -169,7 +175,7 @@ impl Model {
         if let Some((q, k, v)) = fast {
             return Ok(Qkv { q, k, v });
         }
-        let mut p = layer.qkv.forward_parts(&h)?.into_iter();
+        let mut p = layer.qkv.forward_parts(h)?.into_iter();
         let (q, k, v) = match (p.next(), p.next(), p.next()) {
             (Some(q), Some(k), Some(v)) => (q, k, v),
             _ => unreachable!("the fused QKV projection has three parts"),
@@ -205,6 +211,14 @@ impl Model {
 
     /// Output projection, residual and MLP on the attention output a (T, heads * head_dim).
     fn layer_after_attention(&self, l: usize, x: &Tensor, a: &Tensor) -> Result<Tensor> {
+        let (x, m) = self.layer_mlp(l, x, a)?;
+        Ok((x + m)?)
+    }
+
+    /// [`Model::layer_after_attention`] short of its last residual add: returns the stream
+    /// after attention's residual and the MLP's output, so a caller can fuse that add with
+    /// the next layer's norm.
+    fn layer_mlp(&self, l: usize, x: &Tensor, a: &Tensor) -> Result<(Tensor, Tensor)> {
         let layer = &self.layers[l];
         let eps = self.cfg.rms_eps as f32;
         let (x, h) = fused::add_rms_norm(x, &layer.wo.forward(a)?, &layer.ffn_norm, eps)?;
@@ -217,7 +231,7 @@ impl Model {
             }
         };
         let m = layer.down.forward(&act)?;
-        Ok((x + m)?)
+        Ok((x, m))
     }
 
     /// Attention of one decoded token over a layer's cache, reading the cache's f16 copy
@@ -298,12 +312,27 @@ impl Model {
         let rope = self.rope_tables(positions)?;
         let mut x = self.embed(tokens)?;
         let mut out = ForwardOut::default();
+        // The next layer's normalized stream, when the last residual add produced it.
+        let mut normed: Option<Tensor> = None;
         for l in 0..self.cfg.n_layers {
-            let qkv = self.layer_qkv(l, &x, &rope)?;
+            let qkv = match normed.take() {
+                Some(h) => self.layer_qkv_normed(l, &h, &rope)?,
+                None => self.layer_qkv(l, &x, &rope)?,
+            };
             let layer_kv = &mut cache.layers[l];
             layer_kv.append(&qkv.k, &qkv.v, positions)?;
             let a = self.decode_attention(&qkv.q, layer_kv, positions)?;
-            x = self.layer_after_attention(l, &x, &a)?;
+            let (mid, m) = self.layer_mlp(l, &x, &a)?;
+            x = match self.layers.get(l + 1) {
+                // One pass for the residual add and the next layer's norm (on CUDA).
+                Some(next) => {
+                    let eps = self.cfg.rms_eps as f32;
+                    let (sum, h) = fused::add_rms_norm(&mid, &m, &next.attn_norm, eps)?;
+                    normed = Some(h);
+                    sum
+                }
+                None => (mid + m)?,
+            };
             if capture_layers.contains(&l) {
                 out.queries.push((l, qkv.q));
             }
