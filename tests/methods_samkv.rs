@@ -16,7 +16,7 @@ use samkv::engine::{load_model, Engine, Prompt};
 use samkv::eval::{load_examples, longbench_prompt};
 use samkv::methods::samkv::SamKv;
 use samkv::methods::{
-    concat_caches, Assembled, Context, MethodConfig, Recompute, Reuse, Segment, Stats,
+    concat_caches, load_rows, Assembled, Context, MethodConfig, Recompute, Reuse, Segment, Stats,
 };
 use samkv::methods::{Method, MultiInfLlm};
 use samkv::model::{LoadOptions, WeightMode};
@@ -220,21 +220,19 @@ fn infllm_keeps_initial_local_and_topk_blocks_per_layer() {
     assert!(a.stats.kept_fraction < 0.5);
 }
 
-/// The plan SamKV makes for `cfg` on a fresh concatenation.
+/// The plan SamKV makes for `cfg`.
 fn plan(ctx: &Context, cfg: &MethodConfig) -> samkv::methods::samkv::Plan {
     let m = SamKv::new(cfg.samkv_params().unwrap());
-    let concat = concat_caches(ctx.model, ctx, &mut Stats::default()).unwrap();
-    m.plan(ctx, &concat).unwrap()
+    m.plan(ctx).unwrap()
 }
 
-/// The plan SamKV makes for `cfg` (on a fresh concatenation) and its assembly.
+/// The plan SamKV makes for `cfg` and its assembly.
 fn plan_and_assemble(
     ctx: &Context,
     cfg: &MethodConfig,
 ) -> (samkv::methods::samkv::Plan, Assembled) {
     let m = SamKv::new(cfg.samkv_params().unwrap());
-    let concat = concat_caches(ctx.model, ctx, &mut Stats::default()).unwrap();
-    let plan = m.plan(ctx, &concat).unwrap();
+    let plan = m.plan(ctx).unwrap();
     (plan, run(ctx, &m))
 }
 
@@ -458,4 +456,51 @@ fn oracle_keeps_the_blocks_the_question_attends_to_most() {
     );
     let doc_tokens: usize = plan.docs.iter().map(|d| d.rows.len()).sum();
     assert!(plan.retained.len() - preamble_len(&ctx) <= doc_tokens / 2);
+}
+
+/// SamKV loads only the rows it reads; what it loads must be exactly those rows of the full
+/// concatenation that Reuse starts from (same re-rotated keys, same values).
+#[test]
+fn loading_some_rows_equals_selecting_them_from_the_concatenation() {
+    let f = fixture();
+    let ctx = context(f);
+    let full = concat_caches(ctx.model, &ctx, &mut Stats::default()).unwrap();
+    let n = ctx.context_len() as u32;
+    // Per layer a different subset: nothing, every row, every 3rd, one segment's tail...
+    let want: Vec<Vec<u32>> = (0..ctx.model.n_layers())
+        .map(|l| match l % 4 {
+            0 => Vec::new(),
+            1 => (0..n).collect(),
+            2 => (0..n).filter(|p| (p + l as u32).is_multiple_of(3)).collect(),
+            _ => (n / 2..n).collect(),
+        })
+        .collect();
+    let got = load_rows(ctx.model, &ctx, &want, 0, &mut Stats::default()).unwrap();
+    for (l, rows) in want.iter().enumerate() {
+        let layer = &got.layers[l];
+        assert_eq!(layer.positions(), rows.as_slice(), "layer {l}");
+        let idx: Vec<usize> = rows.iter().map(|&p| p as usize).collect();
+        let expect = full.layers[l].select(&idx).unwrap();
+        if rows.is_empty() {
+            continue;
+        }
+        for (a, b) in [
+            (layer.keys().unwrap(), expect.keys().unwrap()),
+            (layer.values().unwrap(), expect.values().unwrap()),
+        ] {
+            let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+            let d = d.max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-6, "layer {l}: loaded rows differ by {d}");
+        }
+    }
+    // Bad requests are errors, not panics.
+    let mut bad = want.clone();
+    bad[1] = vec![5, 3];
+    let e = load_rows(ctx.model, &ctx, &bad, 0, &mut Stats::default());
+    assert!(e.err().unwrap().to_string().contains("sorted"));
+    bad[1] = vec![n];
+    let e = load_rows(ctx.model, &ctx, &bad, 0, &mut Stats::default());
+    assert!(e.err().unwrap().to_string().contains("no document"));
+    let e = load_rows(ctx.model, &ctx, &want[..2], 0, &mut Stats::default());
+    assert!(e.is_err());
 }

@@ -83,6 +83,26 @@ impl LayerKv {
         Ok(layer)
     }
 
+    /// Wraps buffers (kv_heads, capacity, head_dim) whose first `pos.len()` rows are valid and
+    /// sorted by position; the rest is room to append into.
+    pub fn from_buffer(k: Tensor, v: Tensor, pos: Vec<u32>) -> Result<Self> {
+        let cap = k.dim(1)?;
+        if v.dims() != k.dims() || pos.len() > cap || !pos.windows(2).all(|w| w[0] < w[1]) {
+            return Err(Error::InvalidInput(format!(
+                "KV buffers disagree: k {:?}, v {:?}, {} positions (must be sorted and fit)",
+                k.dims(),
+                v.dims(),
+                pos.len()
+            )));
+        }
+        Ok(Self {
+            k,
+            v,
+            pos,
+            half: None,
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.pos.len()
     }

@@ -1,15 +1,15 @@
 //! Combination methods: how independently computed per-document caches become one KV buffer
 //! for decoding (`../shared/docs/METHODS.md`). One file per method, all behind [`Method`].
 //!
-//! Shared machinery lives here: moving stored caches to their global positions
-//! ([`concat_caches`]), prefilling the question ([`prefill_question`]) and the layer-by-layer
-//! partial recompute ([`recompute_layers`]) that CacheBlend, EPIC and SamKV drive with
-//! different row sets.
+//! Shared machinery: moving stored caches to their global positions ([`load`]), prefilling
+//! the question ([`prefill_question`]) and the layer-by-layer partial recompute
+//! ([`recompute_layers`]) that CacheBlend, EPIC and SamKV drive with different row sets.
 
 pub mod cacheblend;
 pub mod config;
 pub mod epic;
 pub mod infllm;
+pub mod load;
 pub mod oracle;
 pub mod recompute;
 pub mod reuse;
@@ -24,6 +24,7 @@ pub use cacheblend::{CacheBlend, Deviation};
 pub use config::{MethodConfig, METHOD_NAMES};
 pub use epic::Epic;
 pub use infllm::MultiInfLlm;
+pub use load::{concat_caches, load_rows};
 pub use oracle::Oracle;
 pub use recompute::Recompute;
 pub use reuse::Reuse;
@@ -193,57 +194,6 @@ pub enum Update {
         theta: f32,
     },
 }
-
-/// The independent caches moved to their global positions and concatenated: what Reuse
-/// decodes from and what the sparse methods start from.
-pub fn concat_caches(model: &Model, ctx: &Context, stats: &mut Stats) -> Result<KvCache> {
-    let t0 = Instant::now();
-    let dt = model.dtype();
-    let dev = model.device();
-    let c = &model.cfg;
-    // Each segment moves by one delta at every layer: one RoPE table per segment, not one per
-    // (segment, layer).
-    let t1 = Instant::now();
-    let mut tables = Vec::with_capacity(ctx.segments.len());
-    let positions: Vec<Vec<u32>> = ctx
-        .segments
-        .iter()
-        .map(|s| s.positions().collect())
-        .collect();
-    for s in &ctx.segments {
-        let stored_start = s.kv.meta.positions.first().copied().unwrap_or(0);
-        let delta = s.start as i64 - stored_start as i64;
-        tables.push(match delta {
-            0 => None,
-            d => Some(model.rope.tables(&vec![d; s.len()], dt, dev)?),
-        });
-    }
-    let mut reposition = t1.elapsed().as_secs_f64();
-    // Room for the question and a short answer, so neither regrows (copies) the buffer.
-    let cap = ctx.context_len() + ctx.question.len() + CONCAT_SPARE_ROWS;
-    let mut cache = model.new_cache()?;
-    for (l, layer) in cache.layers.iter_mut().enumerate() {
-        *layer = LayerKv::with_capacity(c.n_kv_heads, cap, c.head_dim, dt, dev)?;
-        for ((s, table), pos) in ctx.segments.iter().zip(&tables).zip(&positions) {
-            let doc = &s.kv;
-            let k = doc.k[l].to_device(dev)?.to_dtype(dt)?;
-            let v = doc.v[l].to_device(dev)?.to_dtype(dt)?;
-            let t2 = Instant::now();
-            let k = match table {
-                Some((cos, sin)) => model.rope.apply(&k, cos, sin)?,
-                None => k,
-            };
-            reposition += t2.elapsed().as_secs_f64();
-            layer.append(&k, &v, pos)?;
-        }
-    }
-    stats.reposition_ms += reposition * 1e3;
-    stats.load_ms += (t0.elapsed().as_secs_f64() - reposition) * 1e3;
-    Ok(cache)
-}
-
-/// Spare rows [`concat_caches`] leaves after the question for the first decoded tokens.
-const CONCAT_SPARE_ROWS: usize = 64;
 
 /// Ordinary prefill of the question over whatever `cache` holds; returns first-token logits.
 pub fn prefill_question(model: &Model, ctx: &Context, cache: &mut KvCache) -> Result<Tensor> {

@@ -68,7 +68,7 @@ impl Method for Oracle {
     }
 
     fn assemble(&self, ctx: &Context) -> Result<Assembled> {
-        assemble_planned(ctx, &self.params, self.name(), |_| self.plan(ctx))
+        assemble_planned(ctx, &self.params, self.name(), || self.plan(ctx))
     }
 }
 

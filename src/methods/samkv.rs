@@ -14,7 +14,7 @@
 //! [`select_blocks`] / [`select_blocks_global`]) and [`recompute_sets`] (the layer union
 //! rule), then [`local_recompute`]; [`SamKv::plan`] strings steps 1-6 together.
 //!
-//! Positions: rows are named by their global position. The concatenated cache holds keys
+//! Positions: rows are named by their global position. Rows loaded from the store hold keys
 //! re-rotated to those positions, so block keys are scored in the global frame; the
 //! document-local query summaries were pooled at ingestion at the document's stored
 //! positions and are used as stored.
@@ -24,8 +24,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor, D};
 
+use super::load::room_after;
 use super::{
-    concat_caches, ms, prefill_question, recompute_layers, Assembled, Context, FixedPlan, Method,
+    load_rows, ms, prefill_question, recompute_layers, Assembled, Context, FixedPlan, Method,
     Stats, Update,
 };
 use crate::engine::qloc_key;
@@ -132,9 +133,10 @@ impl SamKv {
         Ok((n_layers - s..n_layers).collect())
     }
 
-    /// Steps 1-6: which rows are kept and which are recomputed at each layer. `concat` is the
-    /// concatenated cache from [`concat_caches`].
-    pub fn plan(&self, ctx: &Context, concat: &KvCache) -> Result<Plan> {
+    /// Steps 1-6: which rows are kept and which are recomputed at each layer. Loads from the
+    /// store only what it reads: the anchors at every layer for the question's prefill, and
+    /// every row at the stable layers for scoring.
+    pub fn plan(&self, ctx: &Context) -> Result<Plan> {
         let p = &self.params;
         let model = ctx.model;
         let n_layers = model.n_layers();
@@ -147,18 +149,19 @@ impl SamKv {
         let mut selected = vec![Vec::new(); stable.len()];
         let mut slow_path_docs = 0;
         if docs.iter().any(|d| !d.blocks.is_empty()) {
-            let question = question_queries(ctx, concat, &anchor_pos, &stable)?;
+            let question = question_queries(ctx, &anchor_pos, &stable)?;
+            let keys = stable_rows(ctx, &stable)?;
             let scores = match p.score {
                 Score::Dot => {
                     let (q_loc, slow) = local_query_summaries(ctx, &docs, &stable, p.num_local)?;
                     slow_path_docs = slow;
                     let q_gen = generic_query(&question)?;
                     let q_hat = personalized_queries(&q_loc, &q_gen, model.cfg.n_kv_heads)?;
-                    score_blocks(concat, &docs, &q_hat, &stable)?
+                    score_blocks(&keys, &docs, &q_hat, &stable)?
                 }
                 Score::Attention => {
                     let qpos = ctx.question_positions();
-                    score_blocks_by_attention(concat, &docs, &question, &qpos, &stable)?
+                    score_blocks_by_attention(&keys, &docs, &question, &qpos, &stable)?
                 }
             };
             keep_ratios = keep_ratios_per_doc(&scores, docs.len());
@@ -233,27 +236,28 @@ impl Method for SamKv {
     }
 
     fn assemble(&self, ctx: &Context) -> Result<Assembled> {
-        assemble_planned(ctx, &self.params, self.name(), |concat| {
-            self.plan(ctx, concat)
-        })
+        assemble_planned(ctx, &self.params, self.name(), || self.plan(ctx))
     }
 }
 
-/// A whole assembly around a planner: the stored caches concatenated, `plan` (timed as the
-/// selection phase), steps 7-8 and the report. SamKV and the oracle differ only in `plan`.
+/// A whole assembly around a planner: `plan` (timed as the selection phase, the loads it
+/// needs included), the retained rows loaded from the store, steps 7-8 and the report. SamKV
+/// and the oracle differ only in `plan`.
 pub fn assemble_planned(
     ctx: &Context,
     params: &SamKvParams,
     name: String,
-    plan: impl FnOnce(&KvCache) -> Result<Plan>,
+    plan: impl FnOnce() -> Result<Plan>,
 ) -> Result<Assembled> {
     let mut stats = Stats::for_method(name);
-    let concat = concat_caches(ctx.model, ctx, &mut stats)?;
     let t = Instant::now();
-    let plan = plan(&concat)?;
+    let plan = plan()?;
     stats.select_ms = ms(t);
+    let want = vec![plan.retained.clone(); ctx.model.n_layers()];
+    let cap = plan.retained.len() + room_after(ctx);
+    let mut cache = load_rows(ctx.model, ctx, &want, cap, &mut stats)?;
     let t = Instant::now();
-    let (cache, logits, counts) = local_recompute(ctx, concat, &plan, params)?;
+    let (logits, counts) = local_recompute(ctx, &mut cache, &plan, params)?;
     stats.recompute_ms = ms(t);
     stats.finish(ctx, &cache, counts);
     Ok(Assembled {
@@ -403,22 +407,30 @@ fn recompute_local_summary(
 /// each stable layer, (heads, question tokens, head_dim) each.
 pub fn question_queries(
     ctx: &Context,
-    concat: &KvCache,
     anchor_pos: &[u32],
     stable: &[usize],
 ) -> Result<Vec<Tensor>> {
-    let mut tmp = KvCache {
-        layers: concat
-            .layers
-            .iter()
-            .map(|l| l.select(&rows_of(l, anchor_pos)?))
-            .collect::<Result<Vec<_>>>()?,
-    };
+    let want = vec![anchor_pos.to_vec(); ctx.model.n_layers()];
+    let cap = anchor_pos.len() + ctx.question.len();
+    let mut tmp = load_rows(ctx.model, ctx, &want, cap, &mut Stats::default())?;
     let pos = ctx.question_positions();
     let out = ctx
         .model
         .forward(&ctx.question, &pos, &mut tmp, Logits::None, stable)?;
     Ok(out.queries.into_iter().map(|(_, q)| q).collect())
+}
+
+/// What step 5 scores against: every context row at the stable layers, keys moved to their
+/// global positions (other layers stay empty: scoring does not read them).
+pub fn stable_rows(ctx: &Context, stable: &[usize]) -> Result<KvCache> {
+    let all: Vec<u32> = ctx.segments.iter().flat_map(|s| s.positions()).collect();
+    let want: Vec<Vec<u32>> = (0..ctx.model.n_layers())
+        .map(|l| match stable.contains(&l) {
+            true => all.clone(),
+            false => Vec::new(),
+        })
+        .collect();
+    load_rows(ctx.model, ctx, &want, all.len(), &mut Stats::default())
 }
 
 /// Step 3, second half: `q_gen`, (stable, heads, head_dim) f32, the question's query states
@@ -568,9 +580,10 @@ fn score_range(scores: &[f32]) -> (f32, f32) {
 /// Block and anchor scores, `scores[s][i]`, of document i at stable layer s.
 pub type Scores = Vec<Vec<(Vec<f32>, f32)>>;
 
-/// Step 5's scoring at every stable layer (documents without a middle get no blocks).
+/// Step 5's scoring at every stable layer (documents without a middle get no blocks). `keys`
+/// holds every context row at the stable layers ([`stable_rows`]).
 pub fn score_blocks(
-    concat: &KvCache,
+    keys: &KvCache,
     docs: &[DocSpan],
     q_hat: &[Tensor],
     stable: &[usize],
@@ -581,7 +594,7 @@ pub fn score_blocks(
         .map(|(s, &l)| {
             docs.iter()
                 .zip(q_hat)
-                .map(|(d, q)| block_scores(&concat.layers[l], d, &q.get(s)?))
+                .map(|(d, q)| block_scores(&keys.layers[l], d, &q.get(s)?))
                 .collect()
         })
         .collect()
@@ -591,7 +604,7 @@ pub fn score_blocks(
 /// receives from the question (`question[s]`, at `qpos`), then per document the mean over
 /// each block's rows and over its anchor rows. One read back to the host per stable layer.
 pub fn score_blocks_by_attention(
-    concat: &KvCache,
+    keys: &KvCache,
     docs: &[DocSpan],
     question: &[Tensor],
     qpos: &[u32],
@@ -605,7 +618,7 @@ pub fn score_blocks_by_attention(
         .iter()
         .zip(question)
         .map(|(&l, q)| {
-            let layer = &concat.layers[l];
+            let layer = &keys.layers[l];
             let mass = attention_probs(q, &layer.keys()?, qpos, layer.positions())?;
             let mass: Vec<f32> = mass.to_vec1()?;
             docs.iter()
@@ -824,35 +837,23 @@ pub fn recompute_sets(
     sets
 }
 
-/// Step 7 and 8. Prunes every layer of the concatenated cache to the retained rows, then
+/// Step 7 and 8. Over `cache`, which holds the retained rows (and after this the question),
 /// recomputes the planned rows layer by layer attending only to retained rows (or, without
-/// recompute, prefills the question over them). Returns the cache to decode from (retained
-/// rows and the question), the first-token logits and the rows recomputed per layer.
+/// recompute, prefills the question over them). Returns the first-token logits and the rows
+/// recomputed per layer.
 pub fn local_recompute(
     ctx: &Context,
-    concat: KvCache,
+    cache: &mut KvCache,
     plan: &Plan,
     p: &SamKvParams,
-) -> Result<(KvCache, Tensor, Vec<usize>)> {
-    let layers = concat.layers.iter();
-    let layers = layers.map(|l| l.select(&rows_of(l, &plan.retained)?));
-    let mut cache = KvCache {
-        layers: layers.collect::<Result<Vec<_>>>()?,
-    };
-    drop(concat); // the full rows are not needed past this point
+) -> Result<(Tensor, Vec<usize>)> {
     if !p.recompute {
-        let logits = prefill_question(ctx.model, ctx, &mut cache)?;
-        return Ok((
-            cache,
-            logits,
-            vec![ctx.question.len(); ctx.model.n_layers()],
-        ));
+        let logits = prefill_question(ctx.model, ctx, cache)?;
+        return Ok((logits, vec![ctx.question.len(); ctx.model.n_layers()]));
     }
     let rows = plan.recompute[0].clone();
     let mut fixed = FixedPlan(plan.recompute.clone());
-    let (logits, counts) =
-        recompute_layers(ctx.model, ctx, &mut cache, rows, p.update, &mut fixed)?;
-    Ok((cache, logits, counts))
+    recompute_layers(ctx.model, ctx, cache, rows, p.update, &mut fixed)
 }
 
 /// Cosine-weighted fusion of recomputed into cached K/V, per row and KV head: with

@@ -258,6 +258,70 @@ fn check_add_rms_norm(dev: &Device, dt: DType) -> Result<Check> {
     ))
 }
 
+fn check_gather_kv(dev: &Device, layout: RopeLayout, dt: DType) -> Result<Check> {
+    use super::gather::{gather_kv, GatherPlan};
+    let (h, d, lens) = (3, 64, [7usize, 12, 5]);
+    let rope = Rope::new(d, 10000.0, layout, None, None);
+    let deltas = [0i64, 7, 19];
+    // Two layers; the second segment's cache is a view with spare rows, as stores hold them.
+    let sources = (0..2)
+        .map(|_| {
+            let seg = lens.iter().map(|&t| {
+                let k = Tensor::randn(0f32, 1f32, (h, t + 4, d), dev)?.to_dtype(dt)?;
+                let v = Tensor::randn(0f32, 1f32, (h, t, d), dev)?.to_dtype(dt)?;
+                Ok((k.narrow(1, 0, t)?, v))
+            });
+            seg.collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Layer 0: segment 0 rows 1, 3; segment 1 rows 0, 5, 11; segment 2 row 4. Layer 1: all.
+    let l0: Vec<[u32; 2]> = vec![[0, 1], [0, 3], [1, 0], [1, 5], [1, 11], [2, 4]];
+    let l1: Vec<[u32; 2]> = (0..3)
+        .flat_map(|s| (0..lens[s] as u32).map(move |r| [s as u32, r]))
+        .collect();
+    let entries: Vec<u32> = l0.iter().chain(&l1).flatten().copied().collect();
+    let ranges = [0, l0.len() as u32, l0.len() as u32, l1.len() as u32];
+    let (cos, sin) = rope.tables(&deltas, DType::F32, &Device::Cpu)?;
+    let tables = Tensor::cat(&[cos, sin], 1)?.flatten_all()?.to_vec1::<f32>()?;
+    let plan = GatherPlan {
+        sources: &sources,
+        ranges: &ranges,
+        entries: &entries,
+        rope: &tables,
+        layout,
+        cap: 40,
+    };
+    let got = gather_kv(&plan)?;
+    // Reference: each row picked with candle's ops and rotated by its segment's delta in f32.
+    let mut err = None;
+    if let Some(all) = got {
+        let mut worst = 0f32;
+        for (l, rows) in [l0, l1].iter().enumerate() {
+            let pick = |s: &[u32; 2], kv: usize| -> Result<Tensor> {
+                let (k, v) = &sources[l][s[0] as usize];
+                let t = if kv == 0 { k } else { v };
+                Ok(t.narrow(1, s[1] as usize, 1)?.to_dtype(DType::F32)?)
+            };
+            let k = Tensor::cat(&rows.iter().map(|s| pick(s, 0)).collect::<Result<Vec<_>>>()?, 1)?;
+            let v = Tensor::cat(&rows.iter().map(|s| pick(s, 1)).collect::<Result<Vec<_>>>()?, 1)?;
+            let per_row: Vec<i64> = rows.iter().map(|s| deltas[s[0] as usize]).collect();
+            let (c, s) = rope.tables(&per_row, DType::F32, dev)?;
+            let want_k = rope.apply(&k, &c, &s)?;
+            let n = rows.len();
+            let layer = all.get(l)?;
+            worst = worst
+                .max(rel_err(&want_k, &layer.get(0)?.narrow(1, 0, n)?)?)
+                .max(rel_err(&v, &layer.get(1)?.narrow(1, 0, n)?)?);
+        }
+        err = Some(worst);
+    }
+    Ok(verdict(
+        format!("kernel gather+rope: {} {dt:?}", layout.as_str()).to_lowercase(),
+        err,
+        dt,
+    ))
+}
+
 /// Every kernel check; an error inside one becomes a failed check.
 pub fn check_kernels(dev: &Device) -> Vec<Check> {
     let mut out = Vec::new();
@@ -288,6 +352,12 @@ pub fn check_kernels(dev: &Device) -> Vec<Check> {
     }
     for dt in [DType::BF16, DType::F16] {
         push("add+rms_norm", check_add_rms_norm(dev, dt));
+    }
+    for (layout, dt) in [
+        (RopeLayout::SplitHalf, DType::BF16),
+        (RopeLayout::Interleaved, DType::F32),
+    ] {
+        push("gather+rope", check_gather_kv(dev, layout, dt));
     }
     out
 }

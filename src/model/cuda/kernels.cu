@@ -593,3 +593,56 @@ ELEMENTWISE_V8(f16, __half)
 ELEMENTWISE(f32, float)
 ELEMENTWISE(bf16, __nv_bfloat16)
 ELEMENTWISE(f16, __half)
+
+// ---------------------------------------------------------------------------------------
+// Stored KV rows into a request's cache, moved to their global positions.
+//
+// For every (layer, row) of the output, the stored key is rotated by its segment's position
+// delta (RoPE rotations compose) and the value copied: what Reuse and the sparse methods do
+// before any attention, in one launch instead of a RoPE and two copies per (layer, segment).
+//   src:     per (layer, segment): K pointer, V pointer, K head stride, V head stride
+//            (elements; rows are packed, d apart)
+//   ranges:  per layer: first entry, rows (layers with equal row sets share entries)
+//   entries: per row: segment, row in the segment's stored cache
+//   cs:      per segment: cos[d / 2] then sin[d / 2] of its delta, f32
+//   out:     (layers, 2, h, cap, d): rows 0..rows of each layer's K then V
+// One block per output row (looping when rows exceed the grid), threads over (head, pair).
+template <typename T>
+__device__ void gather_kv(const long long *__restrict__ src, const unsigned *__restrict__ ranges,
+                          const unsigned *__restrict__ entries, const float *__restrict__ cs,
+                          T *__restrict__ out, int nseg, int h, int cap, int d, int interleaved) {
+    const int layer = blockIdx.y, half = d / 2, pairs = h * half;
+    const unsigned first = ranges[2 * layer], rows = ranges[2 * layer + 1];
+    T *ok = out + (size_t)layer * 2 * h * cap * d;
+    T *ov = ok + (size_t)h * cap * d;
+    for (unsigned r = blockIdx.x; r < rows; r += gridDim.x) {
+        const unsigned seg = entries[2 * (first + r)], row = entries[2 * (first + r) + 1];
+        const long long *e = src + 4 * ((long long)layer * nseg + seg);
+        const T *k = reinterpret_cast<const T *>(e[0]) + (size_t)row * d;
+        const T *v = reinterpret_cast<const T *>(e[1]) + (size_t)row * d;
+        const float *c = cs + (size_t)seg * d;
+        for (int j = threadIdx.x; j < pairs; j += blockDim.x) {
+            const int head = j / half, i = j % half;
+            const int i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + half;
+            const T *kr = k + head * e[2], *vr = v + head * e[3];
+            float x0 = to_f(kr[i0]), x1 = to_f(kr[i1]);
+            rotate(x0, x1, c[i], c[half + i]);
+            const size_t o = ((size_t)head * cap + r) * d;
+            ok[o + i0] = from_f<T>(x0);
+            ok[o + i1] = from_f<T>(x1);
+            ov[o + i0] = vr[i0];
+            ov[o + i1] = vr[i1];
+        }
+    }
+}
+
+#define GATHER(NAME, T)                                                                        \
+    extern "C" __global__ void gather_kv_##NAME(const long long *src, const unsigned *ranges,   \
+                                                const unsigned *entries, const float *cs,      \
+                                                T *out, int nseg, int h, int cap, int d,       \
+                                                int interleaved) {                             \
+        gather_kv<T>(src, ranges, entries, cs, out, nseg, h, cap, d, interleaved);             \
+    }
+GATHER(f32, float)
+GATHER(bf16, __nv_bfloat16)
+GATHER(f16, __half)

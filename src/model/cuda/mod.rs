@@ -24,6 +24,7 @@ use super::rope::RopeLayout;
 use crate::Result;
 
 pub mod check;
+pub mod gather;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/samkv_kernels.ptx"));
 const MODULE: &str = "samkv_kernels";
