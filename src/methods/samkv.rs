@@ -534,8 +534,19 @@ pub fn dot_scores(means: &Tensor, q: &Tensor) -> Result<Vec<f32>> {
 /// Step 5's scores at one layer: `s_b` for each middle block of `doc` and the anchor score
 /// `a = <mean(K_anchor), q_hat>`.
 pub fn block_scores(layer: &LayerKv, doc: &DocSpan, q_hat: &Tensor) -> Result<(Vec<f32>, f32)> {
+    let mut s = match block_scores_lazy(layer, doc, q_hat)? {
+        Some(s) => s.to_vec1::<f32>()?,
+        None => return Ok((Vec::new(), 0.0)),
+    };
+    let a = s.pop().unwrap_or_default();
+    Ok((s, a))
+}
+
+/// [`block_scores`] left on the device: `[s_b..., a]` (f32), None for a document without a
+/// middle. Callers read many back at once: a read back waits for all queued work.
+fn block_scores_lazy(layer: &LayerKv, doc: &DocSpan, q_hat: &Tensor) -> Result<Option<Tensor>> {
     if doc.blocks.is_empty() {
-        return Ok((Vec::new(), 0.0));
+        return Ok(None);
     }
     let pos = layer.positions();
     let first = rows_of(layer, &[doc.rows.start])?[0];
@@ -544,19 +555,27 @@ pub fn block_scores(layer: &LayerKv, doc: &DocSpan, q_hat: &Tensor) -> Result<(V
         |r: &Range<u32>| (first + (r.start - base) as usize)..(first + (r.end - base) as usize);
     let keys = layer.keys()?;
     let blocks: Vec<Range<usize>> = doc.blocks.iter().map(to_rows).collect();
-    let anchor: Vec<usize> = doc
-        .anchor_positions()
-        .map(|p| first + (p - base) as usize)
-        .collect();
-    let k_anchor = mean_rows(&layer.gather_keys(&anchor)?)?;
-    // One read back to the host for the blocks and the anchor together.
+    // The anchors are the rows before and after the middle: two sums, no index upload.
+    let (head, tail) = (
+        to_rows(&(doc.rows.start..doc.middle.start)),
+        to_rows(&(doc.middle.end..doc.rows.end)),
+    );
+    let n = (head.len() + tail.len()).max(1) as f64;
+    let sum = |r: Range<usize>| -> Result<Tensor> {
+        Ok(keys.narrow(1, r.start, r.len())?.to_dtype(DType::F32)?.sum(1)?)
+    };
+    let k_anchor = match (head.is_empty(), tail.is_empty()) {
+        (false, false) => (sum(head)? + sum(tail)?)?,
+        (false, true) => sum(head)?,
+        (true, _) => sum(tail)?,
+    };
     let means = Tensor::cat(
-        &[block_mean_keys(&keys, &blocks)?, k_anchor.unsqueeze(0)?],
+        &[block_mean_keys(&keys, &blocks)?, (k_anchor / n)?.unsqueeze(0)?],
         0,
     )?;
-    let mut s = dot_scores(&means, q_hat)?;
-    let a = s.pop().unwrap_or_default();
-    Ok((s, a))
+    Ok(Some(
+        means.broadcast_mul(&q_hat.unsqueeze(0)?)?.sum((1, 2))?,
+    ))
 }
 
 /// Step 5, paper Eq. 2: `P = (max - a) / (max - min)` when `min < a <= max`, else 0 (so an
@@ -588,16 +607,36 @@ pub fn score_blocks(
     q_hat: &[Tensor],
     stable: &[usize],
 ) -> Result<Scores> {
-    stable
-        .iter()
-        .enumerate()
-        .map(|(s, &l)| {
-            docs.iter()
-                .zip(q_hat)
-                .map(|(d, q)| block_scores(&keys.layers[l], d, &q.get(s)?))
-                .collect()
-        })
-        .collect()
+    let mut lazy = Vec::new();
+    for (s, &l) in stable.iter().enumerate() {
+        for (d, q) in docs.iter().zip(q_hat) {
+            lazy.push(block_scores_lazy(&keys.layers[l], d, &q.get(s)?)?);
+        }
+    }
+    // One read back for every layer and document.
+    let present: Vec<Tensor> = lazy.iter().flatten().cloned().collect();
+    let flat: Vec<f32> = match present.is_empty() {
+        true => Vec::new(),
+        false => Tensor::cat(&present, 0)?.to_vec1()?,
+    };
+    let mut at = 0;
+    let mut lazy = lazy.into_iter();
+    let mut out = Vec::with_capacity(stable.len());
+    for _ in stable {
+        let mut layer = Vec::with_capacity(docs.len());
+        for d in docs {
+            match lazy.next().flatten() {
+                Some(_) => {
+                    let n = d.blocks.len();
+                    layer.push((flat[at..at + n].to_vec(), flat[at + n]));
+                    at += n + 1;
+                }
+                None => layer.push((Vec::new(), 0.0)),
+            }
+        }
+        out.push(layer);
+    }
+    Ok(out)
 }
 
 /// Step 5 with [`Score::Attention`]: at each stable layer, the attention every cached row
