@@ -471,7 +471,9 @@ fn loading_some_rows_equals_selecting_them_from_the_concatenation() {
         .map(|l| match l % 4 {
             0 => Vec::new(),
             1 => (0..n).collect(),
-            2 => (0..n).filter(|p| (p + l as u32).is_multiple_of(3)).collect(),
+            2 => (0..n)
+                .filter(|p| (p + l as u32).is_multiple_of(3))
+                .collect(),
             _ => (n / 2..n).collect(),
         })
         .collect();

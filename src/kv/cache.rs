@@ -220,15 +220,33 @@ impl LayerKv {
                 "overwrite of row {r}, but the layer holds {len} rows"
             )));
         }
-        // In place: every (head, row, dim) element of the new rows goes to (head, rows[j], dim).
-        // The (h, n, d) index is broadcast on the device from the n row numbers: built on the
-        // host it was h * d times larger, and on a GPU its upload dominated the recompute.
         let (h, n, d) = k.dims3()?;
         let r: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        self.half = None;
+        // On CUDA one thread per element (candle's scatter loops over the rows in each thread).
+        #[cfg(feature = "cuda")]
+        if self.k.device().is_cuda() {
+            use crate::model::cuda::gather::scatter_rows;
+            let idx = Tensor::new(r.as_slice(), self.k.device())?;
+            let (k, v) = (
+                k.to_dtype(self.k.dtype())?.contiguous()?,
+                v.to_dtype(self.v.dtype())?.contiguous()?,
+            );
+            if scatter_rows(&self.k, &k, &idx)? {
+                if !scatter_rows(&self.v, &v, &idx)? {
+                    return Err(Error::InvalidInput(
+                        "overwrite: keys and values have different layouts".into(),
+                    ));
+                }
+                return Ok(());
+            }
+        }
+        // Elsewhere candle's scatter: every (head, row, dim) element of the new rows goes to
+        // (head, rows[j], dim). The (h, n, d) index is broadcast on the device from the n row numbers: built on the
+        // host it was h * d times larger, and on a GPU its upload dominated the recompute.
         let idx_t = Tensor::from_vec(r, (1, n, 1), self.k.device())?
             .broadcast_as((h, n, d))?
             .contiguous()?;
-        self.half = None;
         self.k
             .scatter_set(&idx_t, &k.to_dtype(self.k.dtype())?.contiguous()?, 1)?;
         self.v

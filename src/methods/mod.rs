@@ -6,6 +6,7 @@
 //! ([`recompute_layers`]) that CacheBlend, EPIC and SamKV drive with different row sets.
 
 pub mod cacheblend;
+pub mod clock;
 pub mod config;
 pub mod epic;
 pub mod infllm;
@@ -34,6 +35,7 @@ use crate::kv::{KvCache, LayerKv};
 use crate::model::{Logits, Model, Qkv};
 use crate::store::StoredDoc;
 use crate::{Error, Result};
+use clock::PhaseClock;
 
 /// One piece of the request's context: the preamble or a document.
 #[derive(Clone)]
@@ -249,11 +251,16 @@ pub fn recompute_layers(
     let mut x = model.embed(&tokens)?;
     let mut rope = model.rope_tables(&rows)?;
     let mut counts = Vec::with_capacity(model.n_layers());
+    let mut clock = PhaseClock::new(model.device());
+    clock.lap("embed");
     for l in 0..model.n_layers() {
         counts.push(rows.len());
         let qkv = model.layer_qkv(l, &x, &rope)?;
+        clock.lap("qkv");
         let next = plan.next_rows(l, &rows, &qkv, &cache.layers[l])?;
+        clock.lap("plan");
         upsert(&mut cache.layers[l], &rows, &qkv.k, &qkv.v, update)?;
+        clock.lap("upsert");
         let layer = &cache.layers[l];
         x = model.layer_finish(
             l,
@@ -271,8 +278,11 @@ pub fn recompute_layers(
             rope = (rope.0.index_select(&idx, 0)?, rope.1.index_select(&idx, 0)?);
             rows = next;
         }
+        clock.lap("attention+mlp");
     }
     let logits = model.logits(&x.narrow(0, x.dim(0)? - 1, 1)?)?;
+    clock.lap("logits");
+    clock.report("recompute_layers");
     Ok((last_logits(Some(logits))?, counts))
 }
 

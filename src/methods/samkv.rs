@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor, D};
 
+use super::clock::PhaseClock;
 use super::load::room_after;
 use super::{
     load_rows, ms, prefill_question, recompute_layers, Assembled, Context, FixedPlan, Method,
@@ -148,9 +149,12 @@ impl SamKv {
         let mut keep_ratios = vec![0.0; docs.len()];
         let mut selected = vec![Vec::new(); stable.len()];
         let mut slow_path_docs = 0;
+        let mut clock = PhaseClock::new(model.device());
         if docs.iter().any(|d| !d.blocks.is_empty()) {
             let question = question_queries(ctx, &anchor_pos, &stable)?;
+            clock.lap("question over anchors");
             let keys = stable_rows(ctx, &stable)?;
+            clock.lap("stable rows");
             let scores = match p.score {
                 Score::Dot => {
                     let (q_loc, slow) = local_query_summaries(ctx, &docs, &stable, p.num_local)?;
@@ -164,9 +168,12 @@ impl SamKv {
                     score_blocks_by_attention(&keys, &docs, &question, &qpos, &stable)?
                 }
             };
+            clock.lap("scores");
             keep_ratios = keep_ratios_per_doc(&scores, docs.len());
             selected = block_selection(&docs, &scores, &keep_ratios, p.selection);
+            clock.lap("selection");
         }
+        clock.report("samkv plan");
         let mut plan = Plan::from_selection(ctx, &stable, preamble, docs, selected);
         plan.keep_ratios = keep_ratios;
         plan.slow_path_docs = slow_path_docs;
@@ -250,15 +257,20 @@ pub fn assemble_planned(
     plan: impl FnOnce() -> Result<Plan>,
 ) -> Result<Assembled> {
     let mut stats = Stats::for_method(name);
+    let mut clock = PhaseClock::new(ctx.model.device());
     let t = Instant::now();
     let plan = plan()?;
     stats.select_ms = ms(t);
+    clock.lap("plan");
     let want = vec![plan.retained.clone(); ctx.model.n_layers()];
     let cap = plan.retained.len() + room_after(ctx);
     let mut cache = load_rows(ctx.model, ctx, &want, cap, &mut stats)?;
+    clock.lap("load retained");
     let t = Instant::now();
     let (logits, counts) = local_recompute(ctx, &mut cache, &plan, params)?;
     stats.recompute_ms = ms(t);
+    clock.lap("local recompute");
+    clock.report("samkv assembly");
     stats.finish(ctx, &cache, counts);
     Ok(Assembled {
         cache,
@@ -531,22 +543,12 @@ pub fn dot_scores(means: &Tensor, q: &Tensor) -> Result<Vec<f32>> {
         .to_vec1()?)
 }
 
-/// Step 5's scores at one layer: `s_b` for each middle block of `doc` and the anchor score
-/// `a = <mean(K_anchor), q_hat>`.
+/// Step 5's scores at one layer for one document: `s_b` for each middle block of `doc` and
+/// the anchor score `a = <mean(K_anchor), q_hat>`. [`score_blocks`] does this for every
+/// document at once.
 pub fn block_scores(layer: &LayerKv, doc: &DocSpan, q_hat: &Tensor) -> Result<(Vec<f32>, f32)> {
-    let mut s = match block_scores_lazy(layer, doc, q_hat)? {
-        Some(s) => s.to_vec1::<f32>()?,
-        None => return Ok((Vec::new(), 0.0)),
-    };
-    let a = s.pop().unwrap_or_default();
-    Ok((s, a))
-}
-
-/// [`block_scores`] left on the device: `[s_b..., a]` (f32), None for a document without a
-/// middle. Callers read many back at once: a read back waits for all queued work.
-fn block_scores_lazy(layer: &LayerKv, doc: &DocSpan, q_hat: &Tensor) -> Result<Option<Tensor>> {
     if doc.blocks.is_empty() {
-        return Ok(None);
+        return Ok((Vec::new(), 0.0));
     }
     let pos = layer.positions();
     let first = rows_of(layer, &[doc.rows.start])?[0];
@@ -555,27 +557,19 @@ fn block_scores_lazy(layer: &LayerKv, doc: &DocSpan, q_hat: &Tensor) -> Result<O
         |r: &Range<u32>| (first + (r.start - base) as usize)..(first + (r.end - base) as usize);
     let keys = layer.keys()?;
     let blocks: Vec<Range<usize>> = doc.blocks.iter().map(to_rows).collect();
-    // The anchors are the rows before and after the middle: two sums, no index upload.
-    let (head, tail) = (
-        to_rows(&(doc.rows.start..doc.middle.start)),
-        to_rows(&(doc.middle.end..doc.rows.end)),
-    );
-    let n = (head.len() + tail.len()).max(1) as f64;
-    let sum = |r: Range<usize>| -> Result<Tensor> {
-        Ok(keys.narrow(1, r.start, r.len())?.to_dtype(DType::F32)?.sum(1)?)
-    };
-    let k_anchor = match (head.is_empty(), tail.is_empty()) {
-        (false, false) => (sum(head)? + sum(tail)?)?,
-        (false, true) => sum(head)?,
-        (true, _) => sum(tail)?,
-    };
+    let anchor: Vec<usize> = doc
+        .anchor_positions()
+        .map(|p| first + (p - base) as usize)
+        .collect();
+    let k_anchor = mean_rows(&layer.gather_keys(&anchor)?)?;
+    // One read back to the host for the blocks and the anchor together.
     let means = Tensor::cat(
-        &[block_mean_keys(&keys, &blocks)?, (k_anchor / n)?.unsqueeze(0)?],
+        &[block_mean_keys(&keys, &blocks)?, k_anchor.unsqueeze(0)?],
         0,
     )?;
-    Ok(Some(
-        means.broadcast_mul(&q_hat.unsqueeze(0)?)?.sum((1, 2))?,
-    ))
+    let mut s = dot_scores(&means, q_hat)?;
+    let a = s.pop().unwrap_or_default();
+    Ok((s, a))
 }
 
 /// Step 5, paper Eq. 2: `P = (max - a) / (max - min)` when `min < a <= max`, else 0 (so an
@@ -600,41 +594,77 @@ fn score_range(scores: &[f32]) -> (f32, f32) {
 pub type Scores = Vec<Vec<(Vec<f32>, f32)>>;
 
 /// Step 5's scoring at every stable layer (documents without a middle get no blocks). `keys`
-/// holds every context row at the stable layers ([`stable_rows`]).
+/// holds every context row at the stable layers ([`stable_rows`]). Computes what
+/// [`block_scores`] does for one document, for all of them at once: every block and anchor
+/// set is a group of rows, padded to the longest with zero weight, so each layer is one
+/// gather, one weighted sum and one dot product, and all layers are read back together (per
+/// document and layer this was a dozen small launches and a host sync each).
 pub fn score_blocks(
     keys: &KvCache,
     docs: &[DocSpan],
     q_hat: &[Tensor],
     stable: &[usize],
 ) -> Result<Scores> {
-    let mut lazy = Vec::new();
-    for (s, &l) in stable.iter().enumerate() {
-        for (d, q) in docs.iter().zip(q_hat) {
-            lazy.push(block_scores_lazy(&keys.layers[l], d, &q.get(s)?)?);
-        }
+    // Groups in order: each document's blocks, then its anchors.
+    let mut groups: Vec<(usize, Vec<u32>)> = Vec::new();
+    for (i, d) in docs
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| !d.blocks.is_empty())
+    {
+        groups.extend(d.blocks.iter().map(|b| (i, b.clone().collect())));
+        groups.push((i, d.anchor_positions().collect()));
     }
-    // One read back for every layer and document.
-    let present: Vec<Tensor> = lazy.iter().flatten().cloned().collect();
-    let flat: Vec<f32> = match present.is_empty() {
-        true => Vec::new(),
-        false => Tensor::cat(&present, 0)?.to_vec1()?,
-    };
-    let mut at = 0;
-    let mut lazy = lazy.into_iter();
-    let mut out = Vec::with_capacity(stable.len());
-    for _ in stable {
-        let mut layer = Vec::with_capacity(docs.len());
-        for d in docs {
-            match lazy.next().flatten() {
-                Some(_) => {
-                    let n = d.blocks.len();
-                    layer.push((flat[at..at + n].to_vec(), flat[at + n]));
-                    at += n + 1;
-                }
-                None => layer.push((Vec::new(), 0.0)),
-            }
+    let mut out = vec![vec![(Vec::new(), 0.0); docs.len()]; stable.len()];
+    if groups.is_empty() {
+        return Ok(out);
+    }
+    let g = groups.iter().map(|x| x.1.len()).max().unwrap_or(1);
+    let ng = groups.len();
+    let mut weights = vec![0f32; ng * g];
+    for (j, (_, pos)) in groups.iter().enumerate() {
+        let w = 1.0 / pos.len().max(1) as f32;
+        weights[j * g..j * g + pos.len()].fill(w);
+    }
+    let owner: Vec<u32> = groups.iter().map(|x| x.0 as u32).collect();
+    let first = &keys.layers[stable[0]];
+    let dev = first.keys()?.device().clone();
+    let weights = Tensor::from_vec(weights, (1, ng, g, 1), &dev)?;
+    let owner = Tensor::new(owner.as_slice(), &dev)?;
+    let mut per_layer = Vec::with_capacity(stable.len());
+    for (s, &l) in stable.iter().enumerate() {
+        let layer = &keys.layers[l];
+        // Padding repeats a group's first row; its weight is zero.
+        let mut rows = Vec::with_capacity(ng * g);
+        for (_, pos) in &groups {
+            let r = rows_of(layer, pos)?;
+            rows.extend((0..g).map(|i| r.get(i).copied().unwrap_or(r[0])));
         }
-        out.push(layer);
+        let k = layer.gather_keys(&rows)?.to_dtype(DType::F32)?;
+        let (kv, _, d) = k.dims3()?;
+        let means = k.reshape((kv, ng, g, d))?.broadcast_mul(&weights)?.sum(2)?; // (kv, ng, d)
+        let q: Vec<Tensor> = q_hat
+            .iter()
+            .map(|q| q.get(s))
+            .collect::<candle_core::Result<_>>()?;
+        let q = Tensor::stack(&q, 0)?
+            .index_select(&owner, 0)?
+            .transpose(0, 1)?; // (kv, ng, d)
+        per_layer.push((means * q)?.sum((0, 2))?);
+    }
+    let flat: Vec<f32> = Tensor::cat(&per_layer, 0)?.to_vec1()?;
+    for (s, layer) in out.iter_mut().enumerate() {
+        let scores = &flat[s * ng..(s + 1) * ng];
+        let mut at = 0;
+        for (i, d) in docs
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| !d.blocks.is_empty())
+        {
+            let n = d.blocks.len();
+            layer[i] = (scores[at..at + n].to_vec(), scores[at + n]);
+            at += n + 1;
+        }
     }
     Ok(out)
 }

@@ -219,3 +219,36 @@ fn block_means_by_runs_equal_block_by_block_means() {
         .collect();
     close(&got, &want);
 }
+
+#[test]
+fn all_documents_at_once_score_as_one_by_one() {
+    // Two stable layers of 2 KV heads over positions 0..90: a document kept whole, two with
+    // middles (one ending in a partial block), each with its own q_hat per layer.
+    let dev = Device::Cpu;
+    let layers: Vec<LayerKv> = (0..2)
+        .map(|_| {
+            let k = Tensor::randn(0f32, 1f32, (2, 90, 4), &dev).unwrap();
+            LayerKv::from_parts(k.clone(), k, (0..90).collect()).unwrap()
+        })
+        .collect();
+    let keys = KvCache { layers };
+    let docs = vec![
+        doc_span(1, 0..20, 8, 16, 8),
+        doc_span(2, 20..61, 8, 16, 8),
+        doc_span(3, 61..90, 2, 3, 4),
+    ];
+    let q_hat: Vec<Tensor> = (0..3)
+        .map(|_| Tensor::randn(0f32, 1f32, (2, 2, 4), &dev).unwrap())
+        .collect();
+    let batched = score_blocks(&keys, &docs, &q_hat, &[0, 1]).unwrap();
+    for s in 0..2 {
+        for (i, d) in docs.iter().enumerate() {
+            let (b, a) = block_scores(&keys.layers[s], d, &q_hat[i].get(s).unwrap()).unwrap();
+            let (bb, ba) = &batched[s][i];
+            assert_eq!(b.len(), bb.len(), "layer {s} doc {i}");
+            for (x, y) in b.iter().chain([&a]).zip(bb.iter().chain([ba])) {
+                assert!((x - y).abs() < 1e-4, "layer {s} doc {i}: {x} vs {y}");
+            }
+        }
+    }
+}

@@ -282,7 +282,9 @@ fn check_gather_kv(dev: &Device, layout: RopeLayout, dt: DType) -> Result<Check>
     let entries: Vec<u32> = l0.iter().chain(&l1).flatten().copied().collect();
     let ranges = [0, l0.len() as u32, l0.len() as u32, l1.len() as u32];
     let (cos, sin) = rope.tables(&deltas, DType::F32, &Device::Cpu)?;
-    let tables = Tensor::cat(&[cos, sin], 1)?.flatten_all()?.to_vec1::<f32>()?;
+    let tables = Tensor::cat(&[cos, sin], 1)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let plan = GatherPlan {
         sources: &sources,
         ranges: &ranges,
@@ -302,8 +304,20 @@ fn check_gather_kv(dev: &Device, layout: RopeLayout, dt: DType) -> Result<Check>
                 let t = if kv == 0 { k } else { v };
                 Ok(t.narrow(1, s[1] as usize, 1)?.to_dtype(DType::F32)?)
             };
-            let k = Tensor::cat(&rows.iter().map(|s| pick(s, 0)).collect::<Result<Vec<_>>>()?, 1)?;
-            let v = Tensor::cat(&rows.iter().map(|s| pick(s, 1)).collect::<Result<Vec<_>>>()?, 1)?;
+            let k = Tensor::cat(
+                &rows
+                    .iter()
+                    .map(|s| pick(s, 0))
+                    .collect::<Result<Vec<_>>>()?,
+                1,
+            )?;
+            let v = Tensor::cat(
+                &rows
+                    .iter()
+                    .map(|s| pick(s, 1))
+                    .collect::<Result<Vec<_>>>()?,
+                1,
+            )?;
             let per_row: Vec<i64> = rows.iter().map(|s| deltas[s[0] as usize]).collect();
             let (c, s) = rope.tables(&per_row, DType::F32, dev)?;
             let want_k = rope.apply(&k, &c, &s)?;
@@ -317,6 +331,26 @@ fn check_gather_kv(dev: &Device, layout: RopeLayout, dt: DType) -> Result<Check>
     }
     Ok(verdict(
         format!("kernel gather+rope: {} {dt:?}", layout.as_str()).to_lowercase(),
+        err,
+        dt,
+    ))
+}
+
+fn check_scatter_rows(dev: &Device, dt: DType) -> Result<Check> {
+    let (h, cap, n, d) = (3, 50, 9, 64);
+    let dst = Tensor::randn(0f32, 1f32, (h, cap, d), dev)?.to_dtype(dt)?;
+    let src = Tensor::randn(0f32, 1f32, (h, n, d), dev)?.to_dtype(dt)?;
+    let rows: Vec<u32> = (0..n as u32).map(|j| (j * 5 + 2) % cap as u32).collect();
+    // Reference: candle's scatter on a copy.
+    let want = dst.copy()?;
+    let idx = Tensor::from_vec(rows.clone(), (1, n, 1), dev)?
+        .broadcast_as((h, n, d))?
+        .contiguous()?;
+    want.scatter_set(&idx, &src, 1)?;
+    let done = super::gather::scatter_rows(&dst, &src, &Tensor::new(rows.as_slice(), dev)?)?;
+    let err = done.then(|| rel_err(&want, &dst)).transpose()?;
+    Ok(verdict(
+        format!("kernel scatter rows: {dt:?}").to_lowercase(),
         err,
         dt,
     ))
@@ -358,6 +392,9 @@ pub fn check_kernels(dev: &Device) -> Vec<Check> {
         (RopeLayout::Interleaved, DType::F32),
     ] {
         push("gather+rope", check_gather_kv(dev, layout, dt));
+    }
+    for dt in [DType::BF16, DType::F32] {
+        push("scatter rows", check_scatter_rows(dev, dt));
     }
     out
 }

@@ -167,3 +167,96 @@ pub fn gather_kv(plan: &GatherPlan) -> Result<Option<Tensor>> {
     let entries = Tensor::new(plan.entries, dev)?;
     Ok(Some(entries.apply_op1_no_bwd(&GatherKv { plan, h, d })?))
 }
+
+// ---------------------------------------------------------------------------------------
+// Rows overwritten in place
+
+struct ScatterRows;
+
+impl ScatterRows {
+    fn run<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
+        (ds, dl): (&mut CudaStorage, &Layout),
+        (ss, sl): (&CudaStorage, &Layout),
+        (rs, rl): (&CudaStorage, &Layout),
+        kernel: &str,
+    ) -> candle_core::Result<()> {
+        let dev = ss.device().clone();
+        let (h, n, d) = sl.shape().dims3()?;
+        let src = ss.as_cuda_slice::<T>()?.slice(sl.start_offset()..);
+        let rows = rs.as_cuda_slice::<u32>()?.slice(rl.start_offset()..);
+        let (src_hs, dst_hs) = (sl.stride()[0] as i64, dl.stride()[0] as i64);
+        let dst = ds.as_cuda_slice_mut::<T>()?;
+        let mut dst = dst.slice_mut(dl.start_offset()..);
+        let (h_i, n_i, d_i) = (h as i32, n as i32, d as i32);
+        let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&src).arg(&rows).arg(&mut dst);
+        b.arg(&h_i).arg(&n_i).arg(&d_i).arg(&src_hs).arg(&dst_hs);
+        unsafe { b.launch(super::launch_1d(h * n * d)) }.w()?;
+        Ok(())
+    }
+}
+
+impl candle_core::InplaceOp3 for ScatterRows {
+    fn name(&self) -> &'static str {
+        "samkv-scatter-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<()> {
+        Err(cuda_only(self.name()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        ds: &mut CudaStorage,
+        dl: &Layout,
+        ss: &CudaStorage,
+        sl: &Layout,
+        rs: &CudaStorage,
+        rl: &Layout,
+    ) -> candle_core::Result<()> {
+        let args = ((ss, sl), (rs, rl));
+        match ds.dtype() {
+            DType::BF16 => Self::run::<bf16>((ds, dl), args.0, args.1, "scatter_rows_b16"),
+            DType::F16 => Self::run::<f16>((ds, dl), args.0, args.1, "scatter_rows_b16"),
+            DType::F32 => Self::run::<f32>((ds, dl), args.0, args.1, "scatter_rows_b32"),
+            dt => Err(candle_core::Error::Msg(format!(
+                "samkv-scatter-rows: {dt:?} is not supported"
+            ))),
+        }
+    }
+}
+
+/// `dst[:, rows[j], :] = src[:, j, :]` in place, for dst (heads, cap, d) and src (heads, n, d)
+/// of one dtype with packed rows, rows (n,) u32 on the device. Returns false (nothing done)
+/// where the kernel does not apply.
+pub fn scatter_rows(dst: &Tensor, src: &Tensor, rows: &Tensor) -> Result<bool> {
+    let packed =
+        |t: &Tensor| t.rank() == 3 && t.stride()[2] == 1 && t.stride()[1] == t.dim(2).unwrap_or(0);
+    let ok = enabled()
+        && dst.device().is_cuda()
+        && src.device().same_device(dst.device())
+        && rows.device().same_device(dst.device())
+        && matches!(dst.dtype(), DType::BF16 | DType::F16 | DType::F32)
+        && src.dtype() == dst.dtype()
+        && rows.dtype() == DType::U32
+        && rows.is_contiguous()
+        && packed(dst)
+        && packed(src)
+        && dst.dim(0)? == src.dim(0)?
+        && dst.dim(2)? == src.dim(2)?
+        && rows.dims1()? == src.dim(1)?;
+    if !ok {
+        return Ok(false);
+    }
+    dst.inplace_op3(src, rows, &ScatterRows)?;
+    Ok(true)
+}

@@ -646,3 +646,33 @@ __device__ void gather_kv(const long long *__restrict__ src, const unsigned *__r
 GATHER(f32, float)
 GATHER(bf16, __nv_bfloat16)
 GATHER(f16, __half)
+
+// ---------------------------------------------------------------------------------------
+// Rows of a KV buffer overwritten in place: dst[head, rows[j], :] = src[head, j, :].
+// candle's scatter runs one thread per (head, dim) looping over the rows: 1024 threads for
+// an 8B layer, 0.3 ms for 800 rows. Here one thread per element. T is a same-size carrier
+// (the values are copied, not computed on).
+template <typename T>
+__device__ void scatter_rows(const T *__restrict__ src, const unsigned *__restrict__ rows,
+                             T *__restrict__ dst, int h, int n, int d, long long src_hs,
+                             long long dst_hs) {
+    const long long total = (long long)h * n * d;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int c = (int)(i % d);
+        const long long r = i / d;
+        const int j = (int)(r % n), head = (int)(r / n);
+        dst[head * dst_hs + (long long)rows[j] * d + c] = src[head * src_hs + (long long)j * d + c];
+    }
+}
+
+extern "C" __global__ void scatter_rows_b16(const unsigned short *src, const unsigned *rows,
+                                            unsigned short *dst, int h, int n, int d,
+                                            long long src_hs, long long dst_hs) {
+    scatter_rows<unsigned short>(src, rows, dst, h, n, d, src_hs, dst_hs);
+}
+extern "C" __global__ void scatter_rows_b32(const unsigned *src, const unsigned *rows,
+                                            unsigned *dst, int h, int n, int d, long long src_hs,
+                                            long long dst_hs) {
+    scatter_rows<unsigned>(src, rows, dst, h, n, d, src_hs, dst_hs);
+}
