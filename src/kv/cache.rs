@@ -228,12 +228,12 @@ impl LayerKv {
         if self.k.device().is_cuda() {
             use crate::model::cuda::gather::scatter_rows;
             let idx = Tensor::new(r.as_slice(), self.k.device())?;
-            let (k, v) = (
-                k.to_dtype(self.k.dtype())?.contiguous()?,
-                v.to_dtype(self.v.dtype())?.contiguous()?,
-            );
+            // Row-packed views (a narrowed recompute) are taken as they are.
+            let (k, v) = (k.to_dtype(self.k.dtype())?, v.to_dtype(self.v.dtype())?);
             if scatter_rows(&self.k, &k, &idx)? {
-                if !scatter_rows(&self.v, &v, &idx)? {
+                if !scatter_rows(&self.v, &v, &idx)?
+                    && !scatter_rows(&self.v, &v.contiguous()?, &idx)?
+                {
                     return Err(Error::InvalidInput(
                         "overwrite: keys and values have different layouts".into(),
                     ));

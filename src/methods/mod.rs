@@ -315,13 +315,23 @@ pub fn upsert(
             Err(_) => new_idx.push(i as u32),
         }
     }
+    // Usually the held rows come first and the new ones (the question) last: then both are
+    // narrowed views, not gathers (each gather is an index upload and two kernels per layer).
+    let take = |at: &[u32]| -> Result<(Tensor, Tensor)> {
+        let n = at.len();
+        if at
+            .first()
+            .is_some_and(|&f| at.iter().enumerate().all(|(i, &x)| x == f + i as u32))
+        {
+            let f = at[0] as usize;
+            return Ok((k.narrow(1, f, n)?, v.narrow(1, f, n)?));
+        }
+        let idx = Tensor::new(at, k.device())?;
+        Ok((k.index_select(&idx, 1)?, v.index_select(&idx, 1)?))
+    };
     if !old_rows.is_empty() {
         let rows: Vec<usize> = old_rows.iter().map(|x| x.0).collect();
-        let idx = Tensor::new(
-            old_rows.iter().map(|x| x.1).collect::<Vec<_>>().as_slice(),
-            k.device(),
-        )?;
-        let (nk, nv) = (k.index_select(&idx, 1)?, v.index_select(&idx, 1)?);
+        let (nk, nv) = take(&old_rows.iter().map(|x| x.1).collect::<Vec<_>>())?;
         let (nk, nv) = match update {
             Update::Overwrite => (nk, nv),
             Update::Fusion { theta } => {
@@ -341,12 +351,8 @@ pub fn upsert(
     }
     if !new_idx.is_empty() {
         let newp: Vec<u32> = new_idx.iter().map(|&i| pos[i as usize]).collect();
-        if new_idx.len() == pos.len() {
-            layer.append(k, v, &newp)?;
-        } else {
-            let idx = Tensor::new(new_idx.as_slice(), k.device())?;
-            layer.append(&k.index_select(&idx, 1)?, &v.index_select(&idx, 1)?, &newp)?;
-        }
+        let (nk, nv) = take(&new_idx)?;
+        layer.append(&nk, &nv, &newp)?;
     }
     Ok(())
 }

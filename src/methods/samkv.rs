@@ -159,8 +159,10 @@ impl SamKv {
                 Score::Dot => {
                     let (q_loc, slow) = local_query_summaries(ctx, &docs, &stable, p.num_local)?;
                     slow_path_docs = slow;
+                    clock.lap("query summaries");
                     let q_gen = generic_query(&question)?;
                     let q_hat = personalized_queries(&q_loc, &q_gen, model.cfg.n_kv_heads)?;
+                    clock.lap("personalized queries");
                     score_blocks(&keys, &docs, &q_hat, &stable)?
                 }
                 Score::Attention => {
@@ -462,25 +464,21 @@ pub fn personalized_queries(
     kv_heads: usize,
 ) -> Result<Vec<Tensor>> {
     let n = q_loc.len();
-    let weighted = q_loc
-        .iter()
-        .map(|q| Ok(q.broadcast_mul(&cosine(q, q_gen)?.abs()?)?))
-        .collect::<Result<Vec<_>>>()?;
-    let total = match weighted.split_first() {
-        Some((first, rest)) => rest.iter().try_fold(first.clone(), |a, b| a + b)?,
-        None => return Ok(Vec::new()),
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    // Every document at once (D, stable, heads, d): a few launches, not a dozen per document.
+    let q = Tensor::stack(q_loc, 0)?;
+    let g = q_gen.unsqueeze(0)?;
+    let weighted = q.broadcast_mul(&cosine(&q, &g)?.abs()?)?;
+    let q_hat = if n > 1 {
+        let others = weighted.sum_keepdim(0)?.broadcast_sub(&weighted)?;
+        (others / (n - 1) as f64)?.broadcast_add(&g)?
+    } else {
+        g
     };
-    weighted
-        .iter()
-        .map(|w_i| {
-            let q_hat = if n > 1 {
-                (q_gen + ((&total - w_i)? / (n - 1) as f64)?)?
-            } else {
-                q_gen.clone()
-            };
-            group_mean(&q_hat, kv_heads)
-        })
-        .collect()
+    let q_hat = group_mean(&q_hat, kv_heads)?;
+    (0..n).map(|i| Ok(q_hat.get(i)?)).collect()
 }
 
 /// Mean over the query heads of each KV group: (..., heads, d) -> (..., kv_heads, d). The
@@ -501,10 +499,10 @@ pub fn group_mean(q: &Tensor, kv_heads: usize) -> Result<Tensor> {
 
 /// Cosine similarity along the last axis, keeping it (size 1).
 fn cosine(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let dot = (a * b)?.sum_keepdim(D::Minus1)?;
+    let dot = a.broadcast_mul(b)?.sum_keepdim(D::Minus1)?;
     let na = a.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
     let nb = b.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-    Ok(dot.broadcast_div(&(na * nb)?.affine(1.0, 1e-12)?)?)
+    Ok(dot.broadcast_div(&na.broadcast_mul(&nb)?.affine(1.0, 1e-12)?)?)
 }
 
 /// Mean key of each block of rows, (blocks, kv_heads, d) f32. `blocks` are ranges of row

@@ -241,10 +241,10 @@ fn all_documents_at_once_score_as_one_by_one() {
         .map(|_| Tensor::randn(0f32, 1f32, (2, 2, 4), &dev).unwrap())
         .collect();
     let batched = score_blocks(&keys, &docs, &q_hat, &[0, 1]).unwrap();
-    for s in 0..2 {
+    for (s, layer) in batched.iter().enumerate() {
         for (i, d) in docs.iter().enumerate() {
             let (b, a) = block_scores(&keys.layers[s], d, &q_hat[i].get(s).unwrap()).unwrap();
-            let (bb, ba) = &batched[s][i];
+            let (bb, ba) = &layer[i];
             assert_eq!(b.len(), bb.len(), "layer {s} doc {i}");
             for (x, y) in b.iter().chain([&a]).zip(bb.iter().chain([ba])) {
                 assert!((x - y).abs() < 1e-4, "layer {s} doc {i}: {x} vs {y}");
