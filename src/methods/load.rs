@@ -96,9 +96,16 @@ pub fn load_rows(
         let rope = Tensor::cat(&[cos, sin], 1)?
             .flatten_all()?
             .to_vec1::<f32>()?;
+        // Only layers with rows get room (SamKV's scoring loads 4 layers of 32).
+        let used: Vec<usize> = (0..n_layers).filter(|&l| !want[l].is_empty()).collect();
+        let used_sources: Vec<_> = used.iter().map(|&l| sources[l].clone()).collect();
+        let used_ranges: Vec<u32> = used
+            .iter()
+            .flat_map(|&l| [ranges[2 * l], ranges[2 * l + 1]])
+            .collect();
         let plan = crate::model::cuda::gather::GatherPlan {
-            sources: &sources,
-            ranges: &ranges,
+            sources: &used_sources,
+            ranges: &used_ranges,
             entries: &entries,
             rope: &rope,
             layout: model.rope.layout,
@@ -106,8 +113,14 @@ pub fn load_rows(
         };
         if let Some(all) = crate::model::cuda::gather::gather_kv(&plan)? {
             // One kernel moves and rotates: its time is the load's.
-            let layers = want.iter().enumerate().map(|(l, rows)| {
-                let layer = all.get(l)?;
+            let c = &model.cfg;
+            let mut slot = 0;
+            let layers = want.iter().map(|rows| {
+                if rows.is_empty() {
+                    return LayerKv::empty(c.n_kv_heads, c.head_dim, dt, dev);
+                }
+                let layer = all.get(slot)?;
+                slot += 1;
                 LayerKv::from_buffer(layer.get(0)?, layer.get(1)?, rows.clone())
             });
             let cache = KvCache {
