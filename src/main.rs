@@ -358,7 +358,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn device(spec: &str) -> Result<Device> {
-    let dev = match spec {
+    Ok(match spec {
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(0)
             .context("opening CUDA device 0 (is this a --features cuda build?)")?,
@@ -369,18 +369,7 @@ fn device(spec: &str) -> Result<Device> {
             Device::new_cuda(n).with_context(|| format!("opening CUDA device {n}"))?
         }
         other => bail!("unknown device `{other}`: use cpu, cuda or cuda:N"),
-    };
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = &dev {
-        // candle runs everything on one stream per device, and samkv adds no other, so
-        // cudarc's cross-stream event tracking (two events created per allocation, one
-        // recorded per use) is pure launch overhead. SAMKV_CUDA_EVENTS=1 keeps it.
-        if std::env::var("SAMKV_CUDA_EVENTS").map_or(true, |v| v != "1") {
-            // SAFETY: all work on this device goes to candle's single stream.
-            unsafe { d.disable_event_tracking() };
-        }
-    }
-    Ok(dev)
+    })
 }
 
 fn parse_dtype(s: &str) -> Result<DType> {
