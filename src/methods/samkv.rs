@@ -593,9 +593,10 @@ pub type Scores = Vec<Vec<(Vec<f32>, f32)>>;
 
 /// Step 5's scoring at every stable layer (documents without a middle get no blocks). `keys`
 /// holds every context row at the stable layers ([`stable_rows`]). Computes what
-/// [`block_scores`] does for one document, for all of them at once: every block and anchor
-/// set is a group of rows, padded to the longest with zero weight, so each layer is one
-/// gather, one weighted sum and one dot product, and all layers are read back together (per
+/// [`block_scores`] does one document at a time, for all of them at once: the dot product is
+/// linear, so a block's score `<mean(K_b), q_hat_i>` is the mean of its rows' own
+/// `<K_r, q_hat_i>`. One matmul per stable layer gives every row against every document's
+/// query, one read back brings them all to the host, which averages blocks and anchors (per
 /// document and layer this was a dozen small launches and a host sync each).
 pub fn score_blocks(
     keys: &KvCache,
@@ -603,65 +604,48 @@ pub fn score_blocks(
     q_hat: &[Tensor],
     stable: &[usize],
 ) -> Result<Scores> {
-    // Groups in order: each document's blocks, then its anchors.
-    let mut groups: Vec<(usize, Vec<u32>)> = Vec::new();
-    for (i, d) in docs
-        .iter()
-        .enumerate()
-        .filter(|(_, d)| !d.blocks.is_empty())
-    {
-        groups.extend(d.blocks.iter().map(|b| (i, b.clone().collect())));
-        groups.push((i, d.anchor_positions().collect()));
-    }
     let mut out = vec![vec![(Vec::new(), 0.0); docs.len()]; stable.len()];
-    if groups.is_empty() {
+    let scored: Vec<usize> = (0..docs.len())
+        .filter(|&i| !docs[i].blocks.is_empty())
+        .collect();
+    if scored.is_empty() {
         return Ok(out);
     }
-    let g = groups.iter().map(|x| x.1.len()).max().unwrap_or(1);
-    let ng = groups.len();
-    let mut weights = vec![0f32; ng * g];
-    for (j, (_, pos)) in groups.iter().enumerate() {
-        let w = 1.0 / pos.len().max(1) as f32;
-        weights[j * g..j * g + pos.len()].fill(w);
+    let mut dots = Vec::with_capacity(stable.len());
+    for (s, &l) in stable.iter().enumerate() {
+        let k = keys.layers[l].keys()?.to_dtype(DType::F32)?; // (kv, T, d)
+        let q: Vec<Tensor> = scored
+            .iter()
+            .map(|&i| q_hat[i].get(s))
+            .collect::<candle_core::Result<_>>()?;
+        let q = Tensor::stack(&q, 2)?; // (kv, d, docs)
+        dots.push(k.matmul(&q)?.sum(0)?); // (T, docs): summed over KV heads
     }
-    let owner: Vec<u32> = groups.iter().map(|x| x.0 as u32).collect();
-    let first = &keys.layers[stable[0]];
-    let dev = first.keys()?.device().clone();
-    let weights = Tensor::from_vec(weights, (1, ng, g, 1), &dev)?;
-    let owner = Tensor::new(owner.as_slice(), &dev)?;
-    let mut per_layer = Vec::with_capacity(stable.len());
+    // One read back; layers may hold different rows, so each is flattened.
+    let lens: Vec<usize> = dots.iter().map(|t| t.elem_count()).collect();
+    let flat: Vec<Tensor> = dots
+        .iter()
+        .map(|t| t.flatten_all())
+        .collect::<candle_core::Result<_>>()?;
+    let flat: Vec<f32> = Tensor::cat(&flat, 0)?.to_vec1()?;
+    let n = scored.len();
     for (s, &l) in stable.iter().enumerate() {
         let layer = &keys.layers[l];
-        // Padding repeats a group's first row; its weight is zero.
-        let mut rows = Vec::with_capacity(ng * g);
-        for (_, pos) in &groups {
-            let r = rows_of(layer, pos)?;
-            rows.extend((0..g).map(|i| r.get(i).copied().unwrap_or(r[0])));
-        }
-        let k = layer.gather_keys(&rows)?.to_dtype(DType::F32)?;
-        let (kv, _, d) = k.dims3()?;
-        let means = k.reshape((kv, ng, g, d))?.broadcast_mul(&weights)?.sum(2)?; // (kv, ng, d)
-        let q: Vec<Tensor> = q_hat
-            .iter()
-            .map(|q| q.get(s))
-            .collect::<candle_core::Result<_>>()?;
-        let q = Tensor::stack(&q, 0)?
-            .index_select(&owner, 0)?
-            .transpose(0, 1)?; // (kv, ng, d)
-        per_layer.push((means * q)?.sum((0, 2))?);
-    }
-    let flat: Vec<f32> = Tensor::cat(&per_layer, 0)?.to_vec1()?;
-    for (s, layer) in out.iter_mut().enumerate() {
-        let scores = &flat[s * ng..(s + 1) * ng];
-        let mut at = 0;
-        for (i, d) in docs
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| !d.blocks.is_empty())
-        {
-            let n = d.blocks.len();
-            layer[i] = (scores[at..at + n].to_vec(), scores[at + n]);
-            at += n + 1;
+        let at: usize = lens[..s].iter().sum();
+        let dots = &flat[at..at + lens[s]]; // (rows, docs) row-major
+        for (c, &i) in scored.iter().enumerate() {
+            let mean = |pos: &mut dyn Iterator<Item = u32>| -> Result<f32> {
+                let rows = rows_of(layer, &pos.collect::<Vec<_>>())?;
+                let sum: f32 = rows.iter().map(|&r| dots[r * n + c]).sum();
+                Ok(sum / rows.len().max(1) as f32)
+            };
+            let d = &docs[i];
+            let blocks = d
+                .blocks
+                .iter()
+                .map(|b| mean(&mut b.clone()))
+                .collect::<Result<Vec<_>>>()?;
+            out[s][i] = (blocks, mean(&mut d.anchor_positions())?);
         }
     }
     Ok(out)
