@@ -51,100 +51,161 @@ pub fn load_rows(
         )));
     }
     let cap = cap.max(want.iter().map(Vec::len).max().unwrap_or(0));
-    // Layers asking for the same rows share one list of (segment, stored row) entries.
-    let mut ranges = Vec::with_capacity(2 * n_layers);
-    let mut entries: Vec<u32> = Vec::new();
-    let mut first_of: Vec<usize> = Vec::with_capacity(n_layers);
-    for (l, rows) in want.iter().enumerate() {
-        match (0..l).find(|&e| first_of[e] == e && want[e] == *rows) {
-            Some(e) => {
-                first_of.push(e);
-                ranges.extend([ranges[2 * e], ranges[2 * e + 1]]);
-            }
-            None => {
-                first_of.push(l);
-                ranges.extend([(entries.len() / 2) as u32, rows.len() as u32]);
-                entries.extend(locate(ctx, rows)?.into_iter().flatten());
-            }
-        }
-    }
+    let rows = RowIndex::new(ctx, want)?;
+    let sources = sources(model, ctx)?;
     // One rotation per segment: every row of a segment moves by the same delta.
-    let t1 = Instant::now();
     let deltas: Vec<i64> = ctx
         .segments
         .iter()
         .map(|s| s.start as i64 - s.kv.meta.positions.first().copied().unwrap_or(0) as i64)
         .collect();
+    #[cfg(feature = "cuda")]
+    if let Some(cache) = gather_on_device(model, want, &rows, &sources, &deltas, cap)? {
+        // One kernel moves and rotates: its time is the load's.
+        stats.load_ms += t0.elapsed().as_secs_f64() * 1e3;
+        return Ok(cache);
+    }
+    let (cache, reposition) = load_by_ops(model, ctx, want, &rows, &sources, &deltas, cap)?;
+    stats.reposition_ms += reposition * 1e3;
+    stats.load_ms += (t0.elapsed().as_secs_f64() - reposition) * 1e3;
+    Ok(cache)
+}
+
+/// Where each layer's rows come from: per layer (first entry, rows) in `ranges`, per entry
+/// (segment, row in its stored cache) in `entries`, flattened. Layers asking for the same
+/// rows share entries.
+struct RowIndex {
+    ranges: Vec<u32>,
+    entries: Vec<u32>,
+}
+
+impl RowIndex {
+    fn new(ctx: &Context, want: &[Vec<u32>]) -> Result<Self> {
+        let mut ranges = Vec::with_capacity(2 * want.len());
+        let mut entries: Vec<u32> = Vec::new();
+        for (l, rows) in want.iter().enumerate() {
+            match (0..l).find(|&e| want[e] == *rows) {
+                Some(e) => ranges.extend([ranges[2 * e], ranges[2 * e + 1]]),
+                None => {
+                    ranges.extend([(entries.len() / 2) as u32, rows.len() as u32]);
+                    entries.extend(locate(ctx, rows)?.into_iter().flatten());
+                }
+            }
+        }
+        Ok(Self { ranges, entries })
+    }
+
+    /// Layer l's (segment, stored row) entries.
+    fn of(&self, l: usize) -> &[u32] {
+        let (first, n) = (self.ranges[2 * l] as usize, self.ranges[2 * l + 1] as usize);
+        &self.entries[2 * first..2 * (first + n)]
+    }
+}
+
+/// `sources[layer][segment]`: the stored K and V on the model's device and dtype. Errors
+/// (rather than reading past them) for caches that do not fit the model or the request.
+fn sources(model: &Model, ctx: &Context) -> Result<Vec<Vec<(Tensor, Tensor)>>> {
     let (dt, dev) = (model.dtype(), model.device());
-    let sources = (0..n_layers)
+    (0..model.n_layers())
         .map(|l| {
             let seg = ctx.segments.iter();
             seg.map(|s| {
-                let k = s.kv.k[l].to_device(dev)?.to_dtype(dt)?;
-                let v = s.kv.v[l].to_device(dev)?.to_dtype(dt)?;
-                Ok((k, v))
+                let (k, v) = match (s.kv.k.get(l), s.kv.v.get(l)) {
+                    (Some(k), Some(v)) if k.dim(1)? == s.len() && v.dim(1)? == s.len() => (k, v),
+                    _ => {
+                        return Err(Error::InvalidInput(format!(
+                            "stored document {} has no K/V of {} rows at layer {l} (one per \
+                             token of it in this request); re-ingest it with this model",
+                            s.kv.id,
+                            s.len()
+                        )))
+                    }
+                };
+                Ok((
+                    k.to_device(dev)?.to_dtype(dt)?,
+                    v.to_device(dev)?.to_dtype(dt)?,
+                ))
             })
             .collect::<Result<Vec<_>>>()
         })
-        .collect::<Result<Vec<_>>>()?;
-    #[cfg(feature = "cuda")]
-    {
-        let (cos, sin) =
-            model
-                .rope
-                .tables(&deltas, candle_core::DType::F32, &candle_core::Device::Cpu)?;
-        let rope = Tensor::cat(&[cos, sin], 1)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        // Only layers with rows get room (SamKV's scoring loads 4 layers of 32).
-        let used: Vec<usize> = (0..n_layers).filter(|&l| !want[l].is_empty()).collect();
-        let used_sources: Vec<_> = used.iter().map(|&l| sources[l].clone()).collect();
-        let used_ranges: Vec<u32> = used
-            .iter()
-            .flat_map(|&l| [ranges[2 * l], ranges[2 * l + 1]])
-            .collect();
-        let plan = crate::model::cuda::gather::GatherPlan {
-            sources: &used_sources,
-            ranges: &used_ranges,
-            entries: &entries,
-            rope: &rope,
-            layout: model.rope.layout,
-            cap,
-        };
-        if let Some(all) = crate::model::cuda::gather::gather_kv(&plan)? {
-            // One kernel moves and rotates: its time is the load's.
-            let c = &model.cfg;
-            let mut slot = 0;
-            let layers = want.iter().map(|rows| {
-                if rows.is_empty() {
-                    return LayerKv::empty(c.n_kv_heads, c.head_dim, dt, dev);
-                }
-                let layer = all.get(slot)?;
-                slot += 1;
-                LayerKv::from_buffer(layer.get(0)?, layer.get(1)?, rows.clone())
-            });
-            let cache = KvCache {
-                layers: layers.collect::<Result<Vec<_>>>()?,
-            };
-            stats.load_ms += t0.elapsed().as_secs_f64() * 1e3;
-            return Ok(cache);
-        }
-    }
-    let mut reposition = t1.elapsed().as_secs_f64();
+        .collect()
+}
+
+/// The CUDA path: every layer with rows in one `gather_kv` launch. None where the kernel does
+/// not take the inputs (the caller falls back to [`load_by_ops`]).
+#[cfg(feature = "cuda")]
+fn gather_on_device(
+    model: &Model,
+    want: &[Vec<u32>],
+    rows: &RowIndex,
+    sources: &[Vec<(Tensor, Tensor)>],
+    deltas: &[i64],
+    cap: usize,
+) -> Result<Option<KvCache>> {
+    use crate::model::cuda::gather::{gather_kv, GatherPlan};
+    let cpu = candle_core::Device::Cpu;
+    let (cos, sin) = model.rope.tables(deltas, candle_core::DType::F32, &cpu)?;
+    let rope = Tensor::cat(&[cos, sin], 1)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    // Only layers with rows get room (SamKV's scoring loads 4 layers of 32).
+    let used: Vec<usize> = (0..want.len()).filter(|&l| !want[l].is_empty()).collect();
+    let used_sources: Vec<_> = used.iter().map(|&l| sources[l].clone()).collect();
+    let used_ranges: Vec<u32> = used
+        .iter()
+        .flat_map(|&l| [rows.ranges[2 * l], rows.ranges[2 * l + 1]])
+        .collect();
+    let plan = GatherPlan {
+        sources: &used_sources,
+        ranges: &used_ranges,
+        entries: &rows.entries,
+        rope: &rope,
+        layout: model.rope.layout,
+        cap,
+    };
+    let Some(all) = gather_kv(&plan)? else {
+        return Ok(None);
+    };
     let c = &model.cfg;
+    let mut slot = 0;
+    let layers = want.iter().map(|rows| {
+        if rows.is_empty() {
+            return LayerKv::empty(c.n_kv_heads, c.head_dim, model.dtype(), model.device());
+        }
+        let layer = all.get(slot)?;
+        slot += 1;
+        LayerKv::from_buffer(layer.get(0)?, layer.get(1)?, rows.clone())
+    });
+    Ok(Some(KvCache {
+        layers: layers.collect::<Result<Vec<_>>>()?,
+    }))
+}
+
+/// candle's ops per (layer, segment): the rows picked, keys rotated, appended in order.
+/// Returns the cache and the seconds spent rotating.
+fn load_by_ops(
+    model: &Model,
+    ctx: &Context,
+    want: &[Vec<u32>],
+    rows: &RowIndex,
+    sources: &[Vec<(Tensor, Tensor)>],
+    deltas: &[i64],
+    cap: usize,
+) -> Result<(KvCache, f64)> {
+    let t = Instant::now();
+    let (c, dt, dev) = (&model.cfg, model.dtype(), model.device());
     let mut tables = Vec::with_capacity(deltas.len());
-    for (s, &d) in ctx.segments.iter().zip(&deltas) {
+    for (s, &d) in ctx.segments.iter().zip(deltas) {
         tables.push(match d {
             0 => None,
             d => Some(model.rope.tables(&vec![d; s.len()], dt, dev)?),
         });
     }
-    let mut layers = Vec::with_capacity(n_layers);
-    for (l, rows) in want.iter().enumerate() {
+    let mut reposition = t.elapsed().as_secs_f64();
+    let mut layers = Vec::with_capacity(want.len());
+    for (l, pos) in want.iter().enumerate() {
         let mut layer = LayerKv::with_capacity(c.n_kv_heads, cap, c.head_dim, dt, dev)?;
-        let e = first_of[l];
-        let span = ranges[2 * e] as usize..(ranges[2 * e] + ranges[2 * e + 1]) as usize;
-        let mine = &entries[2 * span.start..2 * span.end];
+        let mine = rows.of(l);
         let mut at = 0;
         for (seg, ((k, v), table)) in sources[l].iter().zip(&tables).enumerate() {
             // This segment's rows are a consecutive run of the (position-sorted) entries.
@@ -155,31 +216,28 @@ pub fn load_rows(
             if n == 0 {
                 continue;
             }
-            let src_rows: Vec<u32> = mine[2 * at..2 * (at + n)].chunks(2).map(|e| e[1]).collect();
-            let (k, v) = if n == ctx.segments[seg].len() {
+            let (k, v) = if n == k.dim(1)? {
                 (k.clone(), v.clone())
             } else {
-                let idx = Tensor::new(src_rows.as_slice(), dev)?;
+                let src: Vec<u32> = mine[2 * at..2 * (at + n)].chunks(2).map(|e| e[1]).collect();
+                let idx = Tensor::new(src.as_slice(), dev)?;
                 (k.index_select(&idx, 1)?, v.index_select(&idx, 1)?)
             };
-            let t2 = Instant::now();
+            let t = Instant::now();
             let k = match table {
                 Some((cos, sin)) => {
-                    model
-                        .rope
-                        .apply(&k, &cos.narrow(0, 0, n)?, &sin.narrow(0, 0, n)?)?
+                    let (cos, sin) = (cos.narrow(0, 0, n)?, sin.narrow(0, 0, n)?);
+                    model.rope.apply(&k, &cos, &sin)?
                 }
                 None => k,
             };
-            reposition += t2.elapsed().as_secs_f64();
-            layer.append(&k, &v, &rows[at..at + n])?;
+            reposition += t.elapsed().as_secs_f64();
+            layer.append(&k, &v, &pos[at..at + n])?;
             at += n;
         }
         layers.push(layer);
     }
-    stats.reposition_ms += reposition * 1e3;
-    stats.load_ms += (t0.elapsed().as_secs_f64() - reposition) * 1e3;
-    Ok(KvCache { layers })
+    Ok((KvCache { layers }, reposition))
 }
 
 /// (segment, row in its stored cache) of each position; errors for one outside the context
