@@ -5,13 +5,13 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
-use super::{cuda_only, enabled, MODULE, PTX};
+use super::{cuda_only, enabled, kv_table, MODULE, PTX};
 use crate::model::rope::RopeLayout;
 use crate::Result;
 
@@ -47,32 +47,14 @@ impl GatherKv<'_> {
         let p = self.plan;
         let (layers, nseg) = (p.sources.len(), p.sources[0].len());
         let stream = dev.cuda_stream();
-        let size = std::mem::size_of::<T>() as u64;
         let guards: Vec<_> = p
             .sources
             .iter()
             .flatten()
             .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()))
             .collect();
-        let mut table = Vec::with_capacity(4 * guards.len());
-        // Held until the kernel is queued: they record the reads for candle's event tracking.
-        let mut reads = Vec::with_capacity(2 * guards.len());
-        for ((ks, kl), (vs, vl)) in &guards {
-            let (kc, vc) = match (&**ks, &**vs) {
-                (candle_core::Storage::Cuda(k), candle_core::Storage::Cuda(v)) => (k, v),
-                _ => return Err(cuda_only("gather_kv sources")),
-            };
-            let (kp, kr) = kc.as_cuda_slice::<T>()?.device_ptr(&stream);
-            let (vp, vr) = vc.as_cuda_slice::<T>()?.device_ptr(&stream);
-            reads.push(kr);
-            reads.push(vr);
-            table.extend([
-                (kp + kl.start_offset() as u64 * size) as i64,
-                (vp + vl.start_offset() as u64 * size) as i64,
-                kl.stride()[0] as i64,
-                vl.stride()[0] as i64,
-            ]);
-        }
+        let (table, reads) = kv_table::<T, _>(&guards, &stream, "gather_kv sources")?;
+        let table: Vec<i64> = table.into_iter().flatten().collect();
         let table = dev.clone_htod(&table)?;
         let ranges = dev.clone_htod(p.ranges)?;
         let rope = dev.clone_htod(p.rope)?;

@@ -13,7 +13,8 @@ use std::sync::{Mutex, OnceLock};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    SyncOnDrop,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, DeviceId, WrapErr};
@@ -86,6 +87,42 @@ fn view<'a, T: candle_core::cuda_backend::CudaDType>(
 /// Whether a view starts on a 16-byte boundary (allocations do), as the 8-wide kernels need.
 fn aligned16(l: &Layout, elem_bytes: usize) -> bool {
     (l.start_offset() * elem_bytes).is_multiple_of(16)
+}
+
+/// A tensor's storage, read-locked (any guard type), and its layout.
+type Guard<'a, G> = (G, &'a Layout);
+
+/// For kernels that take a table of caches: per K/V pair, their device addresses (at the
+/// layouts' offsets) and head strides. The records returned log the reads for candle's event
+/// tracking: hold them until the kernel is queued.
+fn kv_table<'a, T, G>(
+    pairs: &'a [(Guard<'a, G>, Guard<'a, G>)],
+    stream: &'a CudaStream,
+    what: &str,
+) -> candle_core::Result<(Vec<[i64; 4]>, Vec<SyncOnDrop<'a>>)>
+where
+    T: candle_core::cuda_backend::CudaDType + 'a,
+    G: std::ops::Deref<Target = candle_core::Storage>,
+{
+    let size = std::mem::size_of::<T>() as u64;
+    let mut table = Vec::with_capacity(pairs.len());
+    let mut reads = Vec::with_capacity(2 * pairs.len());
+    for ((ks, kl), (vs, vl)) in pairs {
+        let (kc, vc) = match (&**ks, &**vs) {
+            (candle_core::Storage::Cuda(k), candle_core::Storage::Cuda(v)) => (k, v),
+            _ => return Err(cuda_only(what)),
+        };
+        let (kp, kr) = kc.as_cuda_slice::<T>()?.device_ptr(stream);
+        let (vp, vr) = vc.as_cuda_slice::<T>()?.device_ptr(stream);
+        reads.extend([kr, vr]);
+        table.push([
+            (kp + kl.start_offset() as u64 * size) as i64,
+            (vp + vl.start_offset() as u64 * size) as i64,
+            kl.stride()[0] as i64,
+            vl.stride()[0] as i64,
+        ]);
+    }
+    Ok((table, reads))
 }
 
 fn launch_1d(n: usize) -> LaunchConfig {
@@ -391,27 +428,13 @@ impl FlashAttnBatch {
             .iter()
             .map(|(k, v, _)| (k.storage_and_layout(), v.storage_and_layout()))
             .collect();
-        let mut table = Vec::with_capacity(5 * b);
-        // Held until the kernel is queued: they record the reads for candle's event tracking.
-        let mut reads = Vec::with_capacity(2 * b);
-        let size = std::mem::size_of::<T>() as u64;
-        for (((ks, kl), (vs, vl)), (_, _, vis)) in guards.iter().zip(&self.seqs) {
-            let (kc, vc) = match (&**ks, &**vs) {
-                (candle_core::Storage::Cuda(k), candle_core::Storage::Cuda(v)) => (k, v),
-                _ => return Err(cuda_only("batched attention")),
-            };
-            let (kp, kr) = kc.as_cuda_slice::<T>()?.device_ptr(&stream);
-            let (vp, vr) = vc.as_cuda_slice::<T>()?.device_ptr(&stream);
-            reads.push(kr);
-            reads.push(vr);
-            table.extend([
-                (kp + kl.start_offset() as u64 * size) as i64,
-                (vp + vl.start_offset() as u64 * size) as i64,
-                kl.stride()[0] as i64,
-                vl.stride()[0] as i64,
-                *vis as i64,
-            ]);
-        }
+        let (kv, reads) = kv_table::<T, _>(&guards, &stream, "batched attention")?;
+        // Per sequence: the K/V entry and how many keys it sees.
+        let table: Vec<i64> = kv
+            .iter()
+            .zip(&self.seqs)
+            .flat_map(|(e, s)| e.iter().copied().chain([s.2 as i64]))
+            .collect();
         let tk = self.seqs.iter().map(|s| s.2 as usize).max().unwrap_or(0);
         let keys = Keys {
             kv: None,
