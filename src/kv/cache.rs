@@ -432,4 +432,23 @@ mod tests {
         assert_eq!(kept.positions(), &[0, 5]);
         assert_eq!(flat(&kept.keys().unwrap()), [0., 10., 200., 210.]);
     }
+
+    #[test]
+    fn a_buffer_with_room_takes_appends_in_place_and_bad_buffers_are_errors() {
+        // Room for 5 rows, the first 2 valid (positions 2 and 4).
+        let (k, v) = rows(&[2, 4, 0, 0, 0]);
+        let mut layer = LayerKv::from_buffer(k.clone(), v.clone(), vec![2, 4]).unwrap();
+        assert_eq!(flat(&layer.keys().unwrap()), [2., 12., 4., 14.]);
+        let (k9, v9) = rows(&[9]);
+        layer.append(&k9, &v9, &[9]).unwrap();
+        assert_eq!(layer.positions(), &[2, 4, 9]);
+        assert_eq!(
+            flat(&layer.values().unwrap()),
+            [-2., -12., -4., -14., -9., -19.]
+        );
+        // More positions than room, unsorted positions, K and V of different shapes.
+        assert!(LayerKv::from_buffer(k.clone(), v.clone(), (0..6).collect()).is_err());
+        assert!(LayerKv::from_buffer(k.clone(), v.clone(), vec![4, 2]).is_err());
+        assert!(LayerKv::from_buffer(k.clone(), v.narrow(1, 0, 4).unwrap(), vec![1]).is_err());
+    }
 }
