@@ -6,6 +6,7 @@
 //! On CUDA one kernel does it all (`model::cuda::gather`); elsewhere, and as its reference,
 //! candle's ops per (layer, segment).
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -51,8 +52,8 @@ pub fn load_rows(
         )));
     }
     let cap = cap.max(want.iter().map(Vec::len).max().unwrap_or(0));
-    let rows = RowIndex::new(ctx, want)?;
-    let sources = sources(model, ctx)?;
+    let mut rows = RowIndex::new(ctx, want)?;
+    let sources = sources(model, ctx, want, &mut rows)?;
     // One rotation per segment: every row of a segment moves by the same delta.
     let deltas: Vec<i64> = ctx
         .segments
@@ -95,6 +96,29 @@ impl RowIndex {
         Ok(Self { ranges, entries })
     }
 
+    /// Rewrites the entries of the segments marked `away` to index their rows as picked, in
+    /// order, per distinct range and segment; returns those picks (stored rows) by range.
+    fn compact(&mut self, away: &[bool]) -> HashMap<(u32, u32), Vec<Vec<u32>>> {
+        let mut picks: HashMap<(u32, u32), Vec<Vec<u32>>> = HashMap::new();
+        for l in 0..self.ranges.len() / 2 {
+            let range = (self.ranges[2 * l], self.ranges[2 * l + 1]);
+            if picks.contains_key(&range) {
+                continue; // shared with an earlier layer: already rewritten
+            }
+            let mut lists = vec![Vec::new(); away.len()];
+            let (first, n) = (range.0 as usize, range.1 as usize);
+            for e in self.entries[2 * first..2 * (first + n)].chunks_mut(2) {
+                let seg = e[0] as usize;
+                if away[seg] {
+                    lists[seg].push(e[1]);
+                    e[1] = (lists[seg].len() - 1) as u32;
+                }
+            }
+            picks.insert(range, lists);
+        }
+        picks
+    }
+
     /// Layer l's (segment, stored row) entries.
     fn of(&self, l: usize) -> &[u32] {
         let (first, n) = (self.ranges[2 * l] as usize, self.ranges[2 * l + 1] as usize);
@@ -102,24 +126,56 @@ impl RowIndex {
     }
 }
 
-/// `sources[layer][segment]`: the stored K and V on the model's device and dtype. Errors
-/// (rather than reading past them) for caches that do not fit the model or the request.
-fn sources(model: &Model, ctx: &Context) -> Result<Vec<Vec<(Tensor, Tensor)>>> {
+/// `sources[layer][segment]`: the stored K and V on the model's device and dtype, for the
+/// layers that get rows (others: none). A document held elsewhere (host memory, after a disk
+/// read, while the model runs on a GPU) crosses row by row: only the rows this call reads are
+/// picked and moved, and `rows` is rewritten to index them. Errors (rather than reading past
+/// them) for caches that do not fit the model or the request.
+fn sources(
+    model: &Model,
+    ctx: &Context,
+    want: &[Vec<u32>],
+    rows: &mut RowIndex,
+) -> Result<Vec<Vec<(Tensor, Tensor)>>> {
     let (dt, dev) = (model.dtype(), model.device());
+    for (l, s) in (0..model.n_layers()).flat_map(|l| ctx.segments.iter().map(move |s| (l, s))) {
+        let fits = |t: Option<&Tensor>| t.is_some_and(|t| t.dim(1).ok() == Some(s.len()));
+        if !fits(s.kv.k.get(l)) || !fits(s.kv.v.get(l)) {
+            return Err(Error::InvalidInput(format!(
+                "stored document {} has no K/V of {} rows at layer {l} (one per token of it in \
+                 this request); re-ingest it with this model",
+                s.kv.id,
+                s.len()
+            )));
+        }
+    }
+    let away: Vec<bool> = ctx
+        .segments
+        .iter()
+        .map(|s| !s.kv.k[0].device().same_device(dev))
+        .collect();
+    let picks = if away.contains(&true) {
+        rows.compact(&away)
+    } else {
+        Default::default()
+    };
+    let cpu = |r: &[u32]| Tensor::new(r, &candle_core::Device::Cpu);
     (0..model.n_layers())
         .map(|l| {
-            let seg = ctx.segments.iter();
-            seg.map(|s| {
-                let (k, v) = match (s.kv.k.get(l), s.kv.v.get(l)) {
-                    (Some(k), Some(v)) if k.dim(1)? == s.len() && v.dim(1)? == s.len() => (k, v),
-                    _ => {
-                        return Err(Error::InvalidInput(format!(
-                            "stored document {} has no K/V of {} rows at layer {l} (one per \
-                             token of it in this request); re-ingest it with this model",
-                            s.kv.id,
-                            s.len()
-                        )))
+            if want[l].is_empty() {
+                return Ok(Vec::new());
+            }
+            let range = (rows.ranges[2 * l], rows.ranges[2 * l + 1]);
+            let seg = ctx.segments.iter().enumerate();
+            seg.map(|(i, s)| {
+                let (k, v) = (&s.kv.k[l], &s.kv.v[l]);
+                let (k, v) = match picks.get(&range).map(|p| p[i].as_slice()) {
+                    // Row 0 where this layer reads none of it: the kernel's table wants an entry.
+                    Some(p) if away[i] => {
+                        let idx = cpu(if p.is_empty() { &[0] } else { p })?;
+                        (k.index_select(&idx, 1)?, v.index_select(&idx, 1)?)
                     }
+                    _ => (k.clone(), v.clone()),
                 };
                 Ok((
                     k.to_device(dev)?.to_dtype(dt)?,
@@ -260,4 +316,24 @@ fn locate(ctx: &Context, rows: &[u32]) -> Result<Vec<[u32; 2]>> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_of_documents_held_elsewhere_are_reindexed_as_picked() {
+        // Layers 0 and 1 share entries; segment 0 is on the model's device, 1 and 2 are not.
+        let mut rows = RowIndex {
+            ranges: vec![0, 3, 0, 3, 3, 2],
+            entries: vec![0, 5, 1, 2, 1, 7, 1, 1, 2, 4],
+        };
+        let picks = rows.compact(&[false, true, true]);
+        assert_eq!(rows.of(0), &[0, 5, 1, 0, 1, 1]);
+        assert_eq!(rows.of(1), rows.of(0));
+        assert_eq!(rows.of(2), &[1, 0, 2, 0]);
+        assert_eq!(picks[&(0, 3)], vec![vec![], vec![2, 7], vec![]]);
+        assert_eq!(picks[&(3, 2)], vec![vec![], vec![1], vec![4]]);
+    }
 }
