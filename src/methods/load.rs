@@ -170,8 +170,9 @@ fn sources(
             seg.map(|(i, s)| {
                 let (k, v) = (&s.kv.k[l], &s.kv.v[l]);
                 let (k, v) = match picks.get(&range).map(|p| p[i].as_slice()) {
-                    // Row 0 where this layer reads none of it: the kernel's table wants an entry.
-                    Some(p) if away[i] => {
+                    // Every row (in order: entries are sorted) moves as it is. Row 0 where
+                    // this layer reads none of it: the kernel's table wants an entry.
+                    Some(p) if away[i] && p.len() < s.len() => {
                         let idx = cpu(if p.is_empty() { &[0] } else { p })?;
                         (k.index_select(&idx, 1)?, v.index_select(&idx, 1)?)
                     }
