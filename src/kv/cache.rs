@@ -231,9 +231,7 @@ impl LayerKv {
             // Row-packed views (a narrowed recompute) are taken as they are.
             let (k, v) = (k.to_dtype(self.k.dtype())?, v.to_dtype(self.v.dtype())?);
             if scatter_rows(&self.k, &k, &idx)? {
-                if !scatter_rows(&self.v, &v, &idx)?
-                    && !scatter_rows(&self.v, &v.contiguous()?, &idx)?
-                {
+                if !scatter_rows(&self.v, &v, &idx)? {
                     return Err(Error::InvalidInput(
                         "overwrite: keys and values have different layouts".into(),
                     ));
@@ -242,8 +240,9 @@ impl LayerKv {
             }
         }
         // Elsewhere candle's scatter: every (head, row, dim) element of the new rows goes to
-        // (head, rows[j], dim). The (h, n, d) index is broadcast on the device from the n row numbers: built on the
-        // host it was h * d times larger, and on a GPU its upload dominated the recompute.
+        // (head, rows[j], dim). The (h, n, d) index is broadcast on the device from the n row
+        // numbers: built on the host it was h * d times larger, and on a GPU its upload
+        // dominated the recompute.
         let idx_t = Tensor::from_vec(r, (1, n, 1), self.k.device())?
             .broadcast_as((h, n, d))?
             .contiguous()?;

@@ -11,7 +11,7 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
-use super::{cuda_only, enabled, kv_table, MODULE, PTX};
+use super::{cuda_only, enabled, kv_table, packed, rows_packed, MODULE, PTX};
 use crate::model::rope::RopeLayout;
 use crate::Result;
 
@@ -124,8 +124,7 @@ pub fn gather_kv(plan: &GatherPlan) -> Result<Option<Tensor>> {
             && t.rank() == 3
             && t.dim(0).ok() == Some(h)
             && t.dim(2).ok() == Some(d)
-            && t.stride()[1] == d
-            && t.stride()[2] == 1
+            && rows_packed(t, d)
     };
     let ok = enabled()
         && dev.is_cuda()
@@ -217,12 +216,10 @@ impl candle_core::InplaceOp3 for ScatterRows {
     }
 }
 
-/// `dst[:, rows[j], :] = src[:, j, :]` in place, for dst (heads, cap, d) and src (heads, n, d)
-/// of one dtype with packed rows, rows (n,) u32 on the device. Returns false (nothing done)
-/// where the kernel does not apply.
+/// `dst[:, rows[j], :] = src[:, j, :]` in place, for dst (heads, cap, d) with packed rows and
+/// src (heads, n, d) of the same dtype (copied first if its rows are not packed), rows (n,) u32
+/// on the device. Returns false (nothing done) where the kernel does not apply.
 pub fn scatter_rows(dst: &Tensor, src: &Tensor, rows: &Tensor) -> Result<bool> {
-    let packed =
-        |t: &Tensor| t.rank() == 3 && t.stride()[2] == 1 && t.stride()[1] == t.dim(2).unwrap_or(0);
     let ok = enabled()
         && dst.device().is_cuda()
         && src.device().same_device(dst.device())
@@ -231,14 +228,15 @@ pub fn scatter_rows(dst: &Tensor, src: &Tensor, rows: &Tensor) -> Result<bool> {
         && src.dtype() == dst.dtype()
         && rows.dtype() == DType::U32
         && rows.is_contiguous()
-        && packed(dst)
-        && packed(src)
+        && dst.rank() == 3
+        && src.rank() == 3
+        && rows_packed(dst, dst.dim(2)?)
         && dst.dim(0)? == src.dim(0)?
         && dst.dim(2)? == src.dim(2)?
         && rows.dims1()? == src.dim(1)?;
     if !ok {
         return Ok(false);
     }
-    dst.inplace_op3(src, rows, &ScatterRows)?;
+    dst.inplace_op3(&packed(src, src.dim(2)?)?, rows, &ScatterRows)?;
     Ok(true)
 }
