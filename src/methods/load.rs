@@ -86,7 +86,7 @@ impl RowIndex {
         let mut entries: Vec<u32> = Vec::new();
         for (l, rows) in want.iter().enumerate() {
             match (0..l).find(|&e| want[e] == *rows) {
-                Some(e) => ranges.extend([ranges[2 * e], ranges[2 * e + 1]]),
+                Some(e) => ranges.extend_from_within(2 * e..2 * e + 2),
                 None => {
                     ranges.extend([(entries.len() / 2) as u32, rows.len() as u32]);
                     entries.extend(locate(ctx, rows)?.into_iter().flatten());
@@ -101,7 +101,7 @@ impl RowIndex {
     fn compact(&mut self, away: &[bool]) -> HashMap<(u32, u32), Vec<Vec<u32>>> {
         let mut picks: HashMap<(u32, u32), Vec<Vec<u32>>> = HashMap::new();
         for l in 0..self.ranges.len() / 2 {
-            let range = (self.ranges[2 * l], self.ranges[2 * l + 1]);
+            let range = self.range(l);
             if picks.contains_key(&range) {
                 continue; // shared with an earlier layer: already rewritten
             }
@@ -119,10 +119,15 @@ impl RowIndex {
         picks
     }
 
+    /// Layer l's (first entry, rows).
+    fn range(&self, l: usize) -> (u32, u32) {
+        (self.ranges[2 * l], self.ranges[2 * l + 1])
+    }
+
     /// Layer l's (segment, stored row) entries.
     fn of(&self, l: usize) -> &[u32] {
-        let (first, n) = (self.ranges[2 * l] as usize, self.ranges[2 * l + 1] as usize);
-        &self.entries[2 * first..2 * (first + n)]
+        let (first, n) = self.range(l);
+        &self.entries[2 * first as usize..2 * (first + n) as usize]
     }
 }
 
@@ -165,7 +170,7 @@ fn sources(
             if want[l].is_empty() {
                 return Ok(Vec::new());
             }
-            let range = (rows.ranges[2 * l], rows.ranges[2 * l + 1]);
+            let range = rows.range(l);
             let seg = ctx.segments.iter().enumerate();
             seg.map(|(i, s)| {
                 let (k, v) = (&s.kv.k[l], &s.kv.v[l]);
@@ -210,7 +215,7 @@ fn gather_on_device(
     let used_sources: Vec<_> = used.iter().map(|&l| sources[l].clone()).collect();
     let used_ranges: Vec<u32> = used
         .iter()
-        .flat_map(|&l| [rows.ranges[2 * l], rows.ranges[2 * l + 1]])
+        .flat_map(|&l| <[u32; 2]>::from(rows.range(l)))
         .collect();
     let plan = GatherPlan {
         sources: &used_sources,
