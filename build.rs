@@ -1,5 +1,7 @@
 //! With the `cuda` feature, compiles samkv's own kernels (src/model/cuda/kernels.cu) to PTX
-//! with nvcc; the CPU build needs nothing. scripts/build-cuda.sh sets up nvcc (NVCC or
+//! with nvcc, and for a Hopper target (CUDA_COMPUTE_CAP 90) also the wgmma attention
+//! (src/model/cuda/flash_sm90.cu, for compute_90a: other targets get an empty file and keep
+//! the mma.sync attention); the CPU build needs nothing. scripts/build-cuda.sh sets up nvcc (NVCC or
 //! CUDA_ROOT) and the target GPU (CUDA_COMPUTE_CAP, default 90).
 
 use std::path::PathBuf;
@@ -7,7 +9,9 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=src/model/cuda/kernels.cu");
+    for f in ["kernels.cu", "flash_sm90.cu", "flash.cuh", "common.cuh"] {
+        println!("cargo:rerun-if-changed=src/model/cuda/{f}");
+    }
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -19,14 +23,23 @@ fn main() {
     });
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let ptx = out.join("samkv_kernels.ptx");
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17", "--use_fast_math"])
-        .arg(format!("-arch=compute_{cap}"))
-        .arg("-o")
-        .arg(&ptx)
-        .arg("src/model/cuda/kernels.cu")
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run nvcc (`{nvcc}`): {e}; use scripts/build-cuda.sh"));
-    assert!(status.success(), "nvcc failed on src/model/cuda/kernels.cu");
+    let compile = |src: &str, arch: &str, ptx: &str| {
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17", "--use_fast_math"])
+            .arg(format!("-arch={arch}"))
+            .arg("-o")
+            .arg(out.join(ptx))
+            .arg(format!("src/model/cuda/{src}"))
+            .status()
+            .unwrap_or_else(|e| {
+                panic!("cannot run nvcc (`{nvcc}`): {e}; use scripts/build-cuda.sh")
+            });
+        assert!(status.success(), "nvcc failed on src/model/cuda/{src}");
+    };
+    compile("kernels.cu", &format!("compute_{cap}"), "samkv_kernels.ptx");
+    if cap == "90" {
+        compile("flash_sm90.cu", "compute_90a", "samkv_sm90.ptx");
+    } else {
+        std::fs::write(out.join("samkv_sm90.ptx"), "").expect("OUT_DIR is writable");
+    }
 }

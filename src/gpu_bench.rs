@@ -74,6 +74,9 @@ pub struct BenchGpuArgs {
     pub methods: Vec<String>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Time attention alone (the first table) and stop.
+    #[arg(long)]
+    pub attention_only: bool,
     /// Write the results as JSON here (rewritten after each document length).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -163,7 +166,8 @@ pub fn method_config(spec: &str) -> Result<MethodConfig> {
 
 /// Attention alone, one layer, causal prefill of each request's length: the attention
 /// kernel against candle's op-by-op attention (skipped where it would take long), with the
-/// kernel's throughput (4 T^2 d h / 2 FLOPs: the causal half of QK^T and PV).
+/// kernel's throughput (4 T^2 d h / 2 FLOPs: the causal half of QK^T and PV). On a Hopper GPU
+/// the kernel is the wgmma one, and its mma.sync form is timed beside it.
 fn attention_table(
     cfg: &Config,
     dtype: DType,
@@ -195,6 +199,21 @@ fn attention_table(
         let v = Tensor::randn(0f32, 1f32, (hkv, t, d), dev)?.to_dtype(dtype)?;
         let pos: Vec<u32> = (0..t as u32).collect();
         let kernel = time(&|| crate::model::attend(&q, &k, &v, &pos, &pos))?;
+        // On a Hopper GPU, the kernel's other form (wgmma or mma.sync) beside it.
+        let other = if has_wgmma(dev) {
+            let was = wgmma(dev);
+            set_wgmma(!was);
+            let ms = time(&|| crate::model::attend(&q, &k, &v, &pos, &pos));
+            set_wgmma(was);
+            Some((was, ms?))
+        } else {
+            None
+        };
+        let (mma, wg) = match other {
+            Some((true, ms)) => (Some(ms), Some(kernel)),
+            Some((false, ms)) => (Some(kernel), Some(ms)),
+            None => (None, None),
+        };
         let ops = if t <= 6000 {
             Some(time(&|| crate::model::attend_ops(&q, &k, &v, &pos, &pos))?)
         } else {
@@ -205,10 +224,15 @@ fn attention_table(
             t.to_string(),
             format!("{kernel:.2}"),
             format!("{tflops:.0}"),
+            mma.map_or("-".into(), |m| format!("{m:.2}")),
+            wg.map_or("-".into(), |m| format!("{m:.2}")),
             ops.map_or("-".into(), |o| format!("{o:.2}")),
             ops.map_or("-".into(), |o| format!("{:.1}x", o / kernel)),
         ]);
-        out.push(json!({"tokens": t, "attend_ms": kernel, "tflops": tflops, "ops_ms": ops}));
+        out.push(json!({
+            "tokens": t, "attend_ms": kernel, "tflops": tflops, "mma_sync_ms": mma, "wgmma_ms": wg,
+            "ops_ms": ops
+        }));
     }
     println!(
         "\n## Attention alone: one layer, causal prefill ({h} heads, {hkv} KV heads, d {d})\n"
@@ -220,6 +244,8 @@ fn attention_table(
                 "tokens",
                 "attend ms",
                 "TFLOP/s",
+                "mma.sync ms",
+                "wgmma ms",
                 "candle ops ms",
                 "ops / attend"
             ],
@@ -227,9 +253,10 @@ fn attention_table(
         )
     );
     println!(
-        "attend: what the model runs (samkv's kernel where it applies; SAMKV_CUDA_KERNELS=0 \
-         turns it off); candle ops: matmul, host-built mask, softmax, matmul per 512 queries. \
-         Median of 5 after a warm-up."
+        "attend: what the model runs (samkv's kernel where it applies; SAMKV_CUDA_KERNELS=0 turns \
+         it off); mma.sync, wgmma: the kernel's two forms, timed on a Hopper GPU (SAMKV_WGMMA=1 \
+         makes the model run the wgmma one); candle ops: matmul, host-built mask, softmax, \
+         matmul per 512 queries. Median of 5 after a warm-up."
     );
     Ok(Some(json!(out)))
 }
@@ -252,6 +279,29 @@ pub fn mem_info(dev: &Device) -> Option<(usize, usize)> {
 pub fn mem_info(_: &Device) -> Option<(usize, usize)> {
     None
 }
+
+/// Whether `dev` has the wgmma attention, and whether it runs now (crate::model::cuda).
+#[cfg(feature = "cuda")]
+fn has_wgmma(dev: &Device) -> bool {
+    matches!(dev, Device::Cuda(d) if crate::model::cuda::has_wgmma(d))
+}
+#[cfg(feature = "cuda")]
+fn wgmma(dev: &Device) -> bool {
+    matches!(dev, Device::Cuda(d) if crate::model::cuda::wgmma(d))
+}
+#[cfg(feature = "cuda")]
+use crate::model::cuda::set_wgmma;
+
+#[cfg(not(feature = "cuda"))]
+fn has_wgmma(_: &Device) -> bool {
+    false
+}
+#[cfg(not(feature = "cuda"))]
+fn wgmma(_: &Device) -> bool {
+    false
+}
+#[cfg(not(feature = "cuda"))]
+fn set_wgmma(_: bool) {}
 
 /// The device's name (CUDA) or "cpu".
 pub fn device_name(dev: &Device) -> String {
@@ -392,6 +442,12 @@ pub fn run(args: &BenchGpuArgs, device: Device) -> Result<()> {
     });
     if let Some(t) = attention_table(&cfg, dtype, &device, args)? {
         report["attention"] = t;
+    }
+    if args.attention_only {
+        if let Some(p) = &args.out {
+            std::fs::write(p, serde_json::to_string_pretty(&report).unwrap_or_default())?;
+        }
+        return Ok(());
     }
     for &len in &args.doc_len {
         let run = match bench_length(&engine, args, len, &mut mem) {

@@ -86,6 +86,15 @@ fn attn_cases() -> Vec<AttnCase> {
             dtype: DType::BF16,
         },
         AttnCase {
+            name: "causal prefill, 8B shape, 1100 tokens, f16",
+            heads: 32,
+            kv_heads: 8,
+            d: 128,
+            qpos: range(0, 1100),
+            kpos: range(0, 1100),
+            dtype: DType::F16,
+        },
+        AttnCase {
             name: "question over gapped documents, SmolLM2 shape",
             heads: 9,
             kv_heads: 3,
@@ -366,8 +375,23 @@ pub fn check_kernels(dev: &Device) -> Vec<Check> {
             detail: format!("error: {e}"),
         }))
     };
+    // On a Hopper GPU both forms of the attention are checked: mma.sync and wgmma.
+    let hopper = matches!(dev, Device::Cuda(d) if super::has_wgmma(d));
+    let was = matches!(dev, Device::Cuda(d) if super::wgmma(d));
     for c in attn_cases() {
-        push(c.name, check_attention(dev, &c));
+        if !hopper {
+            push(c.name, check_attention(dev, &c));
+            continue;
+        }
+        for (wg, tag) in [(true, "wgmma"), (false, "mma.sync")] {
+            super::set_wgmma(wg);
+            let r = check_attention(dev, &c).map(|mut r| {
+                r.name = format!("{} ({tag})", r.name);
+                r
+            });
+            push(c.name, r);
+        }
+        super::set_wgmma(was);
     }
     for dt in [DType::BF16, DType::F16] {
         push("batched attention", check_attention_batch(dev, dt));

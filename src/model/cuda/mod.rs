@@ -8,6 +8,7 @@
 //! `SAMKV_CUDA_KERNELS=0` turns all of them off, for comparisons and as an escape hatch.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
@@ -29,6 +30,8 @@ pub mod gather;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/samkv_kernels.ptx"));
 const MODULE: &str = "samkv_kernels";
+/// flash_sm90.cu: the attention on Hopper's wgmma (empty unless built for compute capability 90).
+const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/samkv_sm90.ptx"));
 /// Packed query rows per attention block (BQ in kernels.cu).
 const BQ: usize = 64;
 /// Threads per attention block: 4 warps of 16 rows.
@@ -45,17 +48,58 @@ pub fn enabled() -> bool {
 }
 
 /// The PTX flash_attn is loaded from: samkv's, or for tuning the kernel without rebuilding
-/// samkv (docs/GPU.md), a file named by `SAMKV_FLASH_PTX` compiled from a changed kernels.cu
-/// with the same block shape (BQ, BK, 4 warps).
-fn flash_ptx() -> candle_core::Result<&'static str> {
-    static SRC: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    let src = SRC.get_or_init(|| match std::env::var("SAMKV_FLASH_PTX") {
+/// samkv (docs/GPU.md), a file compiled from a changed flash.cuh with the same block shape (BQ,
+/// BK, 4 warps), named by `SAMKV_FLASH_PTX` (mma.sync, from kernels.cu) or
+/// `SAMKV_FLASH_WG_PTX` (wgmma, from flash_sm90.cu).
+fn flash_ptx(wg: bool) -> candle_core::Result<&'static str> {
+    type Src = OnceLock<std::result::Result<String, String>>;
+    static SRC: [Src; 2] = [OnceLock::new(), OnceLock::new()];
+    let (var, built) = if wg {
+        ("SAMKV_FLASH_WG_PTX", PTX_SM90)
+    } else {
+        ("SAMKV_FLASH_PTX", PTX)
+    };
+    let src = SRC[wg as usize].get_or_init(|| match std::env::var(var) {
         Ok(path) => std::fs::read_to_string(&path)
-            .map_err(|e| format!("SAMKV_FLASH_PTX={path} cannot be read: {e}; unset it")),
-        Err(_) => Ok(PTX.to_string()),
+            .map_err(|e| format!("{var}={path} cannot be read: {e}; unset it")),
+        Err(_) => Ok(built.to_string()),
     });
     src.as_deref()
         .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
+/// Whether attention runs on wgmma where the device has it. Off by default: the wgmma form
+/// (flash_sm90.cu) is still slower than mma.sync on the H200 (docs/PERFORMANCE.md, session 6);
+/// `SAMKV_WGMMA=1` turns it on, and benchmarks and selfcheck switch it with `set_wgmma`.
+fn wgmma_flag() -> &'static AtomicBool {
+    static ON: OnceLock<AtomicBool> = OnceLock::new();
+    ON.get_or_init(|| AtomicBool::new(std::env::var("SAMKV_WGMMA").is_ok_and(|v| v == "1")))
+}
+
+/// Turns the wgmma attention on or off for this process (where the device has it).
+pub fn set_wgmma(on: bool) {
+    wgmma_flag().store(on, Ordering::Relaxed);
+}
+
+/// Whether `dev` can run the wgmma attention: a Hopper GPU (compute capability 9.0) and a build
+/// for it (CUDA_COMPUTE_CAP=90), with samkv's kernels on.
+pub fn has_wgmma(dev: &CudaDevice) -> bool {
+    if !enabled() || PTX_SM90.is_empty() {
+        return false;
+    }
+    static HOPPER: OnceLock<Mutex<HashMap<DeviceId, bool>>> = OnceLock::new();
+    let mut known = HOPPER
+        .get_or_init(Default::default)
+        .lock()
+        .expect("not poisoned");
+    *known
+        .entry(dev.id())
+        .or_insert_with(|| dev.cuda_stream().context().compute_capability().ok() == Some((9, 0)))
+}
+
+/// Whether attention on `dev` runs on wgmma now.
+pub fn wgmma(dev: &CudaDevice) -> bool {
+    wgmma_flag().load(Ordering::Relaxed) && has_wgmma(dev)
 }
 
 /// Whether the attention kernel takes activations of this dtype and head size.
@@ -144,17 +188,24 @@ struct FlashAttn {
 }
 
 /// flash_attn for this dtype name and head size, with its dynamic shared memory (two stages of
-/// a K and a V tile) allowed past the default 48 KiB. Loaded once per device through cudarc:
-/// candle's loader does not expose the function to set that attribute on.
+/// a K and a V tile) allowed past the default 48 KiB; its wgmma form where `wgmma(dev)` and
+/// `wg_ok`. Loaded once per device through cudarc: candle's loader does not expose the function
+/// to set that attribute on.
 fn flash_function(
     dev: &CudaDevice,
     name: &str,
     d: usize,
+    wg_ok: bool,
 ) -> candle_core::Result<(CudaFunction, u32)> {
     type Loaded = HashMap<(DeviceId, String), CudaFunction>;
     static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
-    let smem = (4 * BK * (d + 8) * 2) as u32; // stages x (K, V) x rows x padded row, 2 bytes
-    let key = (dev.id(), format!("flash_attn_{name}_d{d}"));
+    let wg = wg_ok && wgmma(dev);
+    // stages x (K, V) x rows x row, 2 bytes; rows padded by 8 elements for mma.sync, core
+    // matrices (8 x 8) by 8 for wgmma (WG_CM in flash.cuh)
+    let row = if wg { d / 8 * 72 / 8 + 1 } else { d + 8 };
+    let smem = (4 * BK * row * 2) as u32;
+    let kernel = if wg { "flash_attn_wg" } else { "flash_attn" };
+    let key = (dev.id(), format!("{kernel}_{name}_d{d}"));
     let mut loaded = LOADED
         .get_or_init(Default::default)
         .lock()
@@ -165,7 +216,7 @@ fn flash_function(
     let module = dev
         .cuda_stream()
         .context()
-        .load_module(Ptx::from_src(flash_ptx()?))
+        .load_module(Ptx::from_src(flash_ptx(wg)?))
         .w()?;
     let func = module.load_function(&key.1).w()?;
     func.set_attribute(
@@ -236,7 +287,8 @@ fn launch_flash<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
         split_len as i32,
     );
     let (null, zero) = (0u64, 0i64);
-    let (func, smem) = flash_function(dev, name, d)?;
+    // Batched decode blocks hold a handful of rows: mma.sync skips the idle warps, wgmma not.
+    let (func, smem) = flash_function(dev, name, d, !batch)?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&func);
     b.arg(q);
