@@ -254,8 +254,8 @@ fn attention_table(
     );
     println!(
         "attend: what the model runs (samkv's kernel where it applies; SAMKV_CUDA_KERNELS=0 turns \
-         it off); mma.sync, wgmma: the kernel's two forms, timed on a Hopper GPU (SAMKV_WGMMA=1 \
-         makes the model run the wgmma one); candle ops: matmul, host-built mask, softmax, \
+         it off); mma.sync, wgmma: the kernel's two forms, timed on a Hopper GPU (the model runs the \
+         wgmma one there; SAMKV_WGMMA=0 turns it off); candle ops: matmul, host-built mask, softmax, \
          matmul per 512 queries. Median of 5 after a warm-up."
     );
     Ok(Some(json!(out)))

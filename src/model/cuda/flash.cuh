@@ -82,18 +82,56 @@ __device__ __forceinline__ void cp_async_wait_all() {
 // accumulators are mma's C repeated over the N / 8 column tiles. Only the B operand (K or V)
 // differs: the tensor core reads it from shared memory itself, described by a descriptor.
 //
-// Tiles for wgmma are stored without swizzle ("interleaved"): as 8 x 8 core matrices of 128
-// contiguous bytes (load_tile_wg below). For K (B of S = Q K^T, K-major: N = keys, K = d) the
-// leading byte offset steps to the next core matrix along d, the stride byte offset to the
-// next 8 keys. V (B of O = P V: K = keys, N = d) is the same tile read MN-major (transposed):
-// the leading offset then steps along keys and the stride offset along d.
+// K and V tiles arrive by the tensor memory accelerator (TMA): one thread asks for a whole
+// tile, in boxes of BK rows x 64 columns (128 bytes a row) laid out with the 128-byte swizzle
+// (16-byte chunk c of row r stored at chunk c ^ (r % 8)), the layout wgmma reads without bank
+// conflicts. Thread-issued copies (cp.async, 16 bytes each) were tried first: their address
+// registers held back every wgmma, and the kernel ran at 0.6x its mma.sync form.
+// For K (B of S = Q K^T, K-major: N = keys, K = d) a descriptor's stride byte offset steps to
+// the next 8 keys (1024 bytes); a k-step of 16 columns is 32 bytes further within a box. V (B
+// of O = P V: K = keys, N = d) is read MN-major (transposed): the stride offset again steps 8
+// keys, the leading offset to the next 64 columns (the next box).
 
-// Shared-memory matrix descriptor: start address, leading and stride byte offsets (all >> 4),
-// no swizzle (bits 62-63 zero), base offset 0.
+// A CUtensorMap (opaque, built on the host by cuTensorMapEncodeTiled), passed by value.
+struct alignas(64) TmaMap {
+    unsigned long long v[16];
+};
+
+// Shared-memory matrix descriptor with the 128-byte swizzle (bits 62-63 = 1): start address,
+// leading and stride byte offsets (all >> 4), base offset 0 (boxes are 1024-byte aligned).
 __device__ __forceinline__ uint64_t wg_desc(const void *smem, uint32_t lead, uint32_t stride) {
     uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
     return (uint64_t)((a & 0x3FFFF) >> 4) | (uint64_t)((lead & 0x3FFFF) >> 4) << 16 |
-           (uint64_t)((stride & 0x3FFFF) >> 4) << 32;
+           (uint64_t)((stride & 0x3FFFF) >> 4) << 32 | 1ull << 62;
+}
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// A transaction barrier that completes once `bytes` have landed (one arrival: the issuer's).
+__device__ __forceinline__ void mbar_init(uint64_t *bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_addr(bar)));
+}
+__device__ __forceinline__ void mbar_expect(uint64_t *bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+                 "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
+    asm volatile(
+        "{\n.reg .pred P1;\nLAB_WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+        "@P1 bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n" ::"r"(smem_addr(bar)),
+        "r"(parity)
+        : "memory");
+}
+// Box (c0, c1, c2) of a 3-D tensor map into shared memory; completes on `bar`.
+__device__ __forceinline__ void tma_load(void *dst, const TmaMap *map, uint64_t *bar, int c0,
+                                         int c1, int c2) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+        "[%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(smem_addr(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
+        : "memory");
 }
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() {
@@ -105,10 +143,6 @@ __device__ __forceinline__ void wg_wait_all() {
 // Pins an accumulator between wgmma issue and wait: the compiler may not move its reads or
 // writes across this point (wgmma's writes are invisible to it).
 __device__ __forceinline__ void wg_pin(float &x) { asm volatile("" : "+f"(x)::"memory"); }
-// Writes by threads (cp.async included) made visible to the tensor core's async-proxy reads.
-__device__ __forceinline__ void fence_async_smem() {
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
 
 // D (64 x N, f32) (+)= A (64 x 16, registers) * B (16 x N, shared memory via descriptor b);
 // TB = 1 reads B MN-major (transposed). scale_d = 0 ignores D's old value. The T* argument
@@ -205,24 +239,6 @@ __device__ __forceinline__ void load_tile(T (*tile)[D + PAD], const T *head, int
     load_rows<T, D>(head, kt, kend, [&](int r, int c) { return &tile[r][c]; });
 }
 
-// wgmma tiles: 8 x 8 core matrices (128 contiguous bytes each) in slots of WG_CM elements:
-// 16 bytes of padding between neighbours along d, so the 8 chunks of one row that a quarter
-// warp writes fall in 8 different banks. Element (r, c) of a (rows, D) tile is at
-// (r / 8) * wg_row_group<D> + (c / 8) * WG_CM + (r % 8) * 8 + c % 8.
-#define WG_CM 72
-#ifndef WG_RG_PAD
-#define WG_RG_PAD 0
-#endif
-template <int D> __host__ __device__ constexpr int wg_row_group() { return D / 8 * WG_CM + WG_RG_PAD; }
-template <int D> __host__ __device__ constexpr int wg_tile() { return BK / 8 * wg_row_group<D>(); }
-
-template <typename T, int D>
-__device__ __forceinline__ void load_tile_wg(T *tile, const T *head, int kt, int kend) {
-    load_rows<T, D>(head, kt, kend, [&](int r, int c) {
-        return tile + (r >> 3) * wg_row_group<D>() + (c >> 3) * WG_CM + (r & 7) * 8;
-    });
-}
-
 __device__ __forceinline__ float quad_max(float x) {
     x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
     return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
@@ -249,12 +265,15 @@ __device__ void flash_attn(const T *__restrict__ q, const T *k, const T *v, T *_
                            float *__restrict__ part, const uint32_t *__restrict__ vis,
                            const long long *__restrict__ seqs, int tq, int tk, int group,
                            int heads, long long q_hs, long long k_hs, long long v_hs,
-                           float scale_log2, int split_len) {
-    // Two stages of one K and one V tile each (dynamic: 68 KiB for D = 128, 72 for WG).
+                           float scale_log2, int split_len, const TmaMap *kmap = nullptr,
+                           const TmaMap *vmap = nullptr) {
+    // Two stages of one K and one V tile each (dynamic: 68 KiB for D = 128; WG: 64 KiB from
+    // the first 1024-byte boundary, which the swizzle needs, and 1 KiB to find it).
     extern __shared__ __align__(128) unsigned char smem[];
     typedef T Tile[BK][D + PAD];
     Tile *tiles = reinterpret_cast<Tile *>(smem);  // [stage * 2] = K, [stage * 2 + 1] = V
-    T *wg_tiles = reinterpret_cast<T *>(smem);     // WG: tile i at i * wg_tile<D>()
+    T *wg_tiles = reinterpret_cast<T *>(smem + ((1024 - (smem_addr(smem) & 1023)) & 1023));
+    __shared__ __align__(8) uint64_t tma_bar[2];  // WG: one per stage
     __shared__ int cta_vis, cta_min_vis;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;
@@ -275,7 +294,14 @@ __device__ void flash_attn(const T *__restrict__ q, const T *k, const T *v, T *_
         tk = (int)e[4];
     }
 
-    if (threadIdx.x == 0) cta_vis = 0, cta_min_vis = INT_MAX;
+    if (threadIdx.x == 0) {
+        cta_vis = 0, cta_min_vis = INT_MAX;
+        if constexpr (WG) {
+            mbar_init(&tma_bar[0]);
+            mbar_init(&tma_bar[1]);
+            asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        }
+    }
     __syncthreads();
     if (threadIdx.x < BQ) {
         int r = row_lo + threadIdx.x;
@@ -317,52 +343,51 @@ __device__ void flash_attn(const T *__restrict__ q, const T *k, const T *v, T *_
 #pragma unroll
     for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     const bool active = WG || row0 < row_hi;
-    auto load = [&](int i, const T *head, int from) {
-        if constexpr (WG)
-            load_tile_wg<T, D>(wg_tiles + i * wg_tile<D>(), head, from, kend);
-        else
-            load_tile<T, D>(tiles[i], head, from, kend);
+    // Stage st's K and V tiles for keys [kt, kt + BK): WG by TMA (rows past the tensor's end
+    // arrive as zeros; rows past kend are masked below), else by every thread's cp.async.
+    auto load = [&](int st, int kt) {
+        if constexpr (WG) {
+            if (threadIdx.x != 0) return;
+            T *kw = wg_tiles + 2 * st * BK * D, *vw = kw + BK * D;
+            mbar_expect(&tma_bar[st], 2 * BK * D * sizeof(T));
+#pragma unroll
+            for (int h = 0; h < D / 64; h++) {
+                tma_load(kw + h * BK * 64, kmap, &tma_bar[st], h * 64, kt, kvh);
+                tma_load(vw + h * BK * 64, vmap, &tma_bar[st], h * 64, kt, kvh);
+            }
+        } else {
+            load_tile<T, D>(tiles[2 * st], k + kvh * k_hs, kt, kend);
+            load_tile<T, D>(tiles[2 * st + 1], v + kvh * v_hs, kt, kend);
+            cp_async_commit();
+        }
     };
 
     // Double-buffered: the next tile's K and V load while this one is computed. The next load
-    // is issued after the wait and the barrier: the barrier also tells that every warp is done
-    // with the stage it refills, and wgmma's fence waits for all of the thread's copies (a
-    // fence after the next load was issued held each tile until that load had landed).
+    // is issued after the wait and the barrier, which also tells that every warp is done with
+    // the stage it refills.
     const int ntiles = kend > kbeg ? (kend - kbeg + BK - 1) / BK : 0;
-    if (ntiles > 0) {
-        load(0, k + kvh * k_hs, kbeg);
-        load(1, v + kvh * v_hs, kbeg);
-    }
-    cp_async_commit();
+    if (ntiles > 0) load(0, kbeg);
     for (int it = 0; it < ntiles; it++) {
         const int kt = kbeg + it * BK, st = it & 1;
-        cp_async_wait_all();  // this tile is in, for this thread...
-        if constexpr (WG) fence_async_smem();
-        __syncthreads();  // ...and for every thread
-        auto prefetch = [&] {
-            if (it + 1 < ntiles) {
-                load(2 * (st ^ 1), k + kvh * k_hs, kt + BK);
-                load(2 * (st ^ 1) + 1, v + kvh * v_hs, kt + BK);
-            }
-            cp_async_commit();
-        };
-        // WG issues it behind Q K^T: copies issued first held the registers that the wgmma
-        // then waited for (long-scoreboard stalls on its fence).
-        if constexpr (!WG) prefetch();
+        if constexpr (WG)
+            mbar_wait(&tma_bar[st], (it >> 1) & 1);  // stage st's (it / 2)-th fill
+        else
+            cp_async_wait_all();  // this tile is in, for this thread...
+        __syncthreads();          // ...and for every thread
+        if (it + 1 < ntiles) load(st ^ 1, kt + BK);
         T(*ks)[D + PAD] = tiles[2 * st];
         T(*vs)[D + PAD] = tiles[2 * st + 1];
         // S = Q K^T for 16 rows x BK keys.
         float s[BK / 8][4];
         if constexpr (WG) {
-            const T *kw = wg_tiles + 2 * st * wg_tile<D>();
-            constexpr uint32_t cm = WG_CM * 2, rg = wg_row_group<D>() * 2;  // bytes
+            const T *kw = wg_tiles + 2 * st * BK * D;
             wg_fence();
 #pragma unroll
-            for (int kk = 0; kk < D / 16; kk++)  // 16 of d: two core matrices
-                wgmma_n64<0>(&s[0][0], qa[kk], wg_desc(kw + kk * 2 * WG_CM, cm, rg), kk > 0,
+            for (int kk = 0; kk < D / 16; kk++)  // 16 columns: 32 bytes into box kk / 4
+                wgmma_n64<0>(&s[0][0], qa[kk],
+                             wg_desc(kw + (kk / 4) * BK * 64 + (kk % 4) * 16, 16, 1024), kk > 0,
                              (T *)nullptr);
             wg_commit();
-            prefetch();
             wg_wait_all();
 #pragma unroll
             for (int nt = 0; nt < BK / 8; nt++)
@@ -439,8 +464,7 @@ __device__ void flash_attn(const T *__restrict__ q, const T *k, const T *v, T *_
 
         // O += P V: the score accumulators of key tiles 2j, 2j + 1 form P's A operand.
         if constexpr (WG) {
-            const T *vw = wg_tiles + (2 * st + 1) * wg_tile<D>();
-            constexpr uint32_t cm = WG_CM * 2, rg = wg_row_group<D>() * 2;  // bytes
+            const T *vw = wg_tiles + (2 * st + 1) * BK * D;
 #pragma unroll
             for (int dt = 0; dt < D / 8; dt++)
 #pragma unroll
@@ -458,8 +482,8 @@ __device__ void flash_attn(const T *__restrict__ q, const T *k, const T *v, T *_
             wg_fence();
 #pragma unroll
             for (int j = 0; j < BK / 16; j++) {
-                // 16 keys: two row groups of the tile
-                const uint64_t b = wg_desc(vw + j * 2 * wg_row_group<D>(), rg, cm);
+                // 16 keys: 2048 bytes into each box; the next 64 columns a box further
+                const uint64_t b = wg_desc(vw + j * 16 * 64, BK * 64 * sizeof(T), 1024);
                 if constexpr (D == 128)
                     wgmma_n128<1>(&o[0][0], pa[j], b, 1, (T *)nullptr);
                 else
@@ -489,7 +513,7 @@ __device__ void flash_attn(const T *__restrict__ q, const T *k, const T *v, T *_
             }
         }
     }
-    cp_async_wait_all();
+    if constexpr (!WG) cp_async_wait_all();
     if (!active) return;
 
 #pragma unroll
@@ -561,14 +585,14 @@ __device__ void flash_combine(const float *__restrict__ part, T *__restrict__ ou
         flash_combine<T, D>(part, out, nsplit, rows, group, heads);                            \
     }
 
-// The same on Hopper's wgmma (flash_sm90.cu): 72 KiB of shared memory, three blocks per SM.
+// The same on Hopper's wgmma (flash_sm90.cu), with the tensor maps of k and v: 65 KiB of
+// shared memory, three blocks per SM.
 #define FLASH_WG(NAME, T, D)                                                                   \
-    extern "C" __global__ void __launch_bounds__(128, 3)                                          \
-        flash_attn_wg_##NAME##_d##D(const T *q, const T *k, const T *v, T *out, float *part,   \
-                                    const uint32_t *vis, const long long *seqs, int tq,        \
-                                    int tk, int group, int heads, long long q_hs,              \
-                                    long long k_hs, long long v_hs, float scale_log2,          \
-                                    int split_len) {                                           \
+    extern "C" __global__ void __launch_bounds__(128, 3) flash_attn_wg_##NAME##_d##D(          \
+        const T *q, const T *k, const T *v, T *out, float *part, const uint32_t *vis,          \
+        const long long *seqs, int tq, int tk, int group, int heads, long long q_hs,           \
+        long long k_hs, long long v_hs, float scale_log2, int split_len,                       \
+        const __grid_constant__ TmaMap kmap, const __grid_constant__ TmaMap vmap) {            \
         flash_attn<T, D, true>(q, k, v, out, part, vis, seqs, tq, tk, group, heads, q_hs,      \
-                               k_hs, v_hs, scale_log2, split_len);                             \
+                               k_hs, v_hs, scale_log2, split_len, &kmap, &vmap);               \
     }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::sys::{self, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
     SyncOnDrop,
@@ -68,12 +68,12 @@ fn flash_ptx(wg: bool) -> candle_core::Result<&'static str> {
         .map_err(|e| candle_core::Error::Msg(e.clone()))
 }
 
-/// Whether attention runs on wgmma where the device has it. Off by default: the wgmma form
-/// (flash_sm90.cu) is still slower than mma.sync on the H200 (docs/PERFORMANCE.md, session 6);
-/// `SAMKV_WGMMA=1` turns it on, and benchmarks and selfcheck switch it with `set_wgmma`.
+/// Whether attention runs on wgmma where the device has it (flash_sm90.cu: 1.9x the mma.sync
+/// form at 10k tokens on the H200, docs/PERFORMANCE.md). `SAMKV_WGMMA=0` turns it off;
+/// benchmarks and selfcheck switch it with `set_wgmma` to compare the two forms.
 fn wgmma_flag() -> &'static AtomicBool {
     static ON: OnceLock<AtomicBool> = OnceLock::new();
-    ON.get_or_init(|| AtomicBool::new(std::env::var("SAMKV_WGMMA").is_ok_and(|v| v == "1")))
+    ON.get_or_init(|| AtomicBool::new(std::env::var("SAMKV_WGMMA").map_or(true, |v| v != "0")))
 }
 
 /// Turns the wgmma attention on or off for this process (where the device has it).
@@ -196,14 +196,17 @@ fn flash_function(
     name: &str,
     d: usize,
     wg_ok: bool,
-) -> candle_core::Result<(CudaFunction, u32)> {
+) -> candle_core::Result<(CudaFunction, u32, bool)> {
     type Loaded = HashMap<(DeviceId, String), CudaFunction>;
     static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
     let wg = wg_ok && wgmma(dev);
-    // stages x (K, V) x rows x row, 2 bytes; rows padded by 8 elements for mma.sync, core
-    // matrices (8 x 8) by 8 for wgmma (WG_CM in flash.cuh)
-    let row = if wg { d / 8 * 72 / 8 + 1 } else { d + 8 };
-    let smem = (4 * BK * row * 2) as u32;
+    // stages x (K, V) x rows x row, 2 bytes; rows padded by 8 elements for mma.sync; for wgmma
+    // 1 KiB more to align the tiles to 1024 bytes (the 128-byte swizzle's period)
+    let smem = if wg {
+        4 * BK * d * 2 + 1024
+    } else {
+        4 * BK * (d + 8) * 2
+    } as u32;
     let kernel = if wg { "flash_attn_wg" } else { "flash_attn" };
     let key = (dev.id(), format!("{kernel}_{name}_d{d}"));
     let mut loaded = LOADED
@@ -211,7 +214,7 @@ fn flash_function(
         .lock()
         .expect("not poisoned");
     if let Some(f) = loaded.get(&key) {
-        return Ok((f.clone(), smem));
+        return Ok((f.clone(), smem, wg));
     }
     let module = dev
         .cuda_stream()
@@ -225,7 +228,63 @@ fn flash_function(
     )
     .w()?;
     loaded.insert(key, func.clone());
-    Ok((func, smem))
+    Ok((func, smem, wg))
+}
+
+/// A CUtensorMap as a kernel argument (passed by value, 128 bytes).
+#[repr(transparent)]
+struct TensorMap(sys::CUtensorMap);
+// SAFETY: a plain-old-data struct the kernel takes by value (`TmaMap` in flash.cuh).
+unsafe impl DeviceRepr for TensorMap {}
+
+/// The TMA description of one head-major (heads, rows, d) K or V view at device address `ptr`
+/// with head stride `hs` (elements): boxes of BK rows x 64 columns with the 128-byte swizzle
+/// that the wgmma attention reads; rows past `rows` read as zeros.
+fn tensor_map(
+    ptr: u64,
+    f16: bool,
+    (heads, rows, d, hs): (usize, usize, usize, usize),
+) -> candle_core::Result<TensorMap> {
+    use sys::{
+        CUtensorMapDataType as Ty, CUtensorMapFloatOOBfill as Fill, CUtensorMapInterleave as Il,
+        CUtensorMapL2promotion as L2, CUtensorMapSwizzle as Sw,
+    };
+    let dims = [d as u64, rows as u64, heads as u64];
+    let strides = [(d * 2) as u64, (hs * 2) as u64]; // bytes, of dimensions 1 and 2
+    let boxed = [64u32, BK as u32, 1];
+    let step = [1u32; 3];
+    let ty = if f16 {
+        Ty::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+    } else {
+        Ty::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+    };
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
+    // SAFETY: every array holds the rank's entries; the driver writes the map and reads no
+    // device memory.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            ty,
+            3,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxed.as_ptr(),
+            step.as_ptr(),
+            Il::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            Sw::CU_TENSOR_MAP_SWIZZLE_128B,
+            L2::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            Fill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(candle_core::Error::Msg(format!(
+            "cuTensorMapEncodeTiled failed ({r:?}) for a ({heads}, {rows}, {d}) view with head \
+             stride {hs}; SAMKV_WGMMA=0 runs the attention without it"
+        )));
+    }
+    // SAFETY: initialized by the successful call above.
+    Ok(TensorMap(unsafe { map.assume_init() }))
 }
 
 /// What one attention launch reads besides q.
@@ -287,9 +346,32 @@ fn launch_flash<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
         split_len as i32,
     );
     let (null, zero) = (0u64, 0i64);
-    // Batched decode blocks hold a handful of rows: mma.sync skips the idle warps, wgmma not.
-    let (func, smem) = flash_function(dev, name, d, !batch)?;
     let stream = dev.cuda_stream();
+    // wgmma (where on) reads K and V through tensor maps: 16-byte aligned rows and head
+    // strides. Batched decode stays on mma.sync: its blocks hold a handful of rows, and
+    // mma.sync skips the idle warps, wgmma not.
+    let maps_fit = keys.kv.as_ref().is_some_and(|(k, v, k_hs, v_hs)| {
+        let at16 = |p: u64| p.is_multiple_of(16);
+        at16(k.device_ptr(&stream).0)
+            && at16(v.device_ptr(&stream).0)
+            && k_hs % 8 == 0
+            && v_hs % 8 == 0
+    });
+    let (func, smem, wg) = flash_function(dev, name, d, !batch && maps_fit)?;
+    let mut map_reads = Vec::new();
+    let maps = match (&keys.kv, wg) {
+        (Some((k, v, k_hs, v_hs)), true) => {
+            let f16 = name == "f16";
+            let (kp, kr) = k.device_ptr(&stream);
+            let (vp, vr) = v.device_ptr(&stream);
+            map_reads.extend([kr, vr]);
+            Some((
+                tensor_map(kp, f16, (hkv, tk, d, *k_hs as usize))?,
+                tensor_map(vp, f16, (hkv, tk, d, *v_hs as usize))?,
+            ))
+        }
+        _ => None,
+    };
     let mut b = stream.launch_builder(&func);
     b.arg(q);
     match &keys.kv {
@@ -315,12 +397,16 @@ fn launch_flash<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
         None => b.arg(&zero).arg(&zero),
     };
     b.arg(&scale_log2).arg(&split_i);
+    if let Some((km, vm)) = &maps {
+        b.arg(km).arg(vm);
+    }
     let cfg = LaunchConfig {
         grid_dim: (q_blocks as u32, hkv as u32, nsplit as u32),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem,
     };
     unsafe { b.launch(cfg) }.w()?;
+    drop(map_reads);
     if let Some(p) = &part {
         let func =
             dev.get_or_load_custom_func(&format!("flash_combine_{name}_d{d}"), MODULE, PTX)?;
