@@ -124,7 +124,9 @@ fn attn_cases() -> Vec<AttnCase> {
     ]
 }
 
-fn check_attention(dev: &Device, c: &AttnCase) -> Result<Check> {
+/// The kernel against candle's ops; on a Hopper GPU (`hopper`) both of its forms, on the same
+/// inputs, and how far the wgmma form is from the mma.sync one.
+fn check_attention(dev: &Device, c: &AttnCase, hopper: bool) -> Result<Vec<Check>> {
     let (tq, tk) = (c.qpos.len(), c.kpos.len());
     let q = Tensor::randn(0f32, 1f32, (c.heads, tq, c.d), dev)?;
     let k = Tensor::randn(0f32, 1f32, (c.kv_heads, tk, c.d), dev)?;
@@ -137,13 +139,32 @@ fn check_attention(dev: &Device, c: &AttnCase) -> Result<Check> {
     );
     let f = |t: &Tensor| t.to_dtype(DType::F32);
     let want = super::super::attend(&f(&q)?, &f(&k)?, &f(&v)?, &c.qpos, &c.kpos)?;
-    let got = super::attend(&q, &k, &v, &c.qpos, &c.kpos)?;
-    let err = got.map(|g| rel_err(&want, &g)).transpose()?;
-    Ok(verdict(
-        format!("kernel attention: {}", c.name),
-        err,
-        c.dtype,
-    ))
+    let name = format!("kernel attention: {}", c.name);
+    if !hopper {
+        let got = super::attend(&q, &k, &v, &c.qpos, &c.kpos)?;
+        let err = got.map(|g| rel_err(&want, &g)).transpose()?;
+        return Ok(vec![verdict(name, err, c.dtype)]);
+    }
+    let was = matches!(dev, Device::Cuda(d) if super::wgmma(d));
+    let mut forms = Vec::new();
+    for wg in [true, false] {
+        super::set_wgmma(wg);
+        let got = super::attend(&q, &k, &v, &c.qpos, &c.kpos);
+        super::set_wgmma(was);
+        forms.push(got?);
+    }
+    let mut out = Vec::new();
+    for (got, tag) in forms.iter().zip(["wgmma", "mma.sync"]) {
+        let err = got.as_ref().map(|g| rel_err(&want, g)).transpose()?;
+        out.push(verdict(format!("{name} ({tag})"), err, c.dtype));
+    }
+    // Same inputs, same tiles and accumulation order: the two forms should agree closely.
+    let err = match (&forms[0], &forms[1]) {
+        (Some(a), Some(b)) => Some(rel_err(&f(b)?, &f(a)?)?),
+        _ => None,
+    };
+    out.push(verdict(format!("{name} (wgmma vs mma.sync)"), err, c.dtype));
+    Ok(out)
 }
 
 /// Batched decode: three sequences of different lengths, caches with spare capacity (as
@@ -377,21 +398,11 @@ pub fn check_kernels(dev: &Device) -> Vec<Check> {
     };
     // On a Hopper GPU both forms of the attention are checked: mma.sync and wgmma.
     let hopper = matches!(dev, Device::Cuda(d) if super::has_wgmma(d));
-    let was = matches!(dev, Device::Cuda(d) if super::wgmma(d));
     for c in attn_cases() {
-        if !hopper {
-            push(c.name, check_attention(dev, &c));
-            continue;
+        match check_attention(dev, &c, hopper) {
+            Ok(checks) => checks.into_iter().for_each(|k| push(c.name, Ok(k))),
+            Err(e) => push(c.name, Err(e)),
         }
-        for (wg, tag) in [(true, "wgmma"), (false, "mma.sync")] {
-            super::set_wgmma(wg);
-            let r = check_attention(dev, &c).map(|mut r| {
-                r.name = format!("{} ({tag})", r.name);
-                r
-            });
-            push(c.name, r);
-        }
-        super::set_wgmma(was);
     }
     for dt in [DType::BF16, DType::F16] {
         push("batched attention", check_attention_batch(dev, dt));
