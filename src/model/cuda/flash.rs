@@ -99,18 +99,17 @@ struct FlashAttn {
 }
 
 /// flash_attn for this dtype name and head size, with its dynamic shared memory (two stages of
-/// a K and a V tile) allowed past the default 48 KiB; its wgmma form where `wgmma(dev)` and
-/// `wg_ok`. Loaded once per device through cudarc: candle's loader does not expose the function
-/// to set that attribute on.
+/// a K and a V tile) allowed past the default 48 KiB; its wgmma form when `wg` (which takes the
+/// tensor maps of k and v as two more arguments). Loaded once per device through cudarc:
+/// candle's loader does not expose the function to set that attribute on.
 fn flash_function(
     dev: &CudaDevice,
     name: &str,
     d: usize,
-    wg_ok: bool,
-) -> candle_core::Result<(CudaFunction, u32, bool)> {
+    wg: bool,
+) -> candle_core::Result<(CudaFunction, u32)> {
     type Loaded = HashMap<(DeviceId, String), CudaFunction>;
     static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
-    let wg = wg_ok && wgmma(dev);
     // stages x (K, V) x rows x row, 2 bytes; rows padded by 8 elements for mma.sync; for wgmma
     // 1 KiB more to align the tiles to 1024 bytes (the 128-byte swizzle's period)
     let smem = if wg {
@@ -125,7 +124,7 @@ fn flash_function(
         .lock()
         .expect("not poisoned");
     if let Some(f) = loaded.get(&key) {
-        return Ok((f.clone(), smem, wg));
+        return Ok((f.clone(), smem));
     }
     let module = dev
         .cuda_stream()
@@ -139,7 +138,7 @@ fn flash_function(
     )
     .w()?;
     loaded.insert(key, func.clone());
-    Ok((func, smem, wg))
+    Ok((func, smem))
 }
 
 /// A CUtensorMap as a kernel argument (passed by value, 128 bytes).
@@ -191,7 +190,7 @@ fn tensor_map(
     if r != sys::CUresult::CUDA_SUCCESS {
         return Err(candle_core::Error::Msg(format!(
             "cuTensorMapEncodeTiled failed ({r:?}) for a ({heads}, {rows}, {d}) view with head \
-             stride {hs}; SAMKV_WGMMA=0 runs the attention without it"
+             stride {hs}"
         )));
     }
     // SAFETY: initialized by the successful call above.
@@ -270,20 +269,26 @@ fn launch_flash<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
             let ((kp, kr), (vp, vr)) = (k.device_ptr(&stream), v.device_ptr(&stream));
             ((kp, *k_hs as usize), (vp, *v_hs as usize), [kr, vr])
         });
-    let maps_fit = kv_at.as_ref().is_some_and(|((kp, k_hs), (vp, v_hs), _)| {
-        kp % 16 == 0 && vp % 16 == 0 && k_hs % 8 == 0 && v_hs % 8 == 0
-    });
-    let (func, smem, wg) = flash_function(dev, name, d, try_wg && maps_fit)?;
-    let maps = match &kv_at {
-        Some(((kp, k_hs), (vp, v_hs), _)) if wg => {
-            let f16 = name == "f16";
-            Some((
+    // A view the TMA cannot take (misaligned) runs the mma.sync form, whose results are the
+    // same; so does one whose map cannot be encoded, with a warning.
+    let maps = kv_at.as_ref().and_then(|((kp, k_hs), (vp, v_hs), _)| {
+        let fits = kp % 16 == 0 && vp % 16 == 0 && k_hs % 8 == 0 && v_hs % 8 == 0;
+        let f16 = name == "f16";
+        let both = || -> candle_core::Result<_> {
+            Ok((
                 tensor_map(*kp, f16, (hkv, tk, d, *k_hs))?,
                 tensor_map(*vp, f16, (hkv, tk, d, *v_hs))?,
             ))
+        };
+        match fits.then(both).transpose() {
+            Ok(maps) => maps,
+            Err(e) => {
+                tracing::warn!("wgmma attention skipped for this call: {e}");
+                None
+            }
         }
-        _ => None,
-    };
+    });
+    let (func, smem) = flash_function(dev, name, d, maps.is_some())?;
     let mut b = stream.launch_builder(&func);
     b.arg(q);
     match &keys.kv {
