@@ -262,33 +262,54 @@ pub struct Redis {
 }
 
 impl Redis {
+    /// A redis-server of this test's own on a free loopback port. Tests run in parallel, and a
+    /// port found free can be taken by another test's server before ours binds it (ours then
+    /// exits, and connecting reaches theirs): a server only counts once it reports our child's
+    /// process id; otherwise another port is tried.
     pub fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run redis-server ({e}); install it with .ci/redis.sh")
-            });
-        let r = Redis {
-            child: Some(child),
-            port,
+        for _ in 0..10 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run redis-server ({e}); install it with .ci/redis.sh")
+                });
+            let mut r = Redis {
+                child: Some(child),
+                port,
+            };
+            if r.serving() {
+                return r;
+            }
+            r.stop();
+        }
+        panic!("redis-server did not start on any of 10 ports");
+    }
+
+    /// Waits (up to 20 s) until this port answers with our child's process id; false if the
+    /// child exits first or another process answers.
+    fn serving(&mut self) -> bool {
+        let Some(child) = self.child.as_mut() else {
+            return false;
         };
         let t = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "redis-server did not start"
-            );
+        while t.elapsed() < Duration::from_secs(20) {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return false;
+            }
+            if let Some(pid) = redis_pid(self.port) {
+                return pid == child.id();
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        r
+        false
     }
 
     pub fn url(&self) -> String {
@@ -301,6 +322,25 @@ impl Redis {
             let _ = c.wait();
         }
     }
+}
+
+/// The process id a Redis server on `port` reports (`INFO server`), if one answers.
+fn redis_pid(port: u16) -> Option<u32> {
+    use std::io::Write;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    c.write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n").ok()?;
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    while !text.contains("process_id:") || !text[text.find("process_id:")?..].contains('\n') {
+        let n = c.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let line = text.lines().find_map(|l| l.strip_prefix("process_id:"))?;
+    line.trim().parse().ok()
 }
 
 impl Drop for Redis {
