@@ -200,15 +200,9 @@ fn attention_table(
         let pos: Vec<u32> = (0..t as u32).collect();
         let kernel = time(&|| crate::model::attend(&q, &k, &v, &pos, &pos))?;
         // On a Hopper GPU, the kernel's other form (wgmma or mma.sync) beside it.
-        let other = if has_wgmma(dev) {
-            let was = wgmma(dev);
-            set_wgmma(!was);
-            let ms = time(&|| crate::model::attend(&q, &k, &v, &pos, &pos));
-            set_wgmma(was);
-            Some((was, ms?))
-        } else {
-            None
-        };
+        let other = time_other_form(dev, || {
+            time(&|| crate::model::attend(&q, &k, &v, &pos, &pos))
+        })?;
         let (mma, wg) = match other {
             Some((true, ms)) => (Some(ms), Some(kernel)),
             Some((false, ms)) => (Some(kernel), Some(ms)),
@@ -280,28 +274,27 @@ pub fn mem_info(_: &Device) -> Option<(usize, usize)> {
     None
 }
 
-/// Whether `dev` has the wgmma attention, and whether it runs now (crate::model::cuda).
+/// On a Hopper GPU, `time` run with the attention's other form (crate::model::cuda::set_wgmma),
+/// and whether the form the model runs is wgmma; None elsewhere.
 #[cfg(feature = "cuda")]
-fn has_wgmma(dev: &Device) -> bool {
-    matches!(dev, Device::Cuda(d) if crate::model::cuda::has_wgmma(d))
-}
-#[cfg(feature = "cuda")]
-fn wgmma(dev: &Device) -> bool {
-    matches!(dev, Device::Cuda(d) if crate::model::cuda::wgmma(d))
-}
-#[cfg(feature = "cuda")]
-use crate::model::cuda::set_wgmma;
-
-#[cfg(not(feature = "cuda"))]
-fn has_wgmma(_: &Device) -> bool {
-    false
-}
-#[cfg(not(feature = "cuda"))]
-fn wgmma(_: &Device) -> bool {
-    false
+fn time_other_form(dev: &Device, time: impl Fn() -> Result<f64>) -> Result<Option<(bool, f64)>> {
+    use crate::model::cuda;
+    let Device::Cuda(d) = dev else {
+        return Ok(None);
+    };
+    if !cuda::has_wgmma(d) {
+        return Ok(None);
+    }
+    let was = cuda::wgmma(d);
+    cuda::set_wgmma(!was);
+    let ms = time();
+    cuda::set_wgmma(was);
+    Ok(Some((was, ms?)))
 }
 #[cfg(not(feature = "cuda"))]
-fn set_wgmma(_: bool) {}
+fn time_other_form(_: &Device, _: impl Fn() -> Result<f64>) -> Result<Option<(bool, f64)>> {
+    Ok(None)
+}
 
 /// The device's name (CUDA) or "cpu".
 pub fn device_name(dev: &Device) -> String {
@@ -410,24 +403,7 @@ pub fn run(args: &BenchGpuArgs, device: Device) -> Result<()> {
     };
     let base_used = mem.sample();
     println!("# samkv bench-gpu: {} ({LABEL})", args.shape);
-    let t0 = Instant::now();
-    let model = Model::random(cfg.clone(), args.seed, dtype, &device)?;
-    sync(&device)?;
-    let init_s = t0.elapsed().as_secs_f64();
-    let weights_used = mem.sample();
     let name = device_name(&device);
-    println!(
-        "device {name}, dtype {dtype:?}, store dtype {store_dtype:?}, model built in {init_s:.1} s{}",
-        match (base_used, weights_used) {
-            (Some(a), Some(b)) => format!(", weights take {:.1} GiB", (b - a) as f64 / GIB),
-            _ => String::new(),
-        }
-    );
-    let store = Arc::new(MemoryTier::new(usize::MAX, None));
-    let mut engine = Engine::new(model, placeholder_tokenizer()?, store);
-    engine.chat = false;
-    engine.store_dtype = store_dtype;
-
     let mut report = json!({
         "label": LABEL,
         "shape": args.shape,
@@ -437,18 +413,44 @@ pub fn run(args: &BenchGpuArgs, device: Device) -> Result<()> {
         "store_dtype": format!("{store_dtype:?}").to_lowercase(),
         "seed": args.seed,
         "reps": args.reps,
-        "model_init_s": init_s,
         "runs": [],
     });
+    let save = |report: &Value| -> Result<()> {
+        if let Some(p) = &args.out {
+            std::fs::write(p, serde_json::to_string_pretty(report).unwrap_or_default())?;
+        }
+        Ok(())
+    };
+    // Attention alone needs no model (its weights take 15.5 GiB at the 8B shape).
+    let engine = if args.attention_only {
+        println!("device {name}, dtype {dtype:?}, attention only (no model built)");
+        None
+    } else {
+        let t0 = Instant::now();
+        let model = Model::random(cfg.clone(), args.seed, dtype, &device)?;
+        sync(&device)?;
+        let init_s = t0.elapsed().as_secs_f64();
+        let weights_used = mem.sample();
+        println!(
+            "device {name}, dtype {dtype:?}, store dtype {store_dtype:?}, model built in {init_s:.1} s{}",
+            match (base_used, weights_used) {
+                (Some(a), Some(b)) => format!(", weights take {:.1} GiB", (b - a) as f64 / GIB),
+                _ => String::new(),
+            }
+        );
+        report["model_init_s"] = json!(init_s);
+        let store = Arc::new(MemoryTier::new(usize::MAX, None));
+        let mut engine = Engine::new(model, placeholder_tokenizer()?, store);
+        engine.chat = false;
+        engine.store_dtype = store_dtype;
+        Some(engine)
+    };
     if let Some(t) = attention_table(&cfg, dtype, &device, args)? {
         report["attention"] = t;
     }
-    if args.attention_only {
-        if let Some(p) = &args.out {
-            std::fs::write(p, serde_json::to_string_pretty(&report).unwrap_or_default())?;
-        }
-        return Ok(());
-    }
+    let Some(engine) = engine else {
+        return save(&report);
+    };
     for &len in &args.doc_len {
         let run = match bench_length(&engine, args, len, &mut mem) {
             Ok(r) => r,
@@ -462,9 +464,7 @@ pub fn run(args: &BenchGpuArgs, device: Device) -> Result<()> {
             .expect("runs is an array")
             .push(run);
         report["peak_mem_gib_sampled"] = mem_json(&mem);
-        if let Some(p) = &args.out {
-            std::fs::write(p, serde_json::to_string_pretty(&report).unwrap_or_default())?;
-        }
+        save(&report)?;
     }
     match mem_info(&device) {
         Some(_) => println!(
