@@ -24,7 +24,7 @@ const CONCAT_SPARE_ROWS: usize = 64;
 /// question and a short answer, so neither regrows (copies) the buffers.
 pub fn concat_caches(model: &Model, ctx: &Context, stats: &mut Stats) -> Result<KvCache> {
     let all: Vec<u32> = ctx.segments.iter().flat_map(|s| s.positions()).collect();
-    let cap = all.len() + ctx.question.len() + CONCAT_SPARE_ROWS;
+    let cap = all.len() + room_after(ctx);
     load_rows(model, ctx, &vec![all; model.n_layers()], cap, stats)
 }
 

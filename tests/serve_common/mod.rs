@@ -330,17 +330,22 @@ fn redis_pid(port: u16) -> Option<u32> {
     let mut c = TcpStream::connect(("127.0.0.1", port)).ok()?;
     c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     c.write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n").ok()?;
-    let mut text = String::new();
-    let mut buf = [0u8; 4096];
-    while !text.contains("process_id:") || !text[text.find("process_id:")?..].contains('\n') {
+    let (mut text, mut buf) = (String::new(), [0u8; 4096]);
+    loop {
+        // The reply is a bulk string of `field:value\r\n` lines; wait for the whole line.
+        if let Some((pid, _)) = text
+            .split("process_id:")
+            .nth(1)
+            .and_then(|r| r.split_once('\r'))
+        {
+            return pid.trim().parse().ok();
+        }
         let n = c.read(&mut buf).ok()?;
         if n == 0 {
-            break;
+            return None;
         }
         text.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    let line = text.lines().find_map(|l| l.strip_prefix("process_id:"))?;
-    line.trim().parse().ok()
 }
 
 impl Drop for Redis {

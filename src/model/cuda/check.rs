@@ -334,20 +334,14 @@ fn check_gather_kv(dev: &Device, layout: RopeLayout, dt: DType) -> Result<Check>
                 let t = if kv == 0 { k } else { v };
                 Ok(t.narrow(1, s[1] as usize, 1)?.to_dtype(DType::F32)?)
             };
-            let k = Tensor::cat(
-                &rows
+            let picked = |kv: usize| -> Result<Tensor> {
+                let parts = rows
                     .iter()
-                    .map(|s| pick(s, 0))
-                    .collect::<Result<Vec<_>>>()?,
-                1,
-            )?;
-            let v = Tensor::cat(
-                &rows
-                    .iter()
-                    .map(|s| pick(s, 1))
-                    .collect::<Result<Vec<_>>>()?,
-                1,
-            )?;
+                    .map(|s| pick(s, kv))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&parts, 1)?)
+            };
+            let (k, v) = (picked(0)?, picked(1)?);
             let per_row: Vec<i64> = rows.iter().map(|s| deltas[s[0] as usize]).collect();
             let (c, s) = rope.tables(&per_row, DType::F32, dev)?;
             let want_k = rope.apply(&k, &c, &s)?;
