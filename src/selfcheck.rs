@@ -16,6 +16,7 @@ use crate::eval::metrics::kl_divergence;
 use crate::eval::RagPrompt;
 use crate::fetch;
 use crate::gpu_bench::method_config;
+use crate::kv::KvCache;
 use crate::methods::{Assembled, Context, Method, MethodConfig};
 use crate::model::{LoadOptions, Logits, Model, WeightMode};
 use crate::store::MemoryTier;
@@ -92,6 +93,8 @@ impl std::fmt::Display for Diff {
 struct Tol {
     rel: f32,
     kl: f64,
+    /// Worst relative L2 difference of any layer's K or V.
+    kv: f32,
 }
 
 impl Tol {
@@ -101,11 +104,14 @@ impl Tol {
             DType::F32 => Tol {
                 rel: 1e-3,
                 kl: 1e-4,
+                kv: 1e-3,
             },
-            // bf16 keeps 8 bits of mantissa; what must hold is the distribution.
+            // bf16 keeps 8 bits of mantissa; what must hold is the distribution. Its K/V
+            // round at 2^-8 relative; a few roundings deep, a few percent.
             _ => Tol {
                 rel: f32::INFINITY,
                 kl: 0.05,
+                kv: 0.05,
             },
         }
     }
@@ -324,6 +330,37 @@ fn assemble(engine: &Engine, prompt: &Prompt, m: &dyn Method) -> Result<Assemble
     m.assemble(&ctx)
 }
 
+/// The largest `|x - ref| / |ref|` (L2, over each layer's K and over its V) of two caches
+/// holding the same positions, and the layer where it is.
+fn cache_diff(reference: &KvCache, other: &KvCache) -> Result<(f32, usize)> {
+    let mut worst = (0f32, 0);
+    if reference.layers.len() != other.layers.len() {
+        return Err(Error::InvalidInput(
+            "the caches have different depths".into(),
+        ));
+    }
+    for (l, (r, o)) in reference.layers.iter().zip(&other.layers).enumerate() {
+        if r.positions() != o.positions() {
+            return Err(Error::InvalidInput(format!(
+                "layer {l} holds {} rows against the reference's {}",
+                o.len(),
+                r.len()
+            )));
+        }
+        for (x, y) in [(r.keys()?, o.keys()?), (r.values()?, o.values()?)] {
+            let x = x.to_dtype(DType::F32)?;
+            let y = y.to_dtype(DType::F32)?;
+            let num = (&y - &x)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+            let den = x.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+            let rel = num / den.max(f32::MIN_POSITIVE);
+            if rel.is_nan() || rel > worst.0 {
+                worst = (if rel.is_nan() { f32::INFINITY } else { rel }, l);
+            }
+        }
+    }
+    Ok(worst)
+}
+
 /// METHODS.md section 4 on this device and dtype.
 fn check_invariants(
     rep: &mut Report,
@@ -382,6 +419,12 @@ fn check_invariants(
             "recompute",
         ),
         (
+            "samkv attend=all, all blocks selected = recompute",
+            &three,
+            "samkv:selection=global:keep=1.0:samkv_attend=all:samkv_score=attention".into(),
+            "recompute",
+        ),
+        (
             "samkv keep-all, no recompute = reuse",
             &three,
             "samkv:selection=global:keep=1.0:no_recompute=true".into(),
@@ -424,6 +467,16 @@ fn check_invariants(
                 rep.check(&name, tol.ok(&d, dt), &detail);
             }
             (Err(e), _) | (_, Err(e)) => rep.check(&name, false, &format!("error: {e}")),
+        }
+        // The caches too, layer by layer: a defect in one layer (RoPE, anchors, a mask) can
+        // hide in the logits of a short prompt but not here.
+        match cache_diff(&r.cache, &a.cache) {
+            Ok((worst, layer)) => rep.check(
+                &format!("{name} (K/V per layer)"),
+                worst < tol.kv,
+                &format!("worst relative L2 difference of K or V {worst:.2e} at layer {layer}"),
+            ),
+            Err(e) => rep.check(&format!("{name} (K/V per layer)"), false, &e.to_string()),
         }
     }
 }

@@ -506,3 +506,118 @@ fn loading_some_rows_equals_selecting_them_from_the_concatenation() {
     let e = load_rows(ctx.model, &ctx, &want[..2], 0, &mut Stats::default());
     assert!(e.is_err());
 }
+
+#[test]
+fn attend_all_with_every_block_equals_recompute_and_without_recompute_reuse() {
+    let f = fixture();
+    let ctx = context(f);
+    let r = run(&ctx, &Recompute);
+    for score in ["dot", "attention"] {
+        let cfg = samkv_cfg(|c| {
+            c.selection = "global".into();
+            c.keep = 1.0;
+            c.samkv_score = score.into();
+            c.samkv_attend = "all".into();
+        });
+        let a = run(&ctx, cfg.build().unwrap().as_ref());
+        let d = rel_diff(&a, &r);
+        assert!(
+            d < 1e-4,
+            "samkv(attend=all, {score}, all blocks) vs recompute: {d}"
+        );
+        assert!(a.stats.method.contains("attend=all"), "{}", a.stats.method);
+    }
+    // Coverage with everything to cover and no cap selects every block: Recompute again.
+    let cfg = samkv_cfg(|c| {
+        c.selection = "coverage".into();
+        c.cover = 1.0;
+        c.keep = 1.0;
+        c.samkv_score = "attention".into();
+        c.samkv_attend = "all".into();
+    });
+    let a = run(&ctx, cfg.build().unwrap().as_ref());
+    let d = rel_diff(&a, &r);
+    assert!(
+        d < 1e-4,
+        "samkv(coverage 1.0, attend=all) vs recompute: {d}"
+    );
+    let reuse = run(&ctx, &Reuse);
+    let cfg = samkv_cfg(|c| {
+        c.selection = "global".into();
+        c.keep = 1.0;
+        c.no_recompute = true;
+        c.samkv_attend = "all".into();
+    });
+    let a = run(&ctx, cfg.build().unwrap().as_ref());
+    let d = rel_diff(&a, &reuse);
+    assert!(
+        d < 1e-4,
+        "samkv(attend=all, keep-all, no recompute) vs reuse: {d}"
+    );
+}
+
+#[test]
+fn attend_all_decodes_from_the_same_rows_as_the_paper_but_sees_all_of_them_first() {
+    let f = fixture();
+    let ctx = context(f);
+    let cfg = |attend: &str| {
+        samkv_cfg(|c| {
+            c.selection = "global".into();
+            c.keep = 0.5;
+            c.samkv_score = "attention".into();
+            c.samkv_attend = attend.into();
+        })
+    };
+    let (plan, kept) = plan_and_assemble(&ctx, &cfg("kept"));
+    let (plan_all, all) = plan_and_assemble(&ctx, &cfg("all"));
+    // One plan: the choice of rows does not depend on what the recompute attends to.
+    assert_eq!(plan.retained, plan_all.retained);
+    // The decoding cache holds exactly the retained rows and the question, at every layer.
+    let q = ctx.question_positions();
+    for layer in &all.cache.layers {
+        let want: Vec<u32> = plan.retained.iter().copied().chain(q.clone()).collect();
+        assert_eq!(layer.positions(), want.as_slice());
+    }
+    assert_eq!(all.stats.kept_per_layer, kept.stats.kept_per_layer);
+    assert_eq!(all.stats.kv_bytes_kept, kept.stats.kv_bytes_kept);
+    assert!(all.stats.kept_fraction < 0.6, "{}", all.stats.kept_fraction);
+    // The same rows are recomputed, but over every row instead of the retained ones: the
+    // first token's distribution moves (towards Recompute's here).
+    assert_eq!(
+        all.stats.recomputed_per_layer,
+        kept.stats.recomputed_per_layer
+    );
+    let r = run(&ctx, &Recompute);
+    let (d_all, d_kept) = (rel_diff(&all, &r), rel_diff(&kept, &r));
+    eprintln!("attend=all vs recompute {d_all:e}, attend=kept vs recompute {d_kept:e}");
+    assert!(d_all != d_kept && d_all > 0.0, "{d_all} {d_kept}");
+}
+
+#[test]
+fn coverage_keeps_less_for_a_smaller_target_and_never_passes_its_cap() {
+    let f = fixture();
+    let ctx = context(f);
+    let cfg = |cover: f64, keep: f64| {
+        samkv_cfg(|c| {
+            c.selection = "coverage".into();
+            c.cover = cover;
+            c.keep = keep;
+            c.samkv_score = "attention".into();
+        })
+    };
+    let kept = |cover: f64, keep: f64| {
+        let (plan, a) = plan_and_assemble(&ctx, &cfg(cover, keep));
+        let docs: usize = plan.docs.iter().map(|d| d.rows.len()).sum();
+        let held = plan.retained.len() - preamble_len(&ctx);
+        assert!(
+            held as f64 <= keep * docs as f64,
+            "cover {cover}: {held} of {docs} kept, cap {keep}"
+        );
+        assert_eq!(a.stats.kept_per_layer[0], plan.retained.len());
+        held
+    };
+    let (small, large, capped) = (kept(0.2, 1.0), kept(0.8, 1.0), kept(0.8, 0.5));
+    eprintln!("coverage kept: cover 0.2 {small}, 0.8 {large}, 0.8 capped at 0.5 {capped}");
+    assert!(small < large, "{small} vs {large}");
+    assert!(capped <= large);
+}

@@ -47,6 +47,11 @@ pub struct BenchArgs {
     /// Only the first N examples.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Only shard I of N (`I/N`, 0-based): the examples whose index is I modulo N, so N
+    /// processes sharing a device split one data file. Each shard writes its own --out; their
+    /// results.jsonl files concatenated in one directory resume as one run.
+    #[arg(long, value_parser = parse_shard)]
+    pub shard: Option<(usize, usize)>,
     /// Output directory (results.jsonl, config.json, summary.md/json, sweep plots).
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
@@ -143,6 +148,20 @@ pub struct Record {
     /// VmHWM of the process after this method: process-wide and never decreasing.
     pub peak_rss_bytes: u64,
     pub error: Option<String>,
+}
+
+/// `I/N` with I < N.
+fn parse_shard(s: &str) -> std::result::Result<(usize, usize), String> {
+    let bad = || format!("`{s}` is not a shard I/N with 0 <= I < N, e.g. 0/4");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n): (usize, usize) = (
+        i.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
+    if i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
 }
 
 /// Settings a resumed run must share with the run that started the directory.
@@ -453,6 +472,7 @@ pub fn run(
         .iter()
         .enumerate()
         .take(args.limit.unwrap_or(usize::MAX))
+        .filter(|(i, _)| args.shard.is_none_or(|(k, n)| i % n == k))
         .collect();
     let mut ids = HashSet::new();
     if let Some((_, dup)) = selected.iter().find(|(_, e)| !ids.insert(e.id.as_str())) {
@@ -699,6 +719,15 @@ fn bench_example(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shards_parse_and_refuse_bad_forms() {
+        assert_eq!(parse_shard("1/4"), Ok((1, 4)));
+        assert_eq!(parse_shard(" 0 / 1 "), Ok((0, 1)));
+        for bad in ["4/4", "1", "a/2", "1/0", "-1/3"] {
+            assert!(parse_shard(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn resume_check_allows_new_methods_and_refuses_changes() {

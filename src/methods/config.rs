@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::samkv::{SamKvParams, Score, Selection};
+use super::samkv::{Attend, SamKvParams, Score, Selection};
 use super::{CacheBlend, Epic, Method, MultiInfLlm, Oracle, Recompute, Reuse, SamKv, Update};
 use crate::{Error, Result};
 
@@ -94,12 +94,18 @@ pub struct MethodConfig {
     /// SamKV: block selection per document (keep ratio P_i), or the best blocks of all
     /// documents within one budget (`--keep`), ranked by raw scores (global) or by each
     /// document's scores on Eq. 2's scale (global-relative).
-    #[arg(long, default_value = "per-doc", value_parser = ["per-doc", "global", "global-relative"])]
+    /// `coverage` (samkv's, needs `--samkv-score attention`): a per-request budget, the best
+    /// blocks until they hold `--cover` of the question's attention, at most `--keep`.
+    #[arg(long, default_value = "per-doc", value_parser = ["per-doc", "global", "global-relative", "coverage"])]
     pub selection: String,
-    /// SamKV with global selection: fraction of the documents' tokens retained, anchors
-    /// included (the paper's "15% of the sequence").
+    /// SamKV with global or coverage selection: fraction of the documents' tokens retained,
+    /// anchors included (the paper's "15% of the sequence"); coverage's cap.
     #[arg(long, default_value_t = 0.15)]
     pub keep: f64,
+    /// SamKV with coverage selection: share of the question's attention to the documents'
+    /// middles that the kept blocks must hold, in (0, 1].
+    #[arg(long, default_value_t = 0.5)]
+    pub cover: f64,
     /// SamKV: skip the local recompute (sparsify only).
     #[arg(long)]
     pub no_recompute: bool,
@@ -108,6 +114,11 @@ pub struct MethodConfig {
     /// alternative; docs/RESULTS.md compares them).
     #[arg(long, default_value = "dot", value_parser = ["dot", "attention"])]
     pub samkv_score: String,
+    /// SamKV: what the local recompute attends to: `kept`, the retained rows only (the
+    /// paper), or `all`, every context row (samkv's option: the rows not retained keep their
+    /// stored K/V during the recompute and are dropped for decoding).
+    #[arg(long, default_value = "kept", value_parser = ["kept", "all"])]
+    pub samkv_attend: String,
 }
 
 impl Default for MethodConfig {
@@ -223,9 +234,26 @@ impl MethodConfig {
                 keep: self.checked_keep()?,
                 relative: g == "global-relative",
             },
+            "coverage" => {
+                if !(self.cover > 0.0 && self.cover <= 1.0) {
+                    return bad(format!("cover must be in (0, 1], got {}", self.cover));
+                }
+                if self.samkv_score != "attention" {
+                    return bad(
+                        "selection `coverage` ranks blocks by their share of the question's \
+                         attention: add samkv_score=attention"
+                            .into(),
+                    );
+                }
+                Selection::Coverage {
+                    cover: self.cover,
+                    keep: self.checked_keep()?,
+                }
+            }
             other => {
                 return bad(format!(
-                    "selection `{other}` is unknown; use per-doc, global or global-relative"
+                    "selection `{other}` is unknown; use per-doc, global, global-relative or \
+                     coverage"
                 ))
             }
         };
@@ -238,7 +266,17 @@ impl MethodConfig {
                 ))
             }
         };
+        let attend = match self.samkv_attend.as_str() {
+            "kept" => Attend::Kept,
+            "all" => Attend::All,
+            other => {
+                return bad(format!(
+                    "samkv_attend `{other}` is unknown; use kept or all"
+                ))
+            }
+        };
         Ok(SamKvParams {
+            attend,
             num_initial,
             num_local,
             block_size,
@@ -317,7 +355,16 @@ mod tests {
         assert!(s(|c| global(c, 0.0)).contains("keep"));
         assert!(s(|c| global(c, 1.01)).contains("keep"));
         assert!(s(|c| c.samkv_preset = "medium".into()).contains("small or large"));
-        assert!(s(|c| c.selection = "local".into()).contains("per-doc, global or global-relative"));
+        assert!(s(|c| c.selection = "local".into()).contains("global-relative or coverage"));
+        assert!(s(|c| c.selection = "coverage".into()).contains("samkv_score=attention"));
+        let coverage = |c: &mut MethodConfig, cover: f64| {
+            c.selection = "coverage".into();
+            c.samkv_score = "attention".into();
+            c.cover = cover;
+        };
+        assert!(s(|c| coverage(c, 0.0)).contains("cover must be"));
+        assert!(s(|c| coverage(c, f64::NAN)).contains("cover must be"));
+        assert!(s(|c| c.samkv_attend = "some".into()).contains("kept or all"));
         assert!(s(|c| c.update = "blend".into()).contains("overwrite or fusion"));
         let mut c = MethodConfig::with_method("infllm");
         c.infllm_block = 0;

@@ -31,7 +31,7 @@ impl Oracle {
     /// Steps 1 and 6 of SamKV with the blocks scored by [`question_attention`].
     pub fn plan(&self, ctx: &Context) -> Result<Plan> {
         let p = &self.params;
-        if p.selection == Selection::PerDoc {
+        if !matches!(p.selection, Selection::Global { .. }) {
             return Err(Error::InvalidInput(
                 "the oracle fills a global budget: give it Selection::Global".into(),
             ));
@@ -59,7 +59,8 @@ impl Method for Oracle {
         let p = &self.params;
         let keep = match p.selection {
             Selection::Global { keep, .. } => format!("keep={keep}"),
-            Selection::PerDoc => "per-doc".into(), // not built by MethodConfig
+            // Not built by MethodConfig.
+            Selection::PerDoc | Selection::Coverage { .. } => "not-global".into(),
         };
         format!(
             "oracle(initial={},local={},block={},{keep})",

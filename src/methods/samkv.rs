@@ -47,6 +47,25 @@ pub enum Selection {
     /// by [`relative_scores`] (each document's scores on Eq. 2's scale) instead of raw dot
     /// products, which differ in scale between documents (each has its own `q_hat_i`).
     Global { keep: f64, relative: bool },
+    /// samkv's option, not the paper's: a per-request budget. Blocks are ranked by their share
+    /// of the question's attention to the documents' middles (needs [`Score::Attention`]) and
+    /// taken, best first, until they hold `cover` of it, or until the retained context
+    /// would pass `keep` of the documents' tokens (a cap, as in `Global`). A question whose
+    /// attention is concentrated keeps little, a diffuse one keeps up to the cap.
+    Coverage { cover: f64, keep: f64 },
+}
+
+/// What step 7's recompute attends to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Attend {
+    /// The paper: the retained rows only (original positions, with gaps).
+    Kept,
+    /// samkv's option, not the paper's: every context row. The retained rows and the question
+    /// are recomputed over the whole reused cache (the rows not retained keep their stored
+    /// K/V, as in CacheBlend), then only the retained rows are kept for decoding. The first
+    /// token sees the whole context and the recomputed rows see what the dropped ones said;
+    /// decoding still runs over the retained rows. It loads every row at every layer.
+    All,
 }
 
 /// How step 5 scores a block.
@@ -76,6 +95,7 @@ pub struct SamKvParams {
     /// false: sparsify only, prefill the question over the kept rows.
     pub recompute: bool,
     pub score: Score,
+    pub attend: Attend,
 }
 
 #[derive(Clone, Debug)]
@@ -224,14 +244,23 @@ impl Method for SamKv {
                 keep,
                 relative: true,
             } => format!("global-relative,keep={keep}"),
+            Selection::Coverage { cover, keep } => format!("coverage,cover={cover},keep={keep}"),
         };
         let upd = match p.update {
             Update::Overwrite => "overwrite".to_string(),
             Update::Fusion { theta } => format!("fusion,theta={theta}"),
             Update::CosineFusion { theta } => format!("cosine-fusion,theta={theta}"),
         };
+        let score = match p.score {
+            Score::Dot => "",
+            Score::Attention => ",score=attention",
+        };
+        let attend = match p.attend {
+            Attend::Kept => "",
+            Attend::All => ",attend=all",
+        };
         format!(
-            "samkv(initial={},local={},block={},stable={},{sel},{})",
+            "samkv(initial={},local={},block={},stable={},{sel},{}{score}{attend})",
             p.num_initial,
             p.num_local,
             p.block_size,
@@ -264,12 +293,19 @@ pub fn assemble_planned(
     let plan = plan()?;
     stats.select_ms = ms(t);
     clock.lap("plan");
-    let want = vec![plan.retained.clone(); ctx.model.n_layers()];
-    let cap = plan.retained.len() + room_after(ctx);
+    let loaded = match params.attend {
+        Attend::Kept => plan.retained.clone(),
+        Attend::All => ctx.segments.iter().flat_map(|s| s.positions()).collect(),
+    };
+    let want = vec![loaded.clone(); ctx.model.n_layers()];
+    let cap = loaded.len() + room_after(ctx);
     let mut cache = load_rows(ctx.model, ctx, &want, cap, &mut stats)?;
     clock.lap("load retained");
     let t = Instant::now();
     let (logits, counts) = local_recompute(ctx, &mut cache, &plan, params)?;
+    if loaded.len() != plan.retained.len() {
+        cache = keep_only(&cache, &plan.retained, ctx.context_len(), room_after(ctx))?;
+    }
     stats.recompute_ms = ms(t);
     clock.lap("local recompute");
     clock.report("samkv assembly");
@@ -279,6 +315,33 @@ pub fn assemble_planned(
         logits,
         stats,
     })
+}
+
+/// The cache for decoding under [`Attend::All`]: at every layer the `retained` context rows
+/// and every row from position `context_len` on (the question), with room for `spare` more.
+pub fn keep_only(
+    cache: &KvCache,
+    retained: &[u32],
+    context_len: usize,
+    spare: usize,
+) -> Result<KvCache> {
+    let q0 = context_len as u32;
+    let layers = cache
+        .layers
+        .iter()
+        .map(|layer| {
+            let held = layer.positions();
+            let mut rows = rows_of(layer, retained)?;
+            rows.extend(held.partition_point(|&p| p < q0)..held.len());
+            let pos: Vec<u32> = rows.iter().map(|&r| held[r]).collect();
+            let (k, v) = layer.gather(&rows)?;
+            let (h, _, d) = k.dims3()?;
+            let mut kept = LayerKv::with_capacity(h, rows.len() + spare, d, k.dtype(), k.device())?;
+            kept.append(&k, &v, &pos)?;
+            Ok(kept)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(KvCache { layers })
 }
 
 /// Step 1. The preamble's positions (kept whole) and each document's span: its first
@@ -527,14 +590,8 @@ pub fn block_selection(
             })
             .collect(),
         Selection::Global { keep, relative } => {
-            let doc_tokens: usize = docs.iter().map(|d| d.rows.len()).sum();
-            let anchor_tokens: usize = docs.iter().map(|d| d.anchor_positions().count()).sum();
-            let budget =
-                ((keep * doc_tokens as f64).floor() as usize).saturating_sub(anchor_tokens);
-            let lens: Vec<Vec<usize>> = docs
-                .iter()
-                .map(|d| d.blocks.iter().map(|b| b.len()).collect())
-                .collect();
+            let budget = budget_of(docs, keep);
+            let lens = block_lens(docs);
             let sc: Vec<Vec<Vec<f32>>> = scores
                 .iter()
                 .map(|layer| {
@@ -549,6 +606,12 @@ pub fn block_selection(
                 .collect();
             select_blocks_global(&sc, &lens, budget)
         }
+        Selection::Coverage { cover, keep } => {
+            let lens = block_lens(docs);
+            let shares = attention_shares(scores, &lens);
+            let chosen = select_blocks_coverage(&shares, &lens, cover, budget_of(docs, keep));
+            vec![chosen; scores.len()]
+        }
     };
     chosen
         .into_iter()
@@ -562,6 +625,79 @@ pub fn block_selection(
             rows
         })
         .collect()
+}
+
+/// The middle tokens a global budget of `keep` of the documents' tokens leaves once every
+/// document's anchors are kept.
+fn budget_of(docs: &[DocSpan], keep: f64) -> usize {
+    let doc_tokens: usize = docs.iter().map(|d| d.rows.len()).sum();
+    let anchor_tokens: usize = docs.iter().map(|d| d.anchor_positions().count()).sum();
+    ((keep * doc_tokens as f64).floor() as usize).saturating_sub(anchor_tokens)
+}
+
+/// `lens[d][b]`: the token count of document d's block b.
+fn block_lens(docs: &[DocSpan]) -> Vec<Vec<usize>> {
+    docs.iter()
+        .map(|d| d.blocks.iter().map(|b| b.len()).collect())
+        .collect()
+}
+
+/// Each block's share of the attention the question gives to all middle blocks, averaged
+/// over the stable layers: `shares[d][b]`, summing to 1 (0 everywhere when no block gets any).
+/// `scores` are [`Score::Attention`]'s, the mean attention a row of the block receives, so a
+/// block's mass is its score times its length.
+pub fn attention_shares(scores: &Scores, lens: &[Vec<usize>]) -> Vec<Vec<f32>> {
+    let mut shares: Vec<Vec<f32>> = lens.iter().map(|l| vec![0.0; l.len()]).collect();
+    for layer in scores {
+        let mass =
+            |d: usize, b: usize| layer[d].0.get(b).copied().unwrap_or(0.0) * lens[d][b] as f32;
+        let total: f32 = (0..lens.len())
+            .flat_map(|d| (0..lens[d].len()).map(move |b| (d, b)))
+            .map(|(d, b)| mass(d, b))
+            .sum();
+        if !(total.is_finite() && total > 0.0) {
+            continue;
+        }
+        for (d, doc) in shares.iter_mut().enumerate() {
+            for (b, x) in doc.iter_mut().enumerate() {
+                *x += mass(d, b) / total / scores.len() as f32;
+            }
+        }
+    }
+    shares
+}
+
+/// [`Selection::Coverage`]: blocks of all documents, best share first (ties: the earlier
+/// document and block), until the taken ones hold at least `cover` of the attention, or
+/// until the next one would pass `budget` tokens. Returns per document the chosen blocks in
+/// order.
+pub fn select_blocks_coverage(
+    shares: &[Vec<f32>],
+    lens: &[Vec<usize>],
+    cover: f64,
+    budget: usize,
+) -> Vec<Vec<usize>> {
+    let ids: Vec<(usize, usize)> = lens
+        .iter()
+        .enumerate()
+        .flat_map(|(d, l)| (0..l.len()).map(move |b| (d, b)))
+        .collect();
+    let flat: Vec<f32> = ids.iter().map(|&(d, b)| shares[d][b]).collect();
+    let mut out = vec![Vec::new(); lens.len()];
+    let (mut held, mut used) = (0f64, 0usize);
+    for g in ranking(&flat) {
+        let (d, b) = ids[g];
+        if held >= cover || used + lens[d][b] > budget {
+            break;
+        }
+        out[d].push(b);
+        held += flat[g] as f64;
+        used += lens[d][b];
+    }
+    for doc in &mut out {
+        doc.sort_unstable();
+    }
+    out
 }
 
 /// One document's block scores on the scale of Eq. 2: `(s_b - a) / (max_b s_b - min_b s_b)`,

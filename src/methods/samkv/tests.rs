@@ -252,3 +252,129 @@ fn all_documents_at_once_score_as_one_by_one() {
         }
     }
 }
+
+#[test]
+fn attention_shares_weigh_blocks_by_length_and_average_the_layers() {
+    // Two documents: blocks of 8, 8 and 4 tokens, then one of 8. Scores are the mean
+    // attention per row, so mass = score x length.
+    let lens = vec![vec![8, 8, 4], vec![8]];
+    let layer_a: Vec<(Vec<f32>, f32)> = vec![(vec![1.0, 0.0, 2.0], 0.0), (vec![1.0], 0.0)];
+    // Masses 8, 0, 8, 8 of 24.
+    let s = attention_shares(&vec![layer_a.clone()], &lens);
+    let third = 1.0 / 3.0;
+    for (x, y) in s.concat().iter().zip([third, 0.0, third, third]) {
+        assert!((x - y).abs() < 1e-6, "{s:?}");
+    }
+    // A second layer where only document 1's block is attended: the shares average.
+    let layer_b: Vec<(Vec<f32>, f32)> = vec![(vec![0.0, 0.0, 0.0], 0.0), (vec![3.0], 0.0)];
+    let s = attention_shares(&vec![layer_a, layer_b.clone()], &lens);
+    let want = [third / 2.0, 0.0, third / 2.0, (third + 1.0) / 2.0];
+    for (x, y) in s.concat().iter().zip(want) {
+        assert!((x - y).abs() < 1e-6, "{s:?}");
+    }
+    assert!((s.concat().iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    // A layer with no attention on any block adds nothing (no division by zero).
+    let zero: Vec<(Vec<f32>, f32)> = vec![(vec![0.0; 3], 0.0), (vec![0.0], 0.0)];
+    assert!(attention_shares(&vec![zero], &lens)
+        .concat()
+        .iter()
+        .all(|&x| x == 0.0));
+}
+
+#[test]
+fn coverage_takes_the_best_blocks_until_the_target_is_held() {
+    let lens = vec![vec![8, 8, 8], vec![8, 8]];
+    let shares = vec![vec![0.1, 0.4, 0.05], vec![0.3, 0.15]];
+    // 0.4 alone is under half; 0.4 + 0.3 holds it.
+    assert_eq!(
+        select_blocks_coverage(&shares, &lens, 0.5, 1000),
+        vec![vec![1], vec![0]]
+    );
+    // Exactly reaching the target stops there.
+    assert_eq!(
+        select_blocks_coverage(&shares, &lens, 0.4, 1000),
+        vec![vec![1], vec![]]
+    );
+    // The cap wins over the target: 16 tokens allow two blocks whatever the cover.
+    assert_eq!(
+        select_blocks_coverage(&shares, &lens, 1.0, 16),
+        vec![vec![1], vec![0]]
+    );
+    // Selection stops at the first block that would overrun the budget, as in Global.
+    assert_eq!(
+        select_blocks_coverage(&shares, &lens, 1.0, 12),
+        vec![vec![1], vec![]]
+    );
+    // Ties: the earlier document and block first.
+    let tied = vec![vec![0.25, 0.25], vec![0.25, 0.25]];
+    assert_eq!(
+        select_blocks_coverage(&tied, &vec![vec![8, 8], vec![8, 8]], 0.5, 1000),
+        vec![vec![0, 1], vec![]]
+    );
+    // Documents without a middle (no blocks) and no blocks at all.
+    assert_eq!(
+        select_blocks_coverage(&[vec![], vec![1.0]], &[vec![], vec![8]], 0.9, 8),
+        vec![vec![], vec![0]]
+    );
+    assert_eq!(
+        select_blocks_coverage(&[], &[], 0.9, 100),
+        Vec::<Vec<usize>>::new()
+    );
+}
+
+#[test]
+fn coverage_selection_respects_the_keep_cap_through_block_selection() {
+    // Two 40-token documents: anchors 8 + 16, middles of 16 tokens = two blocks of 8 each.
+    let docs = vec![doc_span(0, 0..40, 8, 16, 8), doc_span(1, 40..80, 8, 16, 8)];
+    let layer: Vec<(Vec<f32>, f32)> = vec![(vec![0.4, 0.1], 0.0), (vec![0.3, 0.2], 0.0)];
+    let scores = vec![layer.clone(), layer];
+    // keep 0.7 of 80 tokens = 56, minus 48 anchor tokens: one block of 8.
+    let sel = block_selection(
+        &docs,
+        &scores,
+        &[],
+        Selection::Coverage {
+            cover: 1.0,
+            keep: 0.7,
+        },
+    );
+    assert_eq!(sel, vec![(8..16).collect::<Vec<u32>>(); 2]);
+    // A generous cap: cover 0.6 takes blocks 0 of doc 0 (0.4) and doc 1 (0.3).
+    let sel = block_selection(
+        &docs,
+        &scores,
+        &[],
+        Selection::Coverage {
+            cover: 0.6,
+            keep: 1.0,
+        },
+    );
+    let want: Vec<u32> = (8..16).chain(48..56).collect();
+    assert_eq!(sel, vec![want.clone(), want]);
+}
+
+#[test]
+fn keep_only_keeps_the_retained_rows_and_the_question() {
+    let dev = Device::Cpu;
+    // One layer, one KV head, head_dim 2, rows at positions 0..6 (context 0..4, question 4..6).
+    let k = Tensor::arange(0f32, 12.0, &dev)
+        .unwrap()
+        .reshape((1, 6, 2))
+        .unwrap();
+    let v = (k.clone() * 10.0).unwrap();
+    let layer = LayerKv::from_parts(k, v, (0..6).collect()).unwrap();
+    let cache = KvCache {
+        layers: vec![layer.clone(), layer],
+    };
+    let kept = keep_only(&cache, &[1, 3], 4, 2).unwrap();
+    for l in &kept.layers {
+        assert_eq!(l.positions(), &[1, 3, 4, 5]);
+        close(&l.keys().unwrap(), &[2., 3., 6., 7., 8., 9., 10., 11.]);
+        close(
+            &l.values().unwrap(),
+            &[20., 30., 60., 70., 80., 90., 100., 110.],
+        );
+    }
+    // A retained position the cache does not hold is an error, not a silent drop.
+    assert!(keep_only(&cache, &[1, 9], 4, 0).is_err());
+}
