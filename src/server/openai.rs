@@ -96,7 +96,7 @@ impl From<Error> for ApiError {
 /// errors instead of plain-text rejections.
 pub struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<S: Send + Sync, T: RequestBody> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
@@ -113,20 +113,99 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
                 format!("content type `{ct}` is not JSON; send Content-Type: application/json"),
             ));
         }
+        let limit = req.extensions().get::<BodyLimit>().map(|l| l.0);
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                let limit = limit.map_or("its limit".into(), |n| format!("{n} bytes"));
+                return ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    format!(
+                        "the request body is larger than this server accepts ({limit}, \
+                         --max-body-bytes); send fewer or shorter documents, or upload them \
+                         with POST /v1/documents and name them by id"
+                    ),
+                )
+                .code("request_too_large");
+            }
             ApiError::new(
                 e.status(),
                 "invalid_request_error",
                 format!("cannot read the request body: {}", e.body_text()),
             )
         })?;
-        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| {
-            ApiError::invalid(format!(
-                "the request body is not valid for this endpoint: {e}"
-            ))
-            .code("invalid_json")
-        })
+        decode_body(&bytes).map(ApiJson)
     }
+}
+
+/// The body size limit of the router, for the 413 message.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimit(pub usize);
+
+/// A JSON request body with the top-level fields it accepts. Every other field is refused,
+/// so that a typo or an OpenAI feature samkv does not implement is not silently ignored.
+pub trait RequestBody: serde::de::DeserializeOwned {
+    /// Fields this endpoint reads.
+    const FIELDS: &'static [&'static str];
+}
+
+/// OpenAI fields samkv does not implement, with the value that means "off": that value (or
+/// null) is accepted, any other is refused as unsupported.
+/// Whether a field's value means "off".
+type IsOff = fn(&Value) -> bool;
+
+const INERT: &[(&str, IsOff)] = &[
+    ("frequency_penalty", |v| v.as_f64() == Some(0.0)),
+    ("presence_penalty", |v| v.as_f64() == Some(0.0)),
+    ("logprobs", |v| v == &Value::Bool(false)),
+    ("top_logprobs", |v| v.as_u64() == Some(0)),
+    ("logit_bias", |v| {
+        v.as_object().is_some_and(|o| o.is_empty())
+    }),
+    ("tools", |v| v.as_array().is_some_and(|a| a.is_empty())),
+    ("tool_choice", |v| v == "none"),
+    ("parallel_tool_calls", |_| true),
+    ("functions", |v| v.as_array().is_some_and(|a| a.is_empty())),
+    ("response_format", |v| v == &json!({"type": "text"})),
+    ("echo", |v| v == &Value::Bool(false)),
+    ("best_of", |v| v.as_u64() == Some(1)),
+    ("suffix", |v| v.as_str() == Some("")),
+];
+
+/// Decodes a request body, refusing fields the endpoint does not know (400 naming them).
+pub fn decode_body<T: RequestBody>(bytes: &[u8]) -> Result<T, ApiError> {
+    let invalid = |e: serde_json::Error| {
+        ApiError::invalid(format!(
+            "the request body is not valid for this endpoint: {e}"
+        ))
+        .code("invalid_json")
+    };
+    let v: Value = serde_json::from_slice(bytes).map_err(invalid)?;
+    if let Value::Object(o) = &v {
+        for (k, val) in o {
+            if T::FIELDS.contains(&k.as_str()) || val.is_null() {
+                continue;
+            }
+            if let Some((_, off)) = INERT.iter().find(|(n, _)| n == k) {
+                if off(val) {
+                    continue;
+                }
+                return Err(ApiError::invalid(format!(
+                    "`{k}` is not supported by samkv; leave it out (supported: {})",
+                    T::FIELDS.join(", ")
+                ))
+                .param(k.clone())
+                .code("unsupported_parameter"));
+            }
+            return Err(ApiError::invalid(format!(
+                "unknown field `{k}` for this endpoint; known: {}",
+                T::FIELDS.join(", ")
+            ))
+            .param(k.clone())
+            .code("unknown_parameter"));
+        }
+    }
+    serde_json::from_value(v).map_err(invalid)
 }
 
 /// `stop`: one string or a list of them.
@@ -147,6 +226,7 @@ impl Stop {
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
@@ -171,9 +251,12 @@ pub struct SamplingFields {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    /// OpenAI's end-user identifier: accepted, changes nothing.
+    pub user: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
@@ -181,6 +264,7 @@ pub struct ChatMessage {
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Retrieve {
     pub top_k: u64,
 }
@@ -208,11 +292,35 @@ pub struct CompletionRequest {
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DocumentUpload {
     pub text: String,
     pub id: Option<String>,
     #[serde(default)]
     pub metadata: Value,
+}
+
+/// The sampling fields (flattened [`SamplingFields`]) followed by an endpoint's own.
+macro_rules! fields {
+    ($($f:literal),*) => {
+        &[
+            "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+            "stop", "n", "ignore_eos", "stream", "stream_options", "user", $($f),*
+        ]
+    };
+}
+
+impl RequestBody for ChatRequest {
+    const FIELDS: &'static [&'static str] =
+        fields!("model", "messages", "documents", "retrieve", "kv");
+}
+
+impl RequestBody for CompletionRequest {
+    const FIELDS: &'static [&'static str] = fields!("model", "prompt");
+}
+
+impl RequestBody for DocumentUpload {
+    const FIELDS: &'static [&'static str] = &["text", "id", "metadata"];
 }
 
 /// A document named in a chat request.
@@ -272,14 +380,33 @@ pub fn content_text(v: &Value, i: usize) -> Result<String, ApiError> {
     }
 }
 
-/// A chat conversation reduced to what the engine takes: system text (the preamble), the
-/// earlier turns, and the last user message (the question).
+/// A chat conversation reduced to what the engine takes: the system text (the chat
+/// template's system role), the earlier turns, and the last user message (the question).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Conversation {
+    /// System and developer messages joined by newlines; empty when there are none.
     pub system: String,
-    /// Earlier user/assistant turns as `User: ...` / `Assistant: ...` lines.
-    pub history: String,
+    /// Earlier user/assistant turns, in order.
+    pub history: Vec<crate::tokenizer::ChatMessage>,
     pub question: String,
+}
+
+impl Conversation {
+    /// The earlier turns as `User: ...` / `Assistant: ...` lines (placed after the documents
+    /// of a RAG request, so that documents' KV does not depend on the conversation).
+    pub fn history_text(&self) -> String {
+        self.history
+            .iter()
+            .map(|m| {
+                let who = if m.role == "assistant" {
+                    "Assistant"
+                } else {
+                    "User"
+                };
+                format!("{who}: {}\n", m.content)
+            })
+            .collect()
+    }
 }
 
 pub fn parse_messages(msgs: &[ChatMessage]) -> Result<Conversation, ApiError> {
@@ -287,14 +414,15 @@ pub fn parse_messages(msgs: &[ChatMessage]) -> Result<Conversation, ApiError> {
         ApiError::invalid("messages must contain a user message (the question)").param("messages")
     })?;
     let mut system = Vec::new();
-    let mut history = String::new();
+    let mut history = Vec::new();
     for (i, m) in msgs.iter().enumerate() {
         let text = content_text(&m.content, i)?;
         match m.role.as_str() {
             "system" | "developer" => system.push(text),
             "user" if i == last_user => {}
-            "user" => history.push_str(&format!("User: {text}\n")),
-            "assistant" => history.push_str(&format!("Assistant: {text}\n")),
+            "user" | "assistant" => {
+                history.push(crate::tokenizer::ChatMessage::new(m.role.clone(), text))
+            }
             other => {
                 return Err(ApiError::invalid(format!(
                     "messages[{i}].role `{other}` is not supported; use system, user or assistant"
@@ -606,7 +734,11 @@ mod tests {
         ])))
         .expect("valid");
         assert_eq!(c.system, "Be brief.\nNo lists.");
-        assert_eq!(c.history, "User: Hi\nAssistant: Hello\n");
+        assert_eq!(c.history_text(), "User: Hi\nAssistant: Hello\n");
+        assert_eq!(
+            (c.history[1].role.as_str(), c.history[1].content.as_str()),
+            ("assistant", "Hello")
+        );
         assert_eq!(c.question, "Who won?");
     }
 
@@ -676,6 +808,52 @@ mod tests {
         ] {
             let e = parse_sampling(&fields(bad.clone()), 4096, 256).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unknown_and_unsupported_fields_are_named() {
+        let body = |v: Value| v.to_string().into_bytes();
+        let msgs = json!([{"role": "user", "content": "q"}]);
+        let ok = decode_body::<ChatRequest>(&body(json!({
+            "messages": msgs, "documents": ["a"], "retrieve": {"top_k": 1}, "kv": {},
+            "stream": true, "stream_options": {"include_usage": true}, "user": "u",
+            "frequency_penalty": 0, "logprobs": false, "tools": null,
+        })))
+        .expect("accepted");
+        assert!(ok.sampling.stream_options.is_some_and(|o| o.include_usage));
+        for (v, param, code) in [
+            (
+                json!({"messages": msgs, "documentz": []}),
+                "documentz",
+                "unknown_parameter",
+            ),
+            (
+                json!({"messages": msgs, "logprobs": true}),
+                "logprobs",
+                "unsupported_parameter",
+            ),
+            (
+                json!({"messages": msgs, "frequency_penalty": 1}),
+                "frequency_penalty",
+                "unsupported_parameter",
+            ),
+        ] {
+            let e = decode_body::<ChatRequest>(&body(v)).unwrap_err();
+            assert_eq!(
+                (e.param.as_deref(), e.code.as_deref()),
+                (Some(param), Some(code))
+            );
+        }
+        let e = decode_body::<CompletionRequest>(&body(json!({"prompt": "p", "documents": []})))
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("documents"));
+        for nested in [
+            json!({"messages": msgs, "retrieve": {"top_k": 1, "query": "x"}}),
+            json!({"messages": [{"role": "user", "content": "q", "name": "n"}]}),
+        ] {
+            let e = decode_body::<ChatRequest>(&body(nested)).unwrap_err();
+            assert!(e.message.contains("unknown field"), "{}", e.message);
         }
     }
 
