@@ -11,6 +11,7 @@
 //!
 //! HTTP runs on a small tokio runtime; the model runs on its own thread ([`worker`]).
 
+mod fields;
 pub mod metrics;
 pub mod openai;
 pub mod registry;

@@ -18,6 +18,8 @@ use crate::Error;
 
 use super::registry::valid_id;
 
+pub use super::fields::{decode_body, RequestBody};
+
 /// An error answered as `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Clone, Debug)]
 pub struct ApiError {
@@ -142,72 +144,6 @@ impl<S: Send + Sync, T: RequestBody> FromRequest<S> for ApiJson<T> {
 #[derive(Clone, Copy, Debug)]
 pub struct BodyLimit(pub usize);
 
-/// A JSON request body with the top-level fields it accepts. Every other field is refused,
-/// so that a typo or an OpenAI feature samkv does not implement is not silently ignored.
-pub trait RequestBody: serde::de::DeserializeOwned {
-    /// Fields this endpoint reads.
-    const FIELDS: &'static [&'static str];
-}
-
-/// OpenAI fields samkv does not implement, with the value that means "off": that value (or
-/// null) is accepted, any other is refused as unsupported.
-/// Whether a field's value means "off".
-type IsOff = fn(&Value) -> bool;
-
-const INERT: &[(&str, IsOff)] = &[
-    ("frequency_penalty", |v| v.as_f64() == Some(0.0)),
-    ("presence_penalty", |v| v.as_f64() == Some(0.0)),
-    ("logprobs", |v| v == &Value::Bool(false)),
-    ("top_logprobs", |v| v.as_u64() == Some(0)),
-    ("logit_bias", |v| {
-        v.as_object().is_some_and(|o| o.is_empty())
-    }),
-    ("tools", |v| v.as_array().is_some_and(|a| a.is_empty())),
-    ("tool_choice", |v| v == "none"),
-    ("parallel_tool_calls", |_| true),
-    ("functions", |v| v.as_array().is_some_and(|a| a.is_empty())),
-    ("response_format", |v| v == &json!({"type": "text"})),
-    ("echo", |v| v == &Value::Bool(false)),
-    ("best_of", |v| v.as_u64() == Some(1)),
-    ("suffix", |v| v.as_str() == Some("")),
-];
-
-/// Decodes a request body, refusing fields the endpoint does not know (400 naming them).
-pub fn decode_body<T: RequestBody>(bytes: &[u8]) -> Result<T, ApiError> {
-    let invalid = |e: serde_json::Error| {
-        ApiError::invalid(format!(
-            "the request body is not valid for this endpoint: {e}"
-        ))
-        .code("invalid_json")
-    };
-    let v: Value = serde_json::from_slice(bytes).map_err(invalid)?;
-    if let Value::Object(o) = &v {
-        for (k, val) in o {
-            if T::FIELDS.contains(&k.as_str()) || val.is_null() {
-                continue;
-            }
-            if let Some((_, off)) = INERT.iter().find(|(n, _)| n == k) {
-                if off(val) {
-                    continue;
-                }
-                return Err(ApiError::invalid(format!(
-                    "`{k}` is not supported by samkv; leave it out (supported: {})",
-                    T::FIELDS.join(", ")
-                ))
-                .param(k.clone())
-                .code("unsupported_parameter"));
-            }
-            return Err(ApiError::invalid(format!(
-                "unknown field `{k}` for this endpoint; known: {}",
-                T::FIELDS.join(", ")
-            ))
-            .param(k.clone())
-            .code("unknown_parameter"));
-        }
-    }
-    serde_json::from_value(v).map_err(invalid)
-}
-
 /// `stop`: one string or a list of them.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]
@@ -298,29 +234,6 @@ pub struct DocumentUpload {
     pub id: Option<String>,
     #[serde(default)]
     pub metadata: Value,
-}
-
-/// The sampling fields (flattened [`SamplingFields`]) followed by an endpoint's own.
-macro_rules! fields {
-    ($($f:literal),*) => {
-        &[
-            "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
-            "stop", "n", "ignore_eos", "stream", "stream_options", "user", $($f),*
-        ]
-    };
-}
-
-impl RequestBody for ChatRequest {
-    const FIELDS: &'static [&'static str] =
-        fields!("model", "messages", "documents", "retrieve", "kv");
-}
-
-impl RequestBody for CompletionRequest {
-    const FIELDS: &'static [&'static str] = fields!("model", "prompt");
-}
-
-impl RequestBody for DocumentUpload {
-    const FIELDS: &'static [&'static str] = &["text", "id", "metadata"];
 }
 
 /// A document named in a chat request.
@@ -808,52 +721,6 @@ mod tests {
         ] {
             let e = parse_sampling(&fields(bad.clone()), 4096, 256).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{bad}");
-        }
-    }
-
-    #[test]
-    fn unknown_and_unsupported_fields_are_named() {
-        let body = |v: Value| v.to_string().into_bytes();
-        let msgs = json!([{"role": "user", "content": "q"}]);
-        let ok = decode_body::<ChatRequest>(&body(json!({
-            "messages": msgs, "documents": ["a"], "retrieve": {"top_k": 1}, "kv": {},
-            "stream": true, "stream_options": {"include_usage": true}, "user": "u",
-            "frequency_penalty": 0, "logprobs": false, "tools": null,
-        })))
-        .expect("accepted");
-        assert!(ok.sampling.stream_options.is_some_and(|o| o.include_usage));
-        for (v, param, code) in [
-            (
-                json!({"messages": msgs, "documentz": []}),
-                "documentz",
-                "unknown_parameter",
-            ),
-            (
-                json!({"messages": msgs, "logprobs": true}),
-                "logprobs",
-                "unsupported_parameter",
-            ),
-            (
-                json!({"messages": msgs, "frequency_penalty": 1}),
-                "frequency_penalty",
-                "unsupported_parameter",
-            ),
-        ] {
-            let e = decode_body::<ChatRequest>(&body(v)).unwrap_err();
-            assert_eq!(
-                (e.param.as_deref(), e.code.as_deref()),
-                (Some(param), Some(code))
-            );
-        }
-        let e = decode_body::<CompletionRequest>(&body(json!({"prompt": "p", "documents": []})))
-            .unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("documents"));
-        for nested in [
-            json!({"messages": msgs, "retrieve": {"top_k": 1, "query": "x"}}),
-            json!({"messages": [{"role": "user", "content": "q", "name": "n"}]}),
-        ] {
-            let e = decode_body::<ChatRequest>(&body(nested)).unwrap_err();
-            assert!(e.message.contains("unknown field"), "{}", e.message);
         }
     }
 
