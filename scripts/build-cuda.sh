@@ -2,12 +2,13 @@
 # Build samkv with candle's CUDA backend on a machine that has no GPU and no CUDA toolkit.
 #
 # The toolkit (nvcc, headers, and the .so files the linker needs) comes from NVIDIA's PyPI
-# wheels, installed once into $SAMKV_CUDA_SDK (default /work/cuda-sdk). libcuda.so is part of
-# the GPU driver, not of any wheel, so a link-time stub is generated here; the real one is
-# used on the GPU machine. See docs/GPU.md for what the binaries need at run time.
+# wheels, installed once into $SAMKV_CUDA_SDK (default: cuda-sdk/ beside the repository, so
+# every checkout there shares one). libcuda.so is part of the GPU driver, not of any wheel,
+# so a link-time stub is generated here; the real one is used on the GPU machine. See
+# docs/GPU.md for what the binaries need at run time.
 #
 # Usage: scripts/build-cuda.sh            # builds dist/samkv-cuda and dist/cuda_smoke
-# Env:   SAMKV_CUDA_SDK  where the toolkit lives (default /work/cuda-sdk)
+# Env:   SAMKV_CUDA_SDK  where the toolkit lives (default ../cuda-sdk beside the repository)
 #        CUDA_COMPUTE_CAP  GPU arch (default 90 = H100/H200; nvcc gets sm_90a)
 #        CARGO_TARGET_DIR  (default <repo>/target/cuda, apart from the CPU build)
 #        SAMKV_NVCC_FLAGS  extra nvcc flags (default -Xfatbin=-compress-all)
@@ -15,7 +16,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-SDK="${SAMKV_CUDA_SDK:-/work/cuda-sdk}"
+SDK="${SAMKV_CUDA_SDK:-$(cd "$REPO/.." && pwd)/cuda-sdk}"
 
 # CUDA 13.0 is the oldest CUDA 13: kernels and PTX built with it load on any CUDA 13 driver,
 # and the cuBLAS/cuRAND/NVRTC symbols it links against exist in every later 13.x library.

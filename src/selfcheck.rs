@@ -243,6 +243,7 @@ pub fn run(args: &SelfcheckArgs, device: Device, models_dir: &Path) -> Result<()
         preamble: full.preamble.clone(),
         documents: full.documents.clone(),
         question: full.question.clone(),
+        ..Default::default()
     };
     let t = cpu.tokenize(&prompt)?;
     let tokens: Vec<u32> = [t.prefix.clone(), t.documents.concat(), t.question.clone()].concat();
@@ -372,11 +373,7 @@ fn check_invariants(
     let dts = format!("{dt:?}").to_lowercase();
     let prompt_of = |docs: &[String]| {
         let p = RagPrompt::for_question(docs, question);
-        Prompt {
-            preamble: p.preamble,
-            documents: p.documents,
-            question: p.question,
-        }
+        Prompt::from(p)
     };
     let one = prompt_of(&texts[..1]);
     let three = prompt_of(texts);

@@ -348,7 +348,23 @@ impl Tokenizer {
     /// Text before and after the content of a single user message rendered with a generation
     /// prompt, so the engine can splice documents and question between them.
     pub fn chat_wrap(&self) -> Result<(String, String)> {
-        let text = self.render_chat(&[ChatMessage::new("user", SENTINEL)], true)?;
+        self.chat_wrap_with(None, &[])
+    }
+
+    /// [`Tokenizer::chat_wrap`] after a system message (`None`: the template's own default,
+    /// if it has one) and earlier turns, each in its role.
+    pub fn chat_wrap_with(
+        &self,
+        system: Option<&str>,
+        history: &[ChatMessage],
+    ) -> Result<(String, String)> {
+        let mut msgs: Vec<ChatMessage> = system
+            .map(|s| ChatMessage::new("system", s))
+            .into_iter()
+            .chain(history.iter().cloned())
+            .collect();
+        msgs.push(ChatMessage::new("user", SENTINEL));
+        let text = self.render_chat(&msgs, true)?;
         let mut parts = text.split(SENTINEL);
         match (parts.next(), parts.next(), parts.next()) {
             (Some(pre), Some(post), None) => Ok((pre.to_string(), post.to_string())),

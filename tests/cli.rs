@@ -214,3 +214,119 @@ fn concurrent_ingest_stores_each_document_once() {
         String::from_utf8_lossy(&verify.stdout)
     );
 }
+
+/// The README's first commands: a plain question gets the model's own chat (and "Paris"), and
+/// the two-document question keeps the RAG answer the README shows.
+#[test]
+fn plain_question_and_readme_rag_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_path(SMOLLM2);
+    let m = model.to_str().unwrap();
+    let out = samkv(
+        &["ask", "--model", m, "What is the capital of France?"],
+        tmp.path(),
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("Paris"), "plain answer: {stdout:?}");
+    assert_eq!(stdout.trim(), README_PLAIN_ANSWER);
+    assert!(stderr.contains("[none: no documents"), "{stderr}");
+
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/docs");
+    let (e, l) = (docs.join("eiffel.txt"), docs.join("louvre.txt"));
+    let args = [
+        "ask",
+        "--model",
+        m,
+        "--doc",
+        e.to_str().unwrap(),
+        "--doc",
+        l.to_str().unwrap(),
+        "Who designed the Eiffel Tower?",
+    ];
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    for (round, fresh) in [
+        (1, "prefilling 2 new documents"),
+        (2, "all documents from the store"),
+    ] {
+        let out = samkv(&args, tmp.path());
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{stderr}");
+        assert_eq!(stdout.trim(), README_RAG_ANSWER, "round {round}");
+        // Both times are reported: prefilling new documents, and the method's own TTFT.
+        assert!(
+            stderr.contains(fresh) && stderr.contains("ttft"),
+            "{stderr}"
+        );
+        assert!(stderr.starts_with("[samkv("), "{stderr}");
+    }
+    assert!(
+        readme.contains(README_RAG_ANSWER),
+        "README shows another answer"
+    );
+    assert!(
+        readme.contains(README_PLAIN_ANSWER),
+        "README shows another plain answer"
+    );
+}
+
+const README_RAG_ANSWER: &str =
+    "The Eiffel Tower was designed by Gustave Eiffel and Gustave Eiffelauboeuf.";
+const README_PLAIN_ANSWER: &str = "The capital of France is Paris.";
+
+/// A directory ingest skips (and counts) a file that is not UTF-8 text; `store ls` names
+/// each entry's source.
+#[test]
+fn ingest_skips_non_utf8_and_store_ls_names_sources() {
+    let tmp = tempfile::tempdir().unwrap();
+    let docs = tmp.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    std::fs::write(docs.join("a.txt"), "Paris is the capital of France.").unwrap();
+    std::fs::write(docs.join("b.txt"), [0x50u8, 0xff, 0xfe, 0x41]).unwrap();
+    let store = tmp.path().join("store");
+    let model = model_path(SMOLLM2);
+    let out = samkv(
+        &[
+            "ingest",
+            "--model",
+            model.to_str().unwrap(),
+            docs.to_str().unwrap(),
+        ],
+        &store,
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout
+            .contains("1 documents: 1 newly stored, 0 already cached; 1 skipped (not UTF-8 text)"),
+        "{stdout}"
+    );
+    assert!(
+        format!("{stdout}{stderr}").contains("skipped")
+            && format!("{stdout}{stderr}").contains("b.txt"),
+        "{stdout}{stderr}"
+    );
+    let ls = samkv(&["store", "ls"], &store);
+    let listing = String::from_utf8_lossy(&ls.stdout);
+    assert!(ls.status.success());
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.ends_with(&docs.join("a.txt").display().to_string())),
+        "{listing}"
+    );
+    assert!(
+        listing.lines().any(|l| l.ends_with("(preamble)")),
+        "{listing}"
+    );
+}

@@ -206,6 +206,7 @@ fn corrupt_store_entry_is_recomputed_not_used() {
         preamble: "Answer briefly.\n".into(),
         documents: vec!["The Eiffel Tower was designed by the company of Gustave Eiffel.\n".into()],
         question: "Who designed the Eiffel Tower?".into(),
+        ..Default::default()
     };
     let (first, prep) = e.assemble(&p, &Reuse).unwrap();
     assert!(prep.sources.iter().all(|s| *s == Source::Computed));

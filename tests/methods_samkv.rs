@@ -44,7 +44,7 @@ fn fixture() -> &'static Fixture {
         let store = DiskStore::open(dir.path()).unwrap();
         let mut engine = Engine::new(model, tok, Arc::new(store));
         engine.store_dtype = DType::F32;
-        let mut ex = load_examples(std::path::Path::new("/work/shared/data/musique_s.jsonl"))
+        let mut ex = load_examples(&shared_data("musique_s.jsonl"))
             .unwrap()
             .swap_remove(0);
         ex.documents.truncate(DOCS);

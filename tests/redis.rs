@@ -45,6 +45,7 @@ fn doc(seed: u32, t: usize) -> StoredDoc {
         positions: (2..2 + t as u32).collect(),
         token_ids: tokens.clone(),
         created_unix: 1,
+        source: Some(format!("doc-{seed}.txt")),
     };
     let mut side = BTreeMap::new();
     side.insert(
@@ -87,6 +88,7 @@ fn redis_store_roundtrip_corruption_and_outage() {
     assert_eq!(list.len(), 2);
     let la = list.iter().find(|e| e.id == a.id).expect("listed");
     assert_eq!((la.tokens, la.model_fingerprint.as_str()), (5, "m"));
+    assert_eq!(la.source.as_deref(), Some("doc-1.txt"));
     let stats = store.stats().expect("stats");
     assert_eq!(stats.entries, 2);
     assert_eq!(stats.bytes, list.iter().map(|e| e.bytes).sum::<u64>());

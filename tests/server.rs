@@ -124,8 +124,15 @@ fn documents_and_chat_with_every_method() {
         assert_eq!(usage(&r, "total_tokens"), p + c);
         let kept = usage(&r, "kv_tokens_kept");
         assert!(p > doc_tokens + 20 && kept > 0 && kept < p, "{m}: {r}");
-        // The uploaded document (and the preamble) came from the store.
-        assert!(usage(&r, "cached_tokens") >= doc_tokens, "{m}: {r}");
+        // The uploaded document (and the preamble) came from the store; what the method
+        // recomputed does not count as cached (Recompute reuses nothing).
+        let cached = usage(&r, "cached_tokens");
+        if m == "recompute" {
+            assert_eq!(cached, 0, "{r}");
+        } else {
+            let recomputed = usage(&r, "recomputed_tokens");
+            assert!(cached + recomputed >= doc_tokens && cached > 0, "{m}: {r}");
+        }
         assert_eq!(
             r["usage"]["prompt_tokens_details"]["cached_tokens"],
             r["usage"]["cached_tokens"]
@@ -175,6 +182,9 @@ fn documents_and_chat_with_every_method() {
     assert!(r["choices"][0]["message"]["content"].is_string(), "{r}");
     assert!(usage(&r, "completion_tokens") <= 4, "{r}");
     assert_eq!(r["samkv"]["documents"], json!([]));
+    // Nothing to combine: the model's own chat, whatever the server's default method.
+    assert_eq!(r["samkv"]["method"], "none", "{r}");
+    assert_eq!(usage(&r, "cached_tokens"), 0);
     let (st, r) = s.post(
         "/v1/completions",
         &json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}),
@@ -486,6 +496,12 @@ fn retrieval_from_an_ingested_index() {
     ]);
     assert!(ok, "ask failed: {err}");
     assert!(!out.trim().is_empty());
+    // It says what it retrieved.
+    let louvre = samkv::retrieval::text_id(&example_doc("louvre.txt"));
+    assert!(
+        err.contains("retrieved 1 from") && err.contains(&format!("1. {louvre}")),
+        "{err}"
+    );
     let empty = dir.path().join("empty-index");
     let (ok, _, err) = samkv(&[
         "--store",
@@ -555,4 +571,226 @@ fn retrieval_from_an_ingested_index() {
         400,
     );
     assert_eq!(e["param"], "retrieve.top_k");
+}
+
+/// Token count of a plain chat as the model's own template renders it.
+fn template_tokens(messages: &[(&str, &str)]) -> u64 {
+    let model = serve_common::model_path();
+    let mut f = std::fs::File::open(&model).expect("model");
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).expect("gguf");
+    let tok = samkv::tokenizer::Tokenizer::from_gguf(&content).expect("tokenizer");
+    let msgs: Vec<_> = messages
+        .iter()
+        .map(|(r, c)| samkv::tokenizer::ChatMessage::new(*r, *c))
+        .collect();
+    let text = tok.render_chat(&msgs, true).expect("render");
+    (tok.encode(&text).expect("encode").len() + usize::from(tok.add_bos())) as u64
+}
+
+#[test]
+fn system_role_models_and_unknown_fields() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let s = Server::start(store.to_str().expect("utf8"), dir.path(), &[]);
+    let c = "/v1/chat/completions";
+
+    // A system message is the template's system role (it replaces the template's default
+    // system prompt), not text prepended to the user turn.
+    let (sys, q) = (
+        "You are a helpful assistant.",
+        "What is the capital of France?",
+    );
+    let (st, r) = s.post(
+        c,
+        &json!({"messages": [{"role": "system", "content": sys}, {"role": "user", "content": q}],
+                "max_tokens": 16, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(
+        usage(&r, "prompt_tokens"),
+        template_tokens(&[("system", sys), ("user", q)]),
+        "{r}"
+    );
+    assert!(content(&r).contains("Paris"), "{r}");
+    assert_eq!(r["samkv"]["method"], "none");
+    // Earlier turns are turns of the template too.
+    let turns = [("user", "Hi"), ("assistant", "Hello."), ("user", q)];
+    let msgs: Vec<Value> = turns
+        .iter()
+        .map(|(r, c)| json!({"role": r, "content": c}))
+        .collect();
+    let (st, r) = s.post(c, &json!({"messages": msgs, "max_tokens": 2}));
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(usage(&r, "prompt_tokens"), template_tokens(&turns));
+
+    // Models: the list, one model by id (or its known name), unknown ids 404.
+    let (st, list) = s.get("/v1/models");
+    assert_eq!(st, 200);
+    let id = list["data"][0]["id"].as_str().expect("id").to_string();
+    assert_eq!(id, "smollm2", "{list}");
+    let (st, m) = s.get(&format!("/v1/models/{id}"));
+    assert_eq!(
+        (st, m["id"].as_str(), m["object"].as_str()),
+        (200, Some(id.as_str()), Some("model"))
+    );
+    let (st, _) = s.get(&format!("/v1/models/{}", serve_common::SMOLLM2));
+    assert_eq!(st, 200, "the file name is an alias");
+    let e = expect_error(s.get("/v1/models/gpt-17"), 404);
+    assert_eq!(e["code"], "model_not_found");
+    let e = expect_error(
+        s.post(
+            c,
+            &json!({"model": "gpt-17", "messages": [{"role": "user", "content": q}]}),
+        ),
+        404,
+    );
+    assert_eq!(e["param"], "model");
+
+    // Unknown and unsupported fields are refused with a 400 that names them.
+    let base = json!({"model": id, "messages": [{"role": "user", "content": q}], "max_tokens": 2});
+    let with = |k: &str, v: Value| {
+        let mut r = base.clone();
+        r[k] = v;
+        r
+    };
+    for (k, v, code) in [
+        ("documentz", json!([]), "unknown_parameter"),
+        ("logprobs", json!(true), "unsupported_parameter"),
+        ("top_logprobs", json!(3), "unsupported_parameter"),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+            "unsupported_parameter",
+        ),
+        (
+            "response_format",
+            json!({"type": "json_object"}),
+            "unsupported_parameter",
+        ),
+        ("frequency_penalty", json!(0.5), "unsupported_parameter"),
+        ("presence_penalty", json!(1), "unsupported_parameter"),
+    ] {
+        let e = expect_error(s.post(c, &with(k, v.clone())), 400);
+        assert_eq!(
+            (e["param"].as_str(), e["code"].as_str()),
+            (Some(k), Some(code)),
+            "{k}={v}: {e}"
+        );
+        assert!(e["message"].as_str().unwrap_or("").contains(k), "{e}");
+    }
+    for (k, v) in [
+        ("retrieve", json!({"top_k": 1, "query": "x"})),
+        ("stream_options", json!({"include_usage": true, "x": 1})),
+    ] {
+        let e = expect_error(s.post(c, &with(k, v)), 400);
+        assert!(
+            e["message"].as_str().unwrap_or("").contains('x')
+                || e["message"].as_str().unwrap_or("").contains("query"),
+            "{e}"
+        );
+    }
+    let e = expect_error(
+        s.post(
+            c,
+            &with(
+                "messages",
+                json!([{"role": "user", "content": q, "name": "bob"}]),
+            ),
+        ),
+        400,
+    );
+    assert!(e["message"].as_str().unwrap_or("").contains("name"), "{e}");
+    let e = expect_error(
+        s.post(
+            "/v1/completions",
+            &json!({"prompt": "Hi", "documents": ["x"]}),
+        ),
+        400,
+    );
+    assert_eq!(e["param"], "documents");
+    let e = expect_error(
+        s.post("/v1/documents", &json!({"text": "Hi", "meta": {}})),
+        400,
+    );
+    assert_eq!(e["param"], "meta");
+    // The "off" value of an unsupported field, nulls, `user` and stream_options are fine.
+    let mut ok = with("frequency_penalty", json!(0));
+    for (k, v) in [
+        ("presence_penalty", json!(0.0)),
+        ("logprobs", json!(false)),
+        ("tools", json!(null)),
+        ("response_format", json!({"type": "text"})),
+        ("user", json!("u-1")),
+        ("stream_options", json!({"include_usage": true})),
+    ] {
+        ok[k] = v;
+    }
+    let (st, r) = s.post(c, &ok);
+    assert_eq!(st, 200, "{r}");
+}
+
+#[test]
+fn api_key_body_limit_and_context_cap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let key = "sk-test-7a1c9e";
+    let mut s = Server::start_env(
+        store.to_str().expect("utf8"),
+        dir.path(),
+        &["--max-body-bytes", "65536", "--max-context-tokens", "120"],
+        &[("SAMKV_API_KEY", key)],
+    );
+    // /health stays open (load balancers probe it); everything else needs the key.
+    let (st, _) = s.get("/health");
+    assert_eq!(st, 200);
+    for path in [
+        "/v1/models",
+        "/metrics",
+        "/v1/documents",
+        "/v1/models/smollm2",
+    ] {
+        let e = expect_error(s.get(path), 401);
+        assert_eq!(e["code"], "invalid_api_key", "{path}");
+    }
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    expect_error(s.post("/v1/chat/completions", &chat), 401);
+    s.key = Some(format!("{key}x"));
+    let e = expect_error(s.get("/v1/models"), 401);
+    assert!(
+        e["message"].as_str().unwrap_or("").contains("incorrect"),
+        "{e}"
+    );
+    s.key = Some(key.to_string());
+    let (st, r) = s.get("/v1/models");
+    assert_eq!(st, 200, "{r}");
+    let (st, r) = s.post("/v1/chat/completions", &chat);
+    assert_eq!(st, 200, "{r}");
+
+    // 413 past --max-body-bytes, in OpenAI's shape; a body under it is read.
+    let big = "word ".repeat(20_000);
+    let e = expect_error(s.post("/v1/documents", &json!({"text": big})), 413);
+    assert_eq!(e["code"], "request_too_large");
+    assert!(e["message"].as_str().unwrap_or("").contains("65536"), "{e}");
+    // --max-context-tokens counts system, documents and question together.
+    let doc = "The quick brown fox jumps over the lazy dog. ".repeat(12);
+    let mut rag = chat.clone();
+    rag["documents"] = json!([{"text": doc}]);
+    let e = expect_error(s.post("/v1/chat/completions", &rag), 400);
+    assert_eq!(e["code"], "context_length_exceeded");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--max-context-tokens"),
+        "{e}"
+    );
+    let mut long = chat.clone();
+    long["messages"][0]["content"] = json!("Tell me more. ".repeat(40));
+    let e = expect_error(s.post("/v1/chat/completions", &long), 400);
+    assert_eq!(e["code"], "context_length_exceeded");
+
+    // The key never reaches the log.
+    let log = std::fs::read_to_string(&s.log).expect("log");
+    assert!(log.contains("API key required"), "{log}");
+    assert!(!log.contains(key), "the API key was logged: {log}");
 }

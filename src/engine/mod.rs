@@ -11,18 +11,21 @@ use candle_core::{DType, Tensor};
 
 pub use generate::{generate, FinishReason, Generation, Sampling};
 
-use crate::methods::{Assembled, Context, Method, Segment};
+use crate::methods::{Assembled, Context, Method, Recompute, Segment};
 use crate::model::{mean_rows, Logits, Model};
 use crate::store::{
     doc_id, now_unix, prefix_hash, DocId, DocMeta, KvStore, StoredDoc, FORMAT_VERSION,
 };
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{ChatMessage, Tokenizer};
 use crate::{Error, Result};
 
 /// Numbers of trailing tokens over which SamKV's document-local query summaries are pooled
 /// at ingestion (the paper's "large" and "small" settings); other values are computed on
 /// demand.
 pub const QLOC_WINDOWS: [usize; 2] = [128, 16];
+
+/// The method reported for a request without documents ([`Engine::assemble_plain`]).
+pub const PLAIN_METHOD: &str = "none";
 
 /// Side-data key of the document-local query summary pooled over the last `n` tokens:
 /// an f32 tensor (layers, heads, head_dim).
@@ -31,12 +34,20 @@ pub fn qloc_key(n: usize) -> String {
 }
 
 /// A RAG request in text form. The preamble and question are wrapped in the model's chat
-/// template (when it has one) by the engine.
+/// template (when it has one) by the engine: preamble, documents and question make up the
+/// content of the last user turn.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Prompt {
     pub preamble: String,
     pub documents: Vec<String>,
     pub question: String,
+    /// The chat template's system message (`None`: the template's own default, if any).
+    /// Documents' KV is computed after it, so each distinct system message has its own.
+    #[serde(default)]
+    pub system: Option<String>,
+    /// Earlier turns (user / assistant), rendered in their roles before the last user turn.
+    #[serde(default)]
+    pub history: Vec<ChatMessage>,
 }
 
 impl From<crate::eval::RagPrompt> for Prompt {
@@ -45,8 +56,27 @@ impl From<crate::eval::RagPrompt> for Prompt {
             preamble: p.preamble,
             documents: p.documents,
             question: p.question,
+            ..Default::default()
         }
     }
+}
+
+/// What [`Engine::prepare_with`] reports about each document, in order.
+#[derive(Clone, Copy, Debug)]
+pub enum Progress {
+    /// Document `index` (of `of`, 0-based) is not in the store and is being prefilled.
+    Prefilling {
+        index: usize,
+        of: usize,
+        tokens: usize,
+    },
+    /// Document `index` is ready, from `source`, after `ms`.
+    Ready {
+        index: usize,
+        of: usize,
+        source: Source,
+        ms: f64,
+    },
 }
 
 /// The request's token ids, segment by segment.
@@ -95,17 +125,32 @@ impl Engine {
         }
     }
 
+    /// Text before the preamble and after the question: the chat template's halves around
+    /// the last user turn, or (no template, or `chat` off) the system message and earlier
+    /// turns as plain lines.
+    fn wrap(&self, p: &Prompt) -> Result<(String, String)> {
+        if self.chat && self.tokenizer.has_chat_template() {
+            return self
+                .tokenizer
+                .chat_wrap_with(p.system.as_deref(), &p.history);
+        }
+        let mut pre = String::new();
+        if let Some(s) = p.system.as_deref().filter(|s| !s.is_empty()) {
+            pre.push_str(&format!("{s}\n\n"));
+        }
+        for m in &p.history {
+            pre.push_str(&format!("{}: {}\n", m.role, m.content));
+        }
+        Ok((pre, String::new()))
+    }
+
     pub fn tokenize(&self, p: &Prompt) -> Result<Tokenized> {
         if p.question.trim().is_empty() {
             return Err(Error::InvalidInput(
                 "the question is empty; ask something".into(),
             ));
         }
-        let (pre, post) = if self.chat && self.tokenizer.has_chat_template() {
-            self.tokenizer.chat_wrap()?
-        } else {
-            (String::new(), String::new())
-        };
+        let (pre, post) = self.wrap(p)?;
         let mut prefix = Vec::new();
         if self.tokenizer.add_bos() {
             prefix.extend(self.tokenizer.bos_id());
@@ -134,6 +179,54 @@ impl Engine {
         })
     }
 
+    /// A request without documents as the model's own chat would see it: the whole
+    /// conversation encoded in one piece (BOS, template, preamble, question), nothing split
+    /// out for the store.
+    pub fn tokenize_plain(&self, p: &Prompt) -> Result<Vec<u32>> {
+        if p.question.trim().is_empty() {
+            return Err(Error::InvalidInput(
+                "the question is empty; ask something".into(),
+            ));
+        }
+        if !p.documents.is_empty() {
+            return Err(Error::InvalidInput(
+                "a plain request has no documents".into(),
+            ));
+        }
+        let (pre, post) = self.wrap(p)?;
+        let mut tokens: Vec<u32> = Vec::new();
+        if self.tokenizer.add_bos() {
+            tokens.extend(self.tokenizer.bos_id());
+        }
+        tokens.extend(
+            self.tokenizer
+                .encode(&format!("{pre}{}{}{post}", p.preamble, p.question))?,
+        );
+        if tokens.len() >= self.model.cfg.max_context {
+            return Err(Error::ContextTooLong {
+                tokens: tokens.len(),
+                max: self.model.cfg.max_context,
+            });
+        }
+        Ok(tokens)
+    }
+
+    /// Assembles a request without documents: one ordinary prefill, no store, reported as
+    /// method `none` (there is nothing to reuse or sparsify).
+    pub fn assemble_plain(&self, p: &Prompt) -> Result<Assembled> {
+        let t0 = Instant::now();
+        let tokens = self.tokenize_plain(p)?;
+        let ctx = Context {
+            model: &self.model,
+            segments: Vec::new(),
+            question: tokens,
+        };
+        let mut a = Recompute.assemble(&ctx)?;
+        a.stats.method = PLAIN_METHOD.into();
+        a.stats.ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
+        Ok(a)
+    }
+
     /// The content address of a document computed after `prefix`.
     pub fn doc_id(&self, prefix: &[u32], tokens: &[u32]) -> DocId {
         doc_id(
@@ -152,6 +245,19 @@ impl Engine {
         prefix_kv: Option<&StoredDoc>,
         tokens: &[u32],
     ) -> Result<(Arc<StoredDoc>, Source)> {
+        self.document_kv_with(prefix, prefix_kv, tokens, None, &mut || {})
+    }
+
+    /// [`Engine::document_kv`], recording `source` with a newly computed entry and calling
+    /// `on_prefill` before computing one.
+    fn document_kv_with(
+        &self,
+        prefix: &[u32],
+        prefix_kv: Option<&StoredDoc>,
+        tokens: &[u32],
+        source: Option<&str>,
+        on_prefill: &mut dyn FnMut(),
+    ) -> Result<(Arc<StoredDoc>, Source)> {
         let id = self.doc_id(prefix, tokens);
         match self.store.get_for_model(&id, &self.model.fingerprint) {
             Ok(Some(doc)) if doc.meta.token_ids == tokens => return Ok((doc, Source::Store)),
@@ -162,7 +268,9 @@ impl Engine {
                 let _ = self.store.remove(&id);
             }
         }
-        let doc = self.compute_document(prefix, prefix_kv, tokens)?;
+        on_prefill();
+        let mut doc = self.compute_document(prefix, prefix_kv, tokens)?;
+        doc.meta.source = source.map(str::to_string);
         if let Err(e) = self.store.put(&doc) {
             tracing::warn!("could not store document {id}: {e}");
         }
@@ -231,32 +339,46 @@ impl Engine {
             positions,
             token_ids: tokens.to_vec(),
             created_unix: now_unix(),
+            source: None,
         };
         StoredDoc::new(meta, ks, vs, side)
     }
 
     /// Loads or computes the KV of every segment of a tokenized request.
     pub fn prepare(&self, t: &Tokenized) -> Result<Prepared> {
+        self.prepare_with(t, &[], &mut |_| {})
+    }
+
+    /// [`Engine::prepare`], recording `names[i]` (where document i came from) with each
+    /// newly computed entry and reporting each document's [`Progress`].
+    pub fn prepare_with(
+        &self,
+        t: &Tokenized,
+        names: &[String],
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Prepared> {
         let mut segments = Vec::with_capacity(t.documents.len() + 1);
         let mut sources = Vec::with_capacity(t.documents.len() + 1);
         let (mut load_ms, mut compute_ms) = (0.0, 0.0);
         let mut timed = |prefix: &[u32],
                          pkv: Option<&StoredDoc>,
-                         toks: &[u32]|
-         -> Result<(Arc<StoredDoc>, Source)> {
+                         toks: &[u32],
+                         name: Option<&str>,
+                         on_prefill: &mut dyn FnMut()|
+         -> Result<(Arc<StoredDoc>, Source, f64)> {
             let t0 = Instant::now();
-            let r = self.document_kv(prefix, pkv, toks)?;
+            let r = self.document_kv_with(prefix, pkv, toks, name, on_prefill)?;
             let el = t0.elapsed().as_secs_f64() * 1e3;
             match r.1 {
                 Source::Store => load_ms += el,
                 Source::Computed => compute_ms += el,
             }
-            Ok(r)
+            Ok((r.0, r.1, el))
         };
         let prefix_kv = if t.prefix.is_empty() {
             None
         } else {
-            let (kv, src) = timed(&[], None, &t.prefix)?;
+            let (kv, src, _) = timed(&[], None, &t.prefix, Some("(preamble)"), &mut || {})?;
             segments.push(Segment {
                 tokens: t.prefix.clone(),
                 start: 0,
@@ -267,8 +389,27 @@ impl Engine {
             Some(kv)
         };
         let mut start = t.prefix.len() as u32;
-        for d in &t.documents {
-            let (kv, src) = timed(&t.prefix, prefix_kv.as_deref(), d)?;
+        let of = t.documents.len();
+        for (index, d) in t.documents.iter().enumerate() {
+            let (kv, src, ms) = timed(
+                &t.prefix,
+                prefix_kv.as_deref(),
+                d,
+                names.get(index).map(String::as_str),
+                &mut || {
+                    progress(Progress::Prefilling {
+                        index,
+                        of,
+                        tokens: d.len(),
+                    })
+                },
+            )?;
+            progress(Progress::Ready {
+                index,
+                of,
+                source: src,
+                ms,
+            });
             segments.push(Segment {
                 tokens: d.clone(),
                 start,
@@ -290,8 +431,21 @@ impl Engine {
     /// Tokenizes, prepares and assembles a request with `method`. The returned stats count
     /// loading from the store in `load_ms` and in time to first token.
     pub fn assemble(&self, prompt: &Prompt, method: &dyn Method) -> Result<(Assembled, Prepared)> {
+        self.assemble_with(prompt, method, &[], &mut |_| {})
+    }
+
+    /// [`Engine::assemble`] with [`Engine::prepare_with`]'s document names and progress.
+    /// Time to first token leaves out prefilling new documents (`Prepared::compute_ms`):
+    /// that is paid once per document, not per request.
+    pub fn assemble_with(
+        &self,
+        prompt: &Prompt,
+        method: &dyn Method,
+        names: &[String],
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<(Assembled, Prepared)> {
         let t = self.tokenize(prompt)?;
-        let prepared = self.prepare(&t)?;
+        let prepared = self.prepare_with(&t, names, progress)?;
         let ctx = Context {
             model: &self.model,
             segments: prepared.segments.clone(),
@@ -304,7 +458,8 @@ impl Engine {
         Ok((a, prepared))
     }
 
-    /// Assembles and decodes; `on_text` receives the answer as it is generated.
+    /// Assembles and decodes; `on_text` receives the answer as it is generated. A prompt
+    /// without documents is answered plainly ([`Engine::assemble_plain`]), whatever `method`.
     pub fn answer(
         &self,
         prompt: &Prompt,
@@ -312,7 +467,11 @@ impl Engine {
         sampling: &Sampling,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(Generation, Assembled)> {
-        let (mut a, _) = self.assemble(prompt, method)?;
+        let mut a = if prompt.documents.is_empty() {
+            self.assemble_plain(prompt)?
+        } else {
+            self.assemble(prompt, method)?.0
+        };
         let logits = a.logits.clone();
         let g = generate(
             &self.model,

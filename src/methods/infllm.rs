@@ -102,7 +102,8 @@ impl Method for MultiInfLlm {
                 layer.positions(),
             )?;
         }
-        let logits = last_logits(Some(model.logits(&x.narrow(0, x.dim(0)? - 1, 1)?)?))?;
+        let n = x.dim(0)?;
+        let logits = last_logits(Some(model.logits_as(&x.narrow(0, n - 1, 1)?, n)?))?;
         stats.select_ms = select_s * 1e3;
         stats.recompute_ms = ms(t) - stats.select_ms;
         stats.finish(ctx, &cache, vec![ctx.question.len(); model.n_layers()]);

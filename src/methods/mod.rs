@@ -280,7 +280,9 @@ pub fn recompute_layers(
         }
         clock.lap("attention+mlp");
     }
-    let logits = model.logits(&x.narrow(0, x.dim(0)? - 1, 1)?)?;
+    // The kernel of the pass that computed these rows (Model::logits_as).
+    let n = x.dim(0)?;
+    let logits = model.logits_as(&x.narrow(0, n - 1, 1)?, n)?;
     clock.lap("logits");
     clock.report("recompute_layers");
     Ok((last_logits(Some(logits))?, counts))

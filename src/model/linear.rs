@@ -166,11 +166,27 @@ impl Linear {
         Ok(self.forward_parts(x)?.swap_remove(0))
     }
 
+    /// Single-part output with bias, the kernel chosen as for `pass_rows` rows.
+    pub(crate) fn forward_as(&self, x: &Tensor, pass_rows: usize) -> Result<Tensor> {
+        let y = self.matmul_fused_as(x, pass_rows)?;
+        match &self.bias {
+            Some(b) if self.outs.len() == 1 => Ok(y.broadcast_add(b)?),
+            Some(b) => Ok(y.broadcast_add(b)?.narrow(1, 0, self.outs[0])?),
+            None => Ok(y.narrow(1, 0, self.outs[0])?),
+        }
+    }
+
     /// All parts side by side without bias, (rows, sum of outs).
     pub(crate) fn matmul_fused(&self, x: &Tensor) -> Result<Tensor> {
+        self.matmul_fused_as(x, x.dim(0)?)
+    }
+
+    /// [`Linear::matmul_fused`], choosing the kernel as for a pass of `pass_rows` rows: the
+    /// last row of a prompt must get the arithmetic of the prompt it ends, not decode's.
+    pub(crate) fn matmul_fused_as(&self, x: &Tensor, pass_rows: usize) -> Result<Tensor> {
         let rows = x.dim(0)?;
-        let use_quant =
-            !self.quant.is_empty() && (self.dense_t.is_none() || rows <= QUANT_MAX_ROWS);
+        let use_quant = !self.quant.is_empty()
+            && (self.dense_t.is_none() || rows.max(pass_rows) <= QUANT_MAX_ROWS);
         if !use_quant {
             let w = self
                 .dense_t

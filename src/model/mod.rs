@@ -257,8 +257,20 @@ impl Model {
 
     /// Final norm and LM head for the given rows of x, returned as f32 (rows, vocab).
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        self.logits_as(x, x.dim(0)?)
+    }
+
+    /// [`Model::logits`] for rows of a pass of `pass_rows` rows. With `--weights auto` the LM
+    /// head then uses the same (dense) kernel as the rest of the prompt's pass: taken with
+    /// decode's quantized kernel because it is one row, the first token's logits differed
+    /// from dense ones by ~0.1, enough to flip near-ties (SmolLM2's plain answer to "What is
+    /// the capital of France?" started "L'Étoile" instead of "The capital ... Paris").
+    pub fn logits_as(&self, x: &Tensor, pass_rows: usize) -> Result<Tensor> {
         let h = candle_nn::ops::rms_norm(x, &self.norm, self.cfg.rms_eps as f32)?;
-        Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
+        Ok(self
+            .lm_head
+            .forward_as(&h, pass_rows)?
+            .to_dtype(DType::F32)?)
     }
 
     /// An ordinary forward pass: the new tokens' K/V are appended to `cache` and every new
@@ -339,7 +351,10 @@ impl Model {
         }
         out.logits = match logits {
             Logits::None => None,
-            Logits::Last => Some(self.logits(&x.narrow(0, x.dim(0)? - 1, 1)?)?),
+            Logits::Last => {
+                let rows = x.dim(0)?;
+                Some(self.logits_as(&x.narrow(0, rows - 1, 1)?, rows)?)
+            }
             Logits::All => Some(self.logits(&x)?),
         };
         Ok(out)

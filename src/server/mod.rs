@@ -5,10 +5,13 @@
 //!   the server's defaults); `usage` adds cached, recomputed and kept token counts.
 //! - `POST /v1/completions`: plain prompts, recomputed, no documents.
 //! - `POST|GET /v1/documents`, `GET|DELETE /v1/documents/{id}`: the document registry.
-//! - `GET /health`, `GET /metrics` (Prometheus text), `GET /v1/models`.
+//! - `GET /health`, `GET /metrics` (Prometheus text), `GET /v1/models`, `GET /v1/models/{id}`.
+//!
+//! With `--api-key` every route but `/health` needs `Authorization: Bearer KEY`.
 //!
 //! HTTP runs on a small tokio runtime; the model runs on its own thread ([`worker`]).
 
+mod fields;
 pub mod metrics;
 pub mod openai;
 pub mod registry;
@@ -58,6 +61,75 @@ pub struct ServeOptions {
     /// Largest max_tokens a request may ask for.
     #[arg(long, default_value_t = 4096)]
     pub max_tokens_limit: usize,
+    /// Most context tokens in one request: system message, documents and question together
+    /// (default: the model's context length).
+    #[arg(long)]
+    pub max_context_tokens: Option<usize>,
+    /// Largest request body in bytes; larger ones are refused with 413.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// Require `Authorization: Bearer KEY` on every route but /health (401 otherwise).
+    #[arg(long, env = "SAMKV_API_KEY", hide_env_values = true, value_parser = ApiKey::parse)]
+    pub api_key: Option<ApiKey>,
+    /// The model id clients send and `/v1/models` lists (default: the known model name,
+    /// else the model's file name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+}
+
+/// An API key; its Debug form hides it, so it cannot reach a log through `{:?}`.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    fn parse(s: &str) -> std::result::Result<ApiKey, String> {
+        if s.trim().is_empty() {
+            return Err("the API key is empty; give a non-empty key or leave it out".into());
+        }
+        Ok(ApiKey(s.to_string()))
+    }
+
+    /// Whether `given` is this key, in time that does not depend on where they differ.
+    pub fn matches(&self, given: &str) -> bool {
+        use sha2::{Digest, Sha256};
+        let (a, b) = (
+            Sha256::digest(self.0.as_bytes()),
+            Sha256::digest(given.as_bytes()),
+        );
+        a.iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<hidden>)")
+    }
+}
+
+/// The ids a server answers to: the served name first (listed by `/v1/models`), then the
+/// known model name and file name of the model it runs.
+pub fn model_ids(model_arg: &str, served: Option<&str>) -> Vec<String> {
+    let file = Path::new(model_arg)
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| model_arg.to_string());
+    let known = crate::fetch::MODELS
+        .iter()
+        .find(|m| m.name == model_arg || m.file_name == file)
+        .map(|m| m.name.to_string());
+    let mut ids: Vec<String> = Vec::new();
+    for id in [served.map(str::to_string), known, Some(file)]
+        .into_iter()
+        .flatten()
+    {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids
 }
 
 pub(crate) struct AppState {
@@ -69,7 +141,8 @@ pub(crate) struct AppState {
     pub store: Arc<dyn KvStore>,
     pub defaults: MethodConfig,
     pub opts: ServeOptions,
-    pub model: String,
+    /// [`model_ids`]: the first is the served name.
+    pub models: Vec<String>,
     pub max_context: usize,
     store_sample: Mutex<Option<(Instant, StoreSample)>>,
 }
@@ -115,6 +188,11 @@ pub fn serve(
             "--queue, --max-documents and --max-document-tokens must be at least 1".into(),
         ));
     }
+    if opts.max_context_tokens == Some(0) || opts.max_body_bytes == 0 {
+        return Err(Error::InvalidInput(
+            "--max-context-tokens and --max-body-bytes must be at least 1".into(),
+        ));
+    }
     if opts.default_max_tokens == 0 || opts.default_max_tokens > opts.max_tokens_limit {
         return Err(Error::InvalidInput(
             "--default-max-tokens must be between 1 and --max-tokens-limit".into(),
@@ -141,6 +219,7 @@ pub fn serve(
         WorkerConfig {
             max_batch: opts.max_batch,
             max_document_tokens: opts.max_document_tokens,
+            max_context_tokens: opts.max_context_tokens.unwrap_or(max_context),
         },
         metrics.clone(),
     )?;
@@ -153,7 +232,7 @@ pub fn serve(
         store,
         defaults,
         opts: opts.clone(),
-        model: model_name.to_string(),
+        models: model_ids(model_name, opts.served_model_name.as_deref()),
         max_context,
         store_sample: Mutex::new(None),
     });
@@ -175,7 +254,15 @@ pub fn serve(
         println!("samkv serve: listening on http://{addr}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        tracing::info!("listening on http://{addr}");
+        tracing::info!(
+            "listening on http://{addr}, model `{}`{}",
+            state.models[0],
+            if state.opts.api_key.is_some() {
+                ", API key required"
+            } else {
+                ""
+            }
+        );
         axum::serve(listener, routes::router(state))
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;
@@ -187,4 +274,31 @@ pub fn serve(
     // The runtime is gone, so every job sender is dropped and the worker ends.
     let _ = worker.join();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_ids_name_the_known_model_first() {
+        assert_eq!(
+            model_ids("models/SmolLM2-135M-Instruct.Q4_1.gguf", None),
+            ["smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"]
+        );
+        assert_eq!(model_ids("smollm2", None)[0], "smollm2");
+        assert_eq!(
+            model_ids("x/other.gguf", Some("mine")),
+            ["mine", "other.gguf"]
+        );
+    }
+
+    #[test]
+    fn api_keys_match_exactly_and_never_print() {
+        let k = ApiKey::parse("sk-abc").expect("key");
+        assert!(k.matches("sk-abc"));
+        assert!(!k.matches("sk-abd") && !k.matches("sk-ab") && !k.matches(""));
+        assert!(!format!("{k:?}").contains("abc"));
+        assert!(ApiKey::parse("  ").is_err());
+    }
 }

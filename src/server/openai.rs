@@ -18,6 +18,8 @@ use crate::Error;
 
 use super::registry::valid_id;
 
+pub use super::fields::{decode_body, RequestBody};
+
 /// An error answered as `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Clone, Debug)]
 pub struct ApiError {
@@ -96,7 +98,7 @@ impl From<Error> for ApiError {
 /// errors instead of plain-text rejections.
 pub struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<S: Send + Sync, T: RequestBody> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
@@ -113,21 +115,34 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
                 format!("content type `{ct}` is not JSON; send Content-Type: application/json"),
             ));
         }
+        let limit = req.extensions().get::<BodyLimit>().map(|l| l.0);
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                let limit = limit.map_or("its limit".into(), |n| format!("{n} bytes"));
+                return ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    format!(
+                        "the request body is larger than this server accepts ({limit}, \
+                         --max-body-bytes); send fewer or shorter documents, or upload them \
+                         with POST /v1/documents and name them by id"
+                    ),
+                )
+                .code("request_too_large");
+            }
             ApiError::new(
                 e.status(),
                 "invalid_request_error",
                 format!("cannot read the request body: {}", e.body_text()),
             )
         })?;
-        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| {
-            ApiError::invalid(format!(
-                "the request body is not valid for this endpoint: {e}"
-            ))
-            .code("invalid_json")
-        })
+        decode_body(&bytes).map(ApiJson)
     }
 }
+
+/// The body size limit of the router, for the 413 message.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimit(pub usize);
 
 /// `stop`: one string or a list of them.
 #[derive(Clone, Debug, Deserialize)]
@@ -147,6 +162,7 @@ impl Stop {
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
@@ -171,9 +187,12 @@ pub struct SamplingFields {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    /// OpenAI's end-user identifier: accepted, changes nothing.
+    pub user: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
@@ -181,6 +200,7 @@ pub struct ChatMessage {
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Retrieve {
     pub top_k: u64,
 }
@@ -208,6 +228,7 @@ pub struct CompletionRequest {
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DocumentUpload {
     pub text: String,
     pub id: Option<String>,
@@ -272,14 +293,33 @@ pub fn content_text(v: &Value, i: usize) -> Result<String, ApiError> {
     }
 }
 
-/// A chat conversation reduced to what the engine takes: system text (the preamble), the
-/// earlier turns, and the last user message (the question).
+/// A chat conversation reduced to what the engine takes: the system text (the chat
+/// template's system role), the earlier turns, and the last user message (the question).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Conversation {
+    /// System and developer messages joined by newlines; empty when there are none.
     pub system: String,
-    /// Earlier user/assistant turns as `User: ...` / `Assistant: ...` lines.
-    pub history: String,
+    /// Earlier user/assistant turns, in order.
+    pub history: Vec<crate::tokenizer::ChatMessage>,
     pub question: String,
+}
+
+impl Conversation {
+    /// The earlier turns as `User: ...` / `Assistant: ...` lines (placed after the documents
+    /// of a RAG request, so that documents' KV does not depend on the conversation).
+    pub fn history_text(&self) -> String {
+        self.history
+            .iter()
+            .map(|m| {
+                let who = if m.role == "assistant" {
+                    "Assistant"
+                } else {
+                    "User"
+                };
+                format!("{who}: {}\n", m.content)
+            })
+            .collect()
+    }
 }
 
 pub fn parse_messages(msgs: &[ChatMessage]) -> Result<Conversation, ApiError> {
@@ -287,14 +327,15 @@ pub fn parse_messages(msgs: &[ChatMessage]) -> Result<Conversation, ApiError> {
         ApiError::invalid("messages must contain a user message (the question)").param("messages")
     })?;
     let mut system = Vec::new();
-    let mut history = String::new();
+    let mut history = Vec::new();
     for (i, m) in msgs.iter().enumerate() {
         let text = content_text(&m.content, i)?;
         match m.role.as_str() {
             "system" | "developer" => system.push(text),
             "user" if i == last_user => {}
-            "user" => history.push_str(&format!("User: {text}\n")),
-            "assistant" => history.push_str(&format!("Assistant: {text}\n")),
+            "user" | "assistant" => {
+                history.push(crate::tokenizer::ChatMessage::new(m.role.clone(), text))
+            }
             other => {
                 return Err(ApiError::invalid(format!(
                     "messages[{i}].role `{other}` is not supported; use system, user or assistant"
@@ -606,7 +647,11 @@ mod tests {
         ])))
         .expect("valid");
         assert_eq!(c.system, "Be brief.\nNo lists.");
-        assert_eq!(c.history, "User: Hi\nAssistant: Hello\n");
+        assert_eq!(c.history_text(), "User: Hi\nAssistant: Hello\n");
+        assert_eq!(
+            (c.history[1].role.as_str(), c.history[1].content.as_str()),
+            ("assistant", "Hello")
+        );
         assert_eq!(c.question, "Who won?");
     }
 

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -31,12 +31,12 @@ type St = State<Arc<AppState>>;
 type ApiResult = Result<Response, ApiError>;
 
 pub(crate) fn router(state: Arc<AppState>) -> Router {
-    let o = &state.opts;
-    let body_limit = (o.max_documents * o.max_document_tokens * 16).clamp(2 << 20, 256 << 20);
+    let body_limit = state.opts.max_body_bytes;
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/documents", post(upload).get(list_documents))
         .route(
             "/v1/documents/{id}",
@@ -53,8 +53,48 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(Extension(BodyLimit(body_limit)))
+        // Outside the body limit (an unauthorized client learns nothing about it), inside
+        // `track` (refusals are counted).
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
+}
+
+/// With `--api-key`: every route but /health needs `Authorization: Bearer KEY`, else 401 in
+/// OpenAI's error shape (as OpenAI and vLLM answer). The key is compared, never logged.
+async fn auth(State(st): St, req: Request, next: Next) -> Response {
+    let Some(key) = &st.opts.api_key else {
+        return next.run(req).await;
+    };
+    if req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let message = match given {
+        None => {
+            "no API key given; send it as `Authorization: Bearer KEY` (the key the \
+                 server was started with, --api-key or SAMKV_API_KEY)"
+        }
+        Some(v) => match v.strip_prefix("Bearer ").map(str::trim) {
+            Some(k) if key.matches(k) => return next.run(req).await,
+            Some(_) => {
+                "incorrect API key; send the key the server was started with \
+                        (--api-key or SAMKV_API_KEY)"
+            }
+            None => "the Authorization header must be `Bearer KEY`",
+        },
+    };
+    let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
+        .code("invalid_api_key")
+        .into_response();
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
 }
 
 /// Counts every response by route template and status.
@@ -81,7 +121,7 @@ async fn health(State(st): St) -> Json<Value> {
     let m = &st.metrics;
     Json(json!({
         "status": "ok",
-        "model": st.model,
+        "model": st.models[0],
         "queued": m.queued.load(Relaxed),
         "running": m.active_sequences.load(Relaxed),
         "index": st.retriever.is_some(),
@@ -98,10 +138,31 @@ async fn metrics(State(st): St) -> ApiResult {
         .into_response())
 }
 
+fn model_json(id: &str) -> Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": "samkv"})
+}
+
 async fn models(State(st): St) -> Json<Value> {
-    Json(json!({"object": "list", "data": [
-        {"id": st.model, "object": "model", "created": 0, "owned_by": "samkv"}
-    ]}))
+    Json(json!({"object": "list", "data": [model_json(&st.models[0])]}))
+}
+
+async fn model(State(st): St, Path(id): Path<String>) -> ApiResult {
+    check_model(&st, Some(&id))?;
+    Ok(Json(model_json(&id)).into_response())
+}
+
+/// A request's `model` must name the served model (its listed id or one of its aliases);
+/// leaving it out means that one.
+fn check_model(st: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if !st.models.iter().any(|id| id == m) => Err(ApiError::not_found(format!(
+            "model `{m}` is not served here; this server runs `{}` (GET /v1/models)",
+            st.models[0]
+        ))
+        .param("model")
+        .code("model_not_found")),
+        _ => Ok(()),
+    }
 }
 
 // ---- validation --------------------------------------------------------------------------
@@ -210,38 +271,35 @@ fn resolve_documents(
     Ok(out)
 }
 
-/// The engine prompt of a chat: system text as the preamble, documents in the LongBench
-/// layout `samkv ask` uses (so uploads and ingests share their KV with chats), earlier turns
-/// before the question.
+/// The engine prompt of a chat. System text is the chat template's system role. Without
+/// documents the conversation is the model's own chat, turn by turn. With documents they
+/// sit in the LongBench layout `samkv ask` uses (so uploads and ingests share their KV with
+/// chats), and earlier turns go after them, before the question, so that documents' KV does
+/// not depend on the conversation.
 fn chat_prompt(conv: &Conversation, docs: &[String]) -> Prompt {
+    let system = (!conv.system.is_empty()).then(|| conv.system.clone());
     if docs.is_empty() {
-        let preamble = if conv.system.is_empty() {
-            String::new()
-        } else {
-            format!("{}\n\n", conv.system)
-        };
         return Prompt {
-            preamble,
-            documents: Vec::new(),
-            question: format!("{}{}", conv.history, conv.question),
+            question: conv.question.clone(),
+            system,
+            history: conv.history.clone(),
+            ..Default::default()
         };
     }
     let rp = RagPrompt::for_question(docs, &conv.question);
-    let preamble = if conv.system.is_empty() {
-        rp.preamble
-    } else {
-        format!("{}\n\nThe following are given passages.\n", conv.system)
-    };
-    let question = if conv.history.is_empty() {
+    let history = conv.history_text();
+    let question = if history.is_empty() {
         rp.question
     } else {
         rp.question
-            .replacen("Question: ", &format!("{}Question: ", conv.history), 1)
+            .replacen("Question: ", &format!("{history}Question: "), 1)
     };
     Prompt {
-        preamble,
+        preamble: rp.preamble,
         documents: rp.documents,
         question,
+        system,
+        history: Vec::new(),
     }
 }
 
@@ -376,6 +434,7 @@ async fn generate(
 }
 
 async fn chat(State(st): St, ApiJson(req): ApiJson<ChatRequest>) -> ApiResult {
+    check_model(&st, req.model.as_deref())?;
     let conv = parse_messages(&req.messages)?;
     let sampling = sampling(&st, &req.sampling)?;
     let method = parse_method(&st.defaults, req.kv.as_ref())?;
@@ -398,18 +457,18 @@ async fn chat(State(st): St, ApiJson(req): ApiJson<ChatRequest>) -> ApiResult {
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let reply = Reply::new(&st.model, true, extra);
+    let reply = Reply::new(&st.models[0], true, extra);
     generate(&st, work, reply, req.sampling.stream, include_usage).await
 }
 
 async fn completions(State(st): St, ApiJson(req): ApiJson<CompletionRequest>) -> ApiResult {
+    check_model(&st, req.model.as_deref())?;
     let prompt = completion_prompt(&req.prompt)?;
     let sampling = sampling(&st, &req.sampling)?;
     let work = GenerateWork {
         prompt: Prompt {
-            preamble: String::new(),
-            documents: Vec::new(),
             question: prompt,
+            ..Default::default()
         },
         method: Box::new(Recompute),
         sampling,
@@ -421,7 +480,7 @@ async fn completions(State(st): St, ApiJson(req): ApiJson<CompletionRequest>) ->
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let reply = Reply::new(&st.model, false, json!({}));
+    let reply = Reply::new(&st.models[0], false, json!({}));
     generate(&st, work, reply, req.sampling.stream, include_usage).await
 }
 
@@ -559,10 +618,13 @@ async fn delete_document(State(st): St, Path(id): Path<String>) -> ApiResult {
 mod tests {
     use super::*;
 
-    fn conv(system: &str, history: &str) -> Conversation {
+    fn conv(system: &str, history: &[(&str, &str)]) -> Conversation {
         Conversation {
             system: system.into(),
-            history: history.into(),
+            history: history
+                .iter()
+                .map(|(r, c)| crate::tokenizer::ChatMessage::new(*r, *c))
+                .collect(),
             question: "Who?".into(),
         }
     }
@@ -570,7 +632,7 @@ mod tests {
     #[test]
     fn chat_prompt_matches_ask_without_system() {
         let docs = vec!["A doc.".to_string()];
-        let p = chat_prompt(&conv("", ""), &docs);
+        let p = chat_prompt(&conv("", &[]), &docs);
         let rp = RagPrompt::for_question(&docs, "Who?");
         assert_eq!(
             (p.preamble, p.documents, p.question),
@@ -581,17 +643,24 @@ mod tests {
     #[test]
     fn chat_prompt_places_system_and_history() {
         let docs = vec!["A doc.".to_string()];
-        let p = chat_prompt(&conv("Be terse.", "User: hi\nAssistant: hello\n"), &docs);
-        assert!(p.preamble.starts_with("Be terse.\n\n"));
+        let turns = [("user", "hi"), ("assistant", "hello")];
+        let p = chat_prompt(&conv("Be terse.", &turns), &docs);
+        // The system message is the template's system role; the RAG preamble stays.
+        assert_eq!(p.system.as_deref(), Some("Be terse."));
+        assert_eq!(p.preamble, RagPrompt::for_question(&docs, "Who?").preamble);
+        assert!(p.history.is_empty());
         assert!(
             p.question
                 .contains("User: hi\nAssistant: hello\nQuestion: Who?"),
             "{}",
             p.question
         );
-        let p = chat_prompt(&conv("S", "User: hi\n"), &[]);
-        assert_eq!(p.preamble, "S\n\n");
-        assert_eq!(p.question, "User: hi\nWho?");
+        // Without documents: the model's own chat, turn by turn.
+        let p = chat_prompt(&conv("S", &turns[..1]), &[]);
+        assert_eq!((p.system.as_deref(), p.preamble.as_str()), (Some("S"), ""));
+        assert_eq!(p.question, "Who?");
+        assert_eq!(p.history.len(), 1);
         assert!(p.documents.is_empty());
+        assert_eq!(chat_prompt(&conv("", &[]), &[]).system, None);
     }
 }

@@ -117,6 +117,8 @@ pub enum Event {
 pub struct WorkerConfig {
     pub max_batch: usize,
     pub max_document_tokens: usize,
+    /// Most context tokens (everything before the answer) in one request.
+    pub max_context_tokens: usize,
 }
 
 /// Starts the worker thread; it ends when every sender is dropped.
@@ -444,14 +446,33 @@ impl Worker {
         Ok(())
     }
 
+    fn check_context(&self, tokens: usize) -> std::result::Result<(), ApiError> {
+        let max = self.cfg.max_context_tokens;
+        if tokens > max {
+            return Err(ApiError::invalid(format!(
+                "the request has {tokens} context tokens (system, documents and question), more \
+                 than this server's limit of {max} (--max-context-tokens); send fewer or shorter \
+                 documents"
+            ))
+            .code("context_length_exceeded"));
+        }
+        Ok(())
+    }
+
     fn assemble(
         &mut self,
         w: &GenerateWork,
     ) -> std::result::Result<(crate::methods::Assembled, Usage, String), ApiError> {
         w.sampling.validate()?;
         self.engine.chat = self.chat && !w.raw;
+        if w.prompt.documents.is_empty() {
+            return self.assemble_plain(w);
+        }
         let t = self.engine.tokenize(&w.prompt)?;
         self.check_documents(&t.documents)?;
+        self.check_context(
+            t.prefix.len() + t.documents.iter().map(Vec::len).sum::<usize>() + t.question.len(),
+        )?;
         let prepared = self.engine.prepare(&t)?;
         let ctx = Context {
             model: &self.engine.model,
@@ -472,6 +493,8 @@ impl Worker {
                 c.fetch_add(1, Relaxed);
             }
         }
+        // Stored KV the method recomputed was not reused: Recompute reuses none of it.
+        let cached = cached.saturating_sub(a.stats.recomputed_tokens.round() as usize);
         let prompt_tokens = ctx.context_len() + ctx.question.len();
         let m = &self.metrics;
         m.prompt_tokens.fetch_add(prompt_tokens as u64, Relaxed);
@@ -489,12 +512,34 @@ impl Worker {
         Ok((a, usage, w.method.name()))
     }
 
+    /// A request without documents: the model's own chat (or, raw, the prompt as given), one
+    /// prefill, nothing from the store; the method is reported as `none`.
+    fn assemble_plain(
+        &mut self,
+        w: &GenerateWork,
+    ) -> std::result::Result<(crate::methods::Assembled, Usage, String), ApiError> {
+        // Tokenizing twice costs little next to a prefill that could not be used.
+        let prompt_tokens = self.engine.tokenize_plain(&w.prompt)?.len();
+        self.check_context(prompt_tokens)?;
+        let a = self.engine.assemble_plain(&w.prompt)?;
+        self.metrics
+            .prompt_tokens
+            .fetch_add(prompt_tokens as u64, Relaxed);
+        let usage = Usage {
+            prompt_tokens,
+            ..Default::default()
+        };
+        let method = a.stats.method.clone();
+        Ok((a, usage, method))
+    }
+
     fn ingest(&mut self, text: &str) -> std::result::Result<Event, ApiError> {
         self.engine.chat = self.chat;
         let p = Prompt {
             preamble: RagPrompt::for_question(&[], "x").preamble,
             documents: vec![RagPrompt::document(text)],
             question: "x".into(),
+            ..Default::default()
         };
         let t = self.engine.tokenize(&p)?;
         self.check_documents(&t.documents)?;

@@ -336,6 +336,7 @@ impl KvStore for DiskStore {
                 model_fingerprint: meta["model_fingerprint"].as_str().unwrap_or("").to_string(),
                 format_version: meta["format_version"].as_u64().unwrap_or(0) as u32,
                 created_unix: meta["created_unix"].as_u64().unwrap_or(0),
+                source: meta["source"].as_str().map(str::to_string),
             });
         }
         Ok(out)

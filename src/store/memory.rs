@@ -217,6 +217,7 @@ impl KvStore for MemoryTier {
                 model_fingerprint: e.doc.meta.model_fingerprint.clone(),
                 format_version: e.doc.meta.format_version,
                 created_unix: e.doc.meta.created_unix,
+                source: e.doc.meta.source.clone(),
             })
             .collect())
     }

@@ -51,6 +51,10 @@ pub struct DocMeta {
     pub positions: Vec<u32>,
     pub token_ids: Vec<u32>,
     pub created_unix: u64,
+    /// Where the text came from (a file name, an upload id), for `samkv store ls`; not part
+    /// of the content address. Absent in entries written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl DocMeta {
@@ -360,6 +364,8 @@ pub struct EntryInfo {
     pub model_fingerprint: String,
     pub format_version: u32,
     pub created_unix: u64,
+    /// [`DocMeta::source`].
+    pub source: Option<String>,
 }
 
 /// Counters of a store. Fields a tier does not have stay 0.
@@ -483,6 +489,7 @@ pub(crate) mod test_util {
                 .map(|i| seed.wrapping_mul(7919).wrapping_add(i))
                 .collect(),
             created_unix: 1_700_000_000 + seed as u64,
+            source: None,
         };
         let mut side = BTreeMap::new();
         side.insert(

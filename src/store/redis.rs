@@ -144,6 +144,8 @@ struct Summary {
     model_fingerprint: String,
     format_version: u32,
     created_unix: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source: Option<String>,
 }
 
 /// Documents' KV caches in Redis.
@@ -218,6 +220,7 @@ impl KvStore for RedisStore {
             model_fingerprint: doc.meta.model_fingerprint.clone(),
             format_version: doc.meta.format_version,
             created_unix: doc.meta.created_unix,
+            source: doc.meta.source.clone(),
         };
         let summary = serde_json::to_string(&summary)
             .map_err(|e| Error::Store(format!("cannot serialize summary: {e}")))?;
@@ -264,6 +267,7 @@ impl KvStore for RedisStore {
                 model_fingerprint: s.model_fingerprint,
                 format_version: s.format_version,
                 created_unix: s.created_unix,
+                source: s.source,
             })
             .collect())
     }

@@ -174,6 +174,33 @@ fn chat_wrap_splits_around_content() {
 }
 
 #[test]
+fn chat_wrap_keeps_the_system_role_and_earlier_turns() {
+    let history = [
+        ChatMessage::new("user", "Hi"),
+        ChatMessage::new("assistant", "Hello."),
+    ];
+    let (pre, post) = smol().chat_wrap_with(Some("Be brief."), &history).unwrap();
+    // The given system message replaces the template's default one.
+    assert_eq!(
+        pre,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
+         <|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\n"
+    );
+    assert_eq!(post, "<|im_end|>\n<|im_start|>assistant\n");
+    let mut msgs = vec![ChatMessage::new("system", "Be brief.")];
+    msgs.extend(history.iter().cloned());
+    msgs.push(ChatMessage::new("user", "Q?"));
+    for t in [smol(), qwen()] {
+        let (pre, post) = t.chat_wrap_with(Some("Be brief."), &history).unwrap();
+        assert_eq!(
+            format!("{pre}Q?{post}"),
+            t.render_chat(&msgs, true).unwrap()
+        );
+        assert_eq!(t.chat_wrap_with(None, &[]).unwrap(), t.chat_wrap().unwrap());
+    }
+}
+
+#[test]
 fn stream_decoder_matches_whole_decode() {
     for t in [smol(), qwen()] {
         let mut ids = t.encode(UNICODE).unwrap();

@@ -57,6 +57,8 @@ pub struct Server {
     pub url: String,
     pub log: PathBuf,
     pub agent: ureq::Agent,
+    /// Sent as `Authorization: Bearer KEY` with every request when set.
+    pub key: Option<String>,
 }
 
 /// Runs the samkv binary with `args`, returning (success, stdout, stderr).
@@ -76,6 +78,11 @@ pub fn samkv(args: &[&str]) -> (bool, String, String) {
 impl Server {
     /// `samkv --store STORE serve --model SMOLLM2 --port 0 ARGS...`; waits until it listens.
     pub fn start(store: &str, log_dir: &Path, args: &[&str]) -> Server {
+        Self::start_env(store, log_dir, args, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables.
+    pub fn start_env(store: &str, log_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let model = model_path();
         let log = log_dir.join(format!(
             "serve-{}.log",
@@ -88,6 +95,7 @@ impl Server {
             .args(["--store", store, "-v", "serve", "--port", "0", "--model"])
             .arg(&model)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
@@ -116,13 +124,20 @@ impl Server {
             url,
             log,
             agent: agent(),
+            key: None,
+        }
+    }
+
+    fn auth<B>(&self, r: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.key {
+            Some(k) => r.header("authorization", format!("Bearer {k}")),
+            None => r,
         }
     }
 
     pub fn get(&self, path: &str) -> (u16, Value) {
         let r = self
-            .agent
-            .get(format!("{}{path}", self.url))
+            .auth(self.agent.get(format!("{}{path}", self.url)))
             .call()
             .expect("GET");
         read_json(r)
@@ -130,8 +145,7 @@ impl Server {
 
     pub fn get_text(&self, path: &str) -> (u16, String) {
         let r = self
-            .agent
-            .get(format!("{}{path}", self.url))
+            .auth(self.agent.get(format!("{}{path}", self.url)))
             .call()
             .expect("GET");
         let s = r.status().as_u16();
@@ -140,8 +154,7 @@ impl Server {
 
     pub fn delete(&self, path: &str) -> (u16, Value) {
         let r = self
-            .agent
-            .delete(format!("{}{path}", self.url))
+            .auth(self.agent.delete(format!("{}{path}", self.url)))
             .call()
             .expect("DELETE");
         read_json(r)
@@ -153,8 +166,7 @@ impl Server {
 
     pub fn post_raw(&self, path: &str, body: &str, content_type: &str) -> (u16, Value) {
         let r = self
-            .agent
-            .post(format!("{}{path}", self.url))
+            .auth(self.agent.post(format!("{}{path}", self.url)))
             .header("content-type", content_type)
             .send(body)
             .expect("POST");
@@ -170,8 +182,7 @@ impl Server {
     /// Reads at most `max` `data:` payloads, then drops the connection.
     pub fn stream_lines(&self, path: &str, body: &Value, max: usize) -> (u16, Vec<String>) {
         let r = self
-            .agent
-            .post(format!("{}{path}", self.url))
+            .auth(self.agent.post(format!("{}{path}", self.url)))
             .header("content-type", "application/json")
             .send(body.to_string())
             .expect("POST");
