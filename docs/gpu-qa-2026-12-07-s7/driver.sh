@@ -7,7 +7,7 @@
 #      METHODS.md invariant with K/V compared layer by layer)
 #   3. the Hugging Face anchor and `samkv bench-gpu` at the Llama-3.1-8B shape (TTFT of every
 #      SamKV selection beside the full prefill), alone on the GPU
-#   4. `samkv bench` on every example of both files with both Qwen models and SmolLM2, every
+#   4. `samkv bench` on every example of both files with both Qwen models every
 #      method, 3 shards per (model, file) in parallel; shards merged and summarized at the end
 # Everything lands in dist/out/ (run.txt, selfcheck.txt, anchor.jsonl, bench.txt/json,
 # runs.tar.gz); a later call copies it to $OUT. DONE marks the end.
@@ -30,21 +30,21 @@ Q15=models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
 SMOL=models/SmolLM2-135M-Instruct.Q4_1.gguf
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; ldd "$S" | grep -i 'not found'; } >>"$RUN" 2>&1
 log "selfcheck"
-timeout -k 5 240 "$S" --device cuda selfcheck --model "$Q15" >"$O/selfcheck.txt" 2>&1
+timeout -k 5 180 "$S" --device cuda selfcheck --model "$Q15" >"$O/selfcheck.txt" 2>&1
 log "selfcheck exit $?"
 log "anchor"
-timeout -k 5 200 sh -c "exec python3 scripts/hf_anchor.py 2>'$O/anchor.log'" >"$O/anchor.jsonl"
+timeout -k 5 150 sh -c "exec python3 scripts/hf_anchor.py --prefill 5120,10240 --cached 1536 2>'$O/anchor.log'" >"$O/anchor.jsonl"
 log "anchor exit $?"
 SK=samkv:selection=global:keep=0.15
-M8B="recompute,reuse,cacheblend:ratio=0.15,epic:epic_k=16,$SK,$SK:samkv_score=attention,$SK:samkv_score=attention:samkv_attend=all,samkv:selection=coverage:cover=0.5:keep=0.3:samkv_score=attention:samkv_attend=all"
+M8B="recompute,reuse,cacheblend:ratio=0.15,epic:epic_k=16,$SK,$SK:samkv_score=attention,$SK:samkv_score=attention:samkv_attend=all,samkv:selection=coverage:cover=0.3:keep=0.25:samkv_score=attention:samkv_attend=all"
 log "bench-gpu"
-timeout -k 5 300 "$S" --device cuda bench-gpu --shape llama-3.1-8b --doc-len 512,1024 --reps 9 \
-    --max-batch 8 --batch-steps 4 --methods "$M8B" --out "$O/bench.json" >"$O/bench.txt" 2>&1
+timeout -k 5 200 "$S" --device cuda bench-gpu --shape llama-3.1-8b --doc-len 512 --reps 7 \
+    --max-batch 1 --decode-steps 8 --methods "$M8B" --out "$O/bench.json" >"$O/bench.txt" 2>&1
 log "bench-gpu exit $?"
-METHODS="recompute,reuse,cacheblend,epic,infllm,samkv:selection=per-doc,$SK,$SK:samkv_score=attention,oracle:keep=0.15,$SK:samkv_score=attention:samkv_attend=all,oracle:keep=0.15:samkv_attend=all,samkv:selection=coverage:cover=0.5:keep=0.3:samkv_score=attention:samkv_attend=all,samkv:selection=coverage:cover=0.7:keep=0.3:samkv_score=attention:samkv_attend=all,samkv:selection=global:keep=1.0"
+METHODS="recompute,reuse,cacheblend,epic,infllm,samkv:selection=per-doc,$SK,$SK:samkv_score=attention,oracle:keep=0.15,$SK:samkv_score=attention:samkv_attend=all,oracle:keep=0.15:samkv_attend=all,samkv:selection=coverage:cover=0.3:keep=0.25:samkv_score=attention:samkv_attend=all,samkv:selection=coverage:cover=0.4:keep=0.2:samkv_score=attention:samkv_attend=all,samkv:selection=global:keep=1.0"
 SHARDS=3
 pids=()
-for model in q05 q15 smol; do
+for model in q05 q15; do
     case $model in q05) M=$Q05 ;; q15) M=$Q15 ;; smol) M=$SMOL ;; esac
     for data in musique wikimqa; do
         case $data in musique) D=dist/staged/musique_s.jsonl ;; wikimqa) D=dist/staged/wikimqa_s_clean.jsonl ;; esac
@@ -52,7 +52,7 @@ for model in q05 q15 smol; do
             name="$model-$data@$i"
             mkdir -p "dist/runs/$name"
             echo "$M $D --methods $METHODS --shard $i/$SHARDS" >"dist/runs/$name/cmd.txt"
-            timeout -k 5 "${QA_SECS:-1000}" "$S" --device cuda --store "/tmp/qa-store-$name" bench \
+            timeout -k 5 "${QA_SECS:-420}" "$S" --device cuda --store "/tmp/qa-store-$name" bench \
                 --model "$M" --data "$D" --out "dist/runs/$name" --methods "$METHODS" \
                 --shard "$i/$SHARDS" >"dist/runs/$name/log.txt" 2>&1 &
             pids+=($!)
@@ -64,7 +64,7 @@ for p in "${pids[@]}"; do wait "$p"; done
 log "bench done"
 # Merge the shards of each (model, file) and summarize over the longest prefix of examples
 # that every method finished (a resume that computes nothing).
-for model in q05 q15 smol; do
+for model in q05 q15; do
     case $model in q05) M=$Q05 ;; q15) M=$Q15 ;; smol) M=$SMOL ;; esac
     for data in musique wikimqa; do
         case $data in musique) D=dist/staged/musique_s.jsonl ;; wikimqa) D=dist/staged/wikimqa_s_clean.jsonl ;; esac
