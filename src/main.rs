@@ -122,6 +122,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cli::StoreCmd,
     },
+    /// The headline of several bench runs: one table (models x files) and agreement-vs-KV
+    /// plots per model.
+    BenchReport(Box<samkv::eval::headline::ReportArgs>),
     /// Time every method at production shape with random weights (e.g. on a GPU).
     BenchGpu(Box<samkv::gpu_bench::BenchGpuArgs>),
     /// Check the runtime on --device against the CPU, and the methods' invariants there.
@@ -295,6 +298,10 @@ fn run(cli: Cli) -> Result<()> {
                 candle_core::utils::get_num_threads(),
                 samkv::eval::reuse_bench::markdown(&b)
             );
+            Ok(())
+        }
+        Cmd::BenchReport(a) => {
+            print!("{}", samkv::eval::headline::run(a)?);
             Ok(())
         }
         Cmd::BenchGpu(a) => Ok(samkv::gpu_bench::run(a, device(&cli.device)?)?),

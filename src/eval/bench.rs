@@ -550,7 +550,9 @@ pub fn run(
             file.write_all(to_line(&r)?.as_bytes())?;
             file.flush()?;
             if let Some(e) = &r.error {
-                bar.println(format!("example {} {}: {e}", r.example, r.method));
+                // A warning, not bar.println: the bar is hidden when stderr is not a
+                // terminal, and the final read drops error lines, so this is the only trace.
+                bar.suspend(|| tracing::warn!("example {} {}: {e}", r.example, r.method));
             }
             bar.set_message(format!("{} F1 {:.2}", r.method, r.f1));
             written.push((r.example, r.method));

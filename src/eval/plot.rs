@@ -1,4 +1,4 @@
-//! SVG line plots for budget sweeps and Markdown tables for reports.
+//! SVG line plots for budget sweeps, scatter plots of methods, Markdown tables for reports.
 
 use std::path::Path;
 
@@ -88,6 +88,97 @@ pub fn line_plot(
             });
         chart
             .draw_series(pts.iter().map(|&p| Circle::new(p, 4, colour.filled())))
+            .map_err(|e| plot_err(&e))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| plot_err(&e))?;
+    root.present().map_err(|e| plot_err(&e))?;
+    Ok(())
+}
+
+/// One named set of labelled points (x, y, label).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Labelled {
+    pub name: String,
+    pub points: Vec<(f64, f64, String)>,
+}
+
+/// Writes an SVG scatter plot to `path`: one colour and legend entry per set, each point
+/// marked and labelled (points are not joined: they are different methods, not a curve).
+pub fn scatter_plot(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    sets: &[Labelled],
+) -> Result<()> {
+    let xy: Vec<(f64, f64)> = sets
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| (p.0, p.1)))
+        .collect();
+    if let Some(&(x, y)) = xy.iter().find(|(x, y)| !x.is_finite() || !y.is_finite()) {
+        return Err(Error::InvalidInput(format!(
+            "plot {}: point ({x}, {y}) is not finite",
+            path.display()
+        )));
+    }
+    if xy.is_empty() {
+        return Err(Error::InvalidInput(format!(
+            "plot {}: no points to draw",
+            path.display()
+        )));
+    }
+    let fold = |f: fn(f64, f64) -> f64, init: f64, g: fn(&(f64, f64)) -> f64| {
+        xy.iter().map(g).fold(init, f)
+    };
+    let (x0, x1) = padded(
+        fold(f64::min, f64::MAX, |p| p.0),
+        fold(f64::max, f64::MIN, |p| p.0),
+    );
+    let (y0, y1) = padded(
+        fold(f64::min, f64::MAX, |p| p.1),
+        fold(f64::max, f64::MIN, |p| p.1),
+    );
+    let plot_err = |e: &dyn std::fmt::Display| Error::Plot(format!("{}: {e}", path.display()));
+    let root = SVGBackend::new(path, (1000, 640)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| plot_err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 24))
+        .margin(15)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(|e| plot_err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .draw()
+        .map_err(|e| plot_err(&e))?;
+    for (i, s) in sets.iter().enumerate() {
+        let colour = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(
+                s.points
+                    .iter()
+                    .map(|p| Circle::new((p.0, p.1), 5, colour.filled())),
+            )
+            .map_err(|e| plot_err(&e))?
+            .label(s.name.as_str())
+            .legend(move |(x, y)| Circle::new((x + 10, y), 5, colour.filled()));
+        chart
+            .draw_series(s.points.iter().map(|p| {
+                Text::new(
+                    p.2.clone(),
+                    (p.0, p.1),
+                    ("sans-serif", 12).into_font().color(&colour),
+                )
+            }))
             .map_err(|e| plot_err(&e))?;
     }
     chart

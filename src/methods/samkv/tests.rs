@@ -308,7 +308,7 @@ fn coverage_takes_the_best_blocks_until_the_target_is_held() {
     // Ties: the earlier document and block first.
     let tied = vec![vec![0.25, 0.25], vec![0.25, 0.25]];
     assert_eq!(
-        select_blocks_coverage(&tied, &vec![vec![8, 8], vec![8, 8]], 0.5, 1000),
+        select_blocks_coverage(&tied, &[vec![8, 8], vec![8, 8]], 0.5, 1000),
         vec![vec![0, 1], vec![]]
     );
     // Documents without a middle (no blocks) and no blocks at all.
