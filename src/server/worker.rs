@@ -38,8 +38,16 @@ pub struct Gate {
     metrics: Arc<Metrics>,
 }
 
-/// A slot in the [`Gate`], released on drop.
-pub struct Permit(Arc<Metrics>);
+/// A slot in the [`Gate`] (and the client's own slot), released on drop.
+pub struct Permit(Arc<Metrics>, Option<super::guard::ClientSlot>);
+
+impl Permit {
+    /// Holds the client's slot as long as this permit.
+    pub fn with_client(mut self, slot: super::guard::ClientSlot) -> Permit {
+        self.1 = Some(slot);
+        self
+    }
+}
 
 impl Drop for Permit {
     fn drop(&mut self) {
@@ -60,7 +68,7 @@ impl Gate {
                 return None;
             }
             match q.compare_exchange_weak(cur, cur + 1, Relaxed, Relaxed) {
-                Ok(_) => return Some(Permit(self.metrics.clone())),
+                Ok(_) => return Some(Permit(self.metrics.clone(), None)),
                 Err(now) => cur = now,
             }
         }
@@ -543,7 +551,9 @@ impl Worker {
         };
         let t = self.engine.tokenize(&p)?;
         self.check_documents(&t.documents)?;
-        let prepared = self.engine.prepare(&t)?;
+        let mut prepared = self.engine.prepare(&t)?;
+        // An upload is acknowledged only once its KV is in the store.
+        prepared.require_stored()?;
         let cached = prepared.sources.last() == Some(&Source::Store);
         let c = if cached {
             &self.metrics.cache_hits

@@ -91,7 +91,7 @@ impl RedisConn {
         if st.conn.is_none() {
             if let Some(t) = st.down_until {
                 if Instant::now() < t {
-                    return Err(Error::Store(format!(
+                    return Err(Error::Unavailable(format!(
                         "Redis at {} is unavailable (retrying shortly); {what} skipped",
                         self.shown
                     )));
@@ -112,7 +112,7 @@ impl RedisConn {
                 }
                 Err(e) => {
                     st.down_until = Some(Instant::now() + RETRY_AFTER);
-                    return Err(Error::Store(format!(
+                    return Err(Error::Unavailable(format!(
                         "cannot connect to Redis at {} ({e}); is redis-server running? {what} skipped",
                         self.shown
                     )));
@@ -124,13 +124,16 @@ impl RedisConn {
             Ok(v) => Ok(v),
             Err(e) => {
                 st.conn = None;
+                let msg = format!("Redis at {}: {what}: {e}", self.shown);
                 if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
                     st.down_until = Some(Instant::now() + RETRY_AFTER);
+                    return Err(Error::Unavailable(msg));
                 }
-                Err(Error::Store(format!(
-                    "Redis at {}: {what}: {e}",
-                    self.shown
-                )))
+                // Redis out of memory (maxmemory) refuses writes with OOM.
+                if e.code() == Some("OOM") {
+                    return Err(Error::StoreFull(msg));
+                }
+                Err(Error::Store(msg))
             }
         }
     }
@@ -207,7 +210,7 @@ impl KvStore for RedisStore {
         match bytes {
             None => Ok(None),
             Some(b) => Ok(Some(Arc::new(decode(&b, Some(id)).map_err(|e| {
-                Error::Store(format!("Redis entry {}: {e}", kv_key(id)))
+                Error::Corrupt(format!("Redis entry {}: {e}", kv_key(id)))
             })?))),
         }
     }
