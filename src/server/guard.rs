@@ -139,12 +139,7 @@ pub async fn check_request(
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri().authority().map(|a| a.as_str()))
             .unwrap_or("");
-        if !st
-            .opts
-            .allowed_hosts
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(host))
-        {
+        if !host_allowed(&st.opts.allowed_hosts, host) {
             return ApiError::new(
                 StatusCode::MISDIRECTED_REQUEST,
                 "invalid_request_error",
@@ -189,6 +184,18 @@ pub async fn check_request(
     req.extensions_mut().insert(BodyTimeout(lim.body_timeout()));
     req.extensions_mut().insert(client);
     next.run(req).await
+}
+
+/// Whether `host` (a Host header: name or IP, maybe `:port`) is allowed: an entry with a
+/// port must match exactly, one without matches any port.
+fn host_allowed(allowed: &[String], host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().map_or(host, |h| &host[..h.len() + 2]),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    allowed
+        .iter()
+        .any(|a| a.eq_ignore_ascii_case(host) || a.eq_ignore_ascii_case(name))
 }
 
 /// Counts each client's requests in flight, for --max-requests-per-client.
@@ -314,6 +321,19 @@ pub async fn serve_conns(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_match_with_or_without_port() {
+        let a = vec![
+            "localhost".to_string(),
+            "api.example:8443".into(),
+            "[::1]".into(),
+        ];
+        assert!(host_allowed(&a, "localhost:8080") && host_allowed(&a, "LOCALHOST"));
+        assert!(host_allowed(&a, "api.example:8443") && !host_allowed(&a, "api.example:80"));
+        assert!(host_allowed(&a, "[::1]:8080"));
+        assert!(!host_allowed(&a, "evil.example") && !host_allowed(&a, "localhost.evil:80"));
+    }
 
     #[test]
     fn client_slots_cap_and_release() {
