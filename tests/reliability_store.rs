@@ -81,6 +81,7 @@ fn ingest_on_a_full_disk_exits_non_zero_with_the_count() {
     let failed = err.lines().filter(|l| l.contains("was not stored")).count();
     assert!(stored >= 1 && failed >= 1, "{out}\n{err}");
     assert_eq!(stored + failed, 8, "{out}\n{err}");
+    eprintln!("full disk: ingest stored {stored}, reported {failed} failed writes");
     assert!(
         out.contains(&format!("{stored} newly stored"))
             && out.contains(&format!("{failed} failed to store")),
@@ -121,6 +122,10 @@ fn uploads_on_a_full_disk_are_507_and_every_200_survives_a_restart() {
     assert!(
         !acked.is_empty() && refused >= 1,
         "acked {acked:?}, refused {refused}"
+    );
+    eprintln!(
+        "full disk: {} uploads acknowledged, {refused} refused with 507",
+        acked.len()
     );
     drop(s);
     let s = Server::start(store, logs.path(), &["--method", "reuse"]);

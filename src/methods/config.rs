@@ -167,15 +167,6 @@ impl MethodConfig {
                 ));
             }
         }
-        for (name, v) in [
-            ("ratio", self.ratio),
-            ("keep", self.keep),
-            ("cover", self.cover),
-        ] {
-            if !v.is_finite() {
-                return bad(format!("{name} must be a finite number, got {v}"));
-            }
-        }
         Ok(())
     }
 

@@ -59,7 +59,7 @@ pub(crate) async fn upload(
     if old.as_ref().is_some_and(|o| o.text != req.text) {
         return Err(conflict(&id));
     }
-    let mut rx = submit(
+    let (mut rx, _slot) = submit(
         &st,
         &client,
         Work::Ingest {

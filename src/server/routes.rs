@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::documents::{delete_document, get_document, list_documents, upload};
-use super::guard::ClientId;
+use super::guard::{ClientId, ClientSlot};
 use super::openai::*;
 use super::worker::{Event, GenerateWork, Job, Work};
 use super::AppState;
@@ -316,7 +316,7 @@ pub(crate) fn submit(
     st: &AppState,
     client: &ClientId,
     work: Work,
-) -> Result<UnboundedReceiver<Event>, ApiError> {
+) -> Result<(UnboundedReceiver<Event>, ClientSlot), ApiError> {
     let max = st.opts.limits.max_requests_per_client;
     let slot = st.clients.try_acquire(&client.0, max).ok_or_else(|| {
         st.metrics.rejected_full.fetch_add(1, Relaxed);
@@ -342,7 +342,6 @@ pub(crate) fn submit(
         )
         .code("rate_limit_exceeded")
     })?;
-    let permit = permit.with_client(slot);
     let (tx, rx) = unbounded_channel();
     let job = Job {
         work,
@@ -355,7 +354,9 @@ pub(crate) fn submit(
         .unwrap_or_else(|p| p.into_inner())
         .send(job)
         .map_err(|_| ApiError::internal("the model thread has stopped; restart the server"))?;
-    Ok(rx)
+    // The client's slot is held by the HTTP side (the handler, or the stream), so it is free
+    // as soon as the client has its answer or its deadline error.
+    Ok((rx, slot))
 }
 
 pub(crate) fn worker_gone() -> ApiError {
@@ -395,7 +396,7 @@ async fn generate(
     include_usage: bool,
 ) -> ApiResult {
     let deadline = tokio::time::Instant::now() + st.opts.limits.request_timeout();
-    let mut rx = submit(st, client, Work::Generate(Box::new(work)))?;
+    let (mut rx, slot) = submit(st, client, Work::Generate(Box::new(work)))?;
     // Errors found while assembling (context too long, document too long) still get a 4xx.
     let (usage, method) = match next_event(&mut rx, deadline).await {
         None => return Err(deadline_passed(st)),
@@ -445,6 +446,7 @@ async fn generate(
         include_usage: bool,
         deadline: tokio::time::Instant,
         timed_out: ApiError,
+        _slot: ClientSlot,
     }
     let s = S {
         rx,
@@ -455,6 +457,7 @@ async fn generate(
         include_usage,
         deadline,
         timed_out: deadline_passed(st),
+        _slot: slot,
     };
     // Dropping this stream (client gone) drops `rx`, which the worker sees as cancellation.
     let events = futures::stream::unfold(s, |mut s| async move {

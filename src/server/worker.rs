@@ -38,16 +38,8 @@ pub struct Gate {
     metrics: Arc<Metrics>,
 }
 
-/// A slot in the [`Gate`] (and the client's own slot), released on drop.
-pub struct Permit(Arc<Metrics>, Option<super::guard::ClientSlot>);
-
-impl Permit {
-    /// Holds the client's slot as long as this permit.
-    pub fn with_client(mut self, slot: super::guard::ClientSlot) -> Permit {
-        self.1 = Some(slot);
-        self
-    }
-}
+/// A slot in the [`Gate`], released on drop.
+pub struct Permit(Arc<Metrics>);
 
 impl Drop for Permit {
     fn drop(&mut self) {
@@ -68,7 +60,7 @@ impl Gate {
                 return None;
             }
             match q.compare_exchange_weak(cur, cur + 1, Relaxed, Relaxed) {
-                Ok(_) => return Some(Permit(self.metrics.clone(), None)),
+                Ok(_) => return Some(Permit(self.metrics.clone())),
                 Err(now) => cur = now,
             }
         }
