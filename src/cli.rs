@@ -64,10 +64,16 @@ pub enum StoreCmd {
     Stats,
     /// Remove entries by id.
     Rm { ids: Vec<String> },
-    /// Remove stale temporary files (and, with --remove-corrupt, entries that fail verification).
+    /// Remove temporary files of writers that are gone (their process id no longer exists)
+    /// or older than --tmp-max-age; with --remove-corrupt, also entries that fail
+    /// verification. Entries that cannot be read are reported and kept.
     Gc {
         #[arg(long)]
         remove_corrupt: bool,
+        /// Seconds after which a temporary file is removed even if its writer's process id
+        /// is alive (it may have been reused, or the writer runs on another host).
+        #[arg(long, default_value_t = 3600)]
+        tmp_max_age: u64,
     },
     /// Check every entry's checksum and shapes.
     Verify,
@@ -283,6 +289,7 @@ pub fn ingest(
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let preamble = RagPrompt::for_question(&[], "x").preamble;
     let (mut stored, mut skipped) = (0, 0);
+    let mut failed: Vec<String> = Vec::new();
     for f in &files {
         let name = f.display().to_string();
         let bytes = std::fs::read(f).with_context(|| format!("reading {name}"))?;
@@ -307,9 +314,17 @@ pub fn ingest(
             "prefilling {name} ({} tokens)",
             t.documents[0].len()
         ));
-        let prepared = e.prepare_with(&t, std::slice::from_ref(&name), &mut |_| {})?;
+        let mut prepared = e.prepare_with(&t, std::slice::from_ref(&name), &mut |_| {})?;
         let id = e.doc_id(&t.prefix, &t.documents[0]);
         let new = prepared.sources.last() == Some(&Source::Computed);
+        // A document counts as stored only once the store said so; the others are counted
+        // and make the command fail at the end (a full disk must not look like success).
+        if let Err(err) = prepared.require_stored() {
+            bar.suspend(|| eprintln!("error: {name} ({id}) was not stored: {err}"));
+            failed.push(name);
+            bar.inc(1);
+            continue;
+        }
         stored += new as usize;
         bar.suspend(|| {
             println!(
@@ -335,10 +350,23 @@ pub fn ingest(
     } else {
         format!("; {skipped} skipped (not UTF-8 text)")
     };
+    let failures = if failed.is_empty() {
+        String::new()
+    } else {
+        format!("; {} failed to store", failed.len())
+    };
     println!(
-        "{read} documents: {stored} newly stored, {} already cached{skipped}",
-        read - stored,
+        "{read} documents: {stored} newly stored, {} already cached{failures}{skipped}",
+        read - stored - failed.len(),
     );
+    if !failed.is_empty() {
+        bail!(
+            "{} of {read} documents could not be stored (first: {}); see the errors above, \
+             fix the store (free disk space, start Redis) and run ingest again",
+            failed.len(),
+            failed[0]
+        );
+    }
     Ok(())
 }
 
@@ -384,26 +412,48 @@ pub fn store_cmd(cli: &Cli, cmd: &StoreCmd) -> Result<()> {
                 );
             }
         }
-        StoreCmd::Gc { remove_corrupt } => {
-            let r = disk.gc(*remove_corrupt)?;
+        StoreCmd::Gc {
+            remove_corrupt,
+            tmp_max_age,
+        } => {
+            let r = disk.gc_older_than(
+                *remove_corrupt,
+                std::time::Duration::from_secs(*tmp_max_age),
+            )?;
+            for u in &r.unreadable {
+                eprintln!("unreadable (kept): {} ({})", u.path.display(), u.reason);
+            }
             println!(
-                "removed {} temporary files ({} bytes); {} entries checked, {} corrupt, {} removed",
+                "removed {} temporary files ({} bytes); {} entries checked, {} corrupt, {} removed, {} unreadable",
                 r.tmp_removed,
                 r.tmp_bytes_removed,
                 r.checked,
                 r.corrupt.len(),
-                r.corrupt_removed
+                r.corrupt_removed,
+                r.unreadable.len()
             );
+            if !r.unreadable.is_empty() {
+                bail!(
+                    "{} entries could not be read or removed; check their permissions",
+                    r.unreadable.len()
+                );
+            }
         }
         StoreCmd::Verify => {
-            let bad = disk.verify()?;
-            for c in &bad {
+            let v = disk.verify()?;
+            for c in &v.corrupt {
                 println!("corrupt: {} ({})", c.path.display(), c.reason);
             }
-            if !bad.is_empty() {
+            for u in &v.unreadable {
+                println!("unreadable: {} ({})", u.path.display(), u.reason);
+            }
+            if !v.corrupt.is_empty() || !v.unreadable.is_empty() {
                 bail!(
-                    "{} corrupt entries; `samkv store gc --remove-corrupt` removes them",
-                    bad.len()
+                    "{} of {} entries corrupt, {} unreadable; `samkv store gc --remove-corrupt` \
+                     removes corrupt ones (unreadable ones are kept: check their permissions)",
+                    v.corrupt.len(),
+                    v.checked,
+                    v.unreadable.len()
                 );
             }
             println!("all entries verified");

@@ -112,6 +112,19 @@ pub struct Prepared {
     pub sources: Vec<Source>,
     pub load_ms: f64,
     pub compute_ms: f64,
+    /// Segments computed but not stored, with the store's error (disk full, Redis down):
+    /// fine for answering, fatal for an ingest, which promises the entry is stored.
+    pub unstored: Vec<(usize, Error)>,
+}
+
+impl Prepared {
+    /// Err with the first store failure, for callers that promise the KV is stored.
+    pub fn require_stored(&mut self) -> Result<()> {
+        match self.unstored.drain(..).next() {
+            None => Ok(()),
+            Some((_, e)) => Err(e),
+        }
+    }
 }
 
 impl Engine {
@@ -238,13 +251,15 @@ impl Engine {
     }
 
     /// Reads a document's KV from the store, or computes and stores it. A corrupt or
-    /// foreign entry is reported in the log and recomputed, never used.
+    /// foreign entry is reported in the log, removed and recomputed, never used; an entry
+    /// that could not be read (I/O error, store unreachable) is recomputed and kept. The
+    /// third value is the error of storing a computed entry, if that failed.
     pub fn document_kv(
         &self,
         prefix: &[u32],
         prefix_kv: Option<&StoredDoc>,
         tokens: &[u32],
-    ) -> Result<(Arc<StoredDoc>, Source)> {
+    ) -> Result<(Arc<StoredDoc>, Source, Option<Error>)> {
         self.document_kv_with(prefix, prefix_kv, tokens, None, &mut || {})
     }
 
@@ -257,24 +272,33 @@ impl Engine {
         tokens: &[u32],
         source: Option<&str>,
         on_prefill: &mut dyn FnMut(),
-    ) -> Result<(Arc<StoredDoc>, Source)> {
+    ) -> Result<(Arc<StoredDoc>, Source, Option<Error>)> {
         let id = self.doc_id(prefix, tokens);
         match self.store.get_for_model(&id, &self.model.fingerprint) {
-            Ok(Some(doc)) if doc.meta.token_ids == tokens => return Ok((doc, Source::Store)),
+            Ok(Some(doc)) if doc.meta.token_ids == tokens => return Ok((doc, Source::Store, None)),
             Ok(Some(_)) => tracing::warn!("store entry {id} holds other tokens; recomputing"),
             Ok(None) => {}
-            Err(e) => {
-                tracing::warn!("store entry {id} is unusable ({e}); recomputing it");
-                let _ = self.store.remove(&id);
+            // Only bytes found wrong justify deleting: an I/O error (EACCES, EMFILE, Redis
+            // down) says nothing about the entry, which may be fine.
+            Err(e) if e.is_corrupt() => {
+                tracing::warn!("store entry {id} is corrupt ({e}); removing and recomputing it");
+                if let Err(e) = self.store.remove(&id) {
+                    tracing::warn!("could not remove corrupt entry {id}: {e}");
+                }
             }
+            Err(e) => tracing::warn!("store entry {id} could not be read ({e}); recomputing"),
         }
         on_prefill();
         let mut doc = self.compute_document(prefix, prefix_kv, tokens)?;
         doc.meta.source = source.map(str::to_string);
-        if let Err(e) = self.store.put(&doc) {
-            tracing::warn!("could not store document {id}: {e}");
-        }
-        Ok((Arc::new(doc), Source::Computed))
+        let unstored = match self.store.put(&doc) {
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!("could not store document {id}: {e}");
+                Some(e)
+            }
+        };
+        Ok((Arc::new(doc), Source::Computed, unstored))
     }
 
     /// Prefills one document on its own, after the prefix (whose KV is given), and packs its
@@ -360,6 +384,8 @@ impl Engine {
         let mut segments = Vec::with_capacity(t.documents.len() + 1);
         let mut sources = Vec::with_capacity(t.documents.len() + 1);
         let (mut load_ms, mut compute_ms) = (0.0, 0.0);
+        let mut unstored = Vec::new();
+        let mut segment = 0;
         let mut timed = |prefix: &[u32],
                          pkv: Option<&StoredDoc>,
                          toks: &[u32],
@@ -373,6 +399,10 @@ impl Engine {
                 Source::Store => load_ms += el,
                 Source::Computed => compute_ms += el,
             }
+            if let Some(e) = r.2 {
+                unstored.push((segment, e));
+            }
+            segment += 1;
             Ok((r.0, r.1, el))
         };
         let prefix_kv = if t.prefix.is_empty() {
@@ -425,6 +455,7 @@ impl Engine {
             sources,
             load_ms,
             compute_ms,
+            unstored,
         })
     }
 

@@ -7,6 +7,10 @@ use super::samkv::{Attend, SamKvParams, Score, Selection};
 use super::{CacheBlend, Epic, Method, MultiInfLlm, Oracle, Recompute, Reuse, SamKv, Update};
 use crate::{Error, Result};
 
+/// Largest value of a count knob (tokens, blocks, layers): far above any context length,
+/// small enough that sums and products of a few knobs fit in usize.
+pub const MAX_COUNT: usize = 1 << 24;
+
 pub const METHOD_NAMES: &[&str] = &[
     "recompute",
     "reuse",
@@ -141,8 +145,34 @@ impl MethodConfig {
         }
     }
 
+    /// Checks every count knob against [`MAX_COUNT`], so that sums and products of them in
+    /// the methods cannot overflow (a request's `kv` may hold any JSON number).
+    fn check_counts(&self) -> Result<()> {
+        let counts = [
+            ("check_layer", Some(self.check_layer)),
+            ("epic_k", Some(self.epic_k)),
+            ("infllm_initial", Some(self.infllm_initial)),
+            ("infllm_local", Some(self.infllm_local)),
+            ("infllm_block", Some(self.infllm_block)),
+            ("infllm_topk", Some(self.infllm_topk)),
+            ("num_initial", self.num_initial),
+            ("num_local", self.num_local),
+            ("block_size", self.block_size),
+            ("stable_layers", Some(self.stable_layers)),
+        ];
+        for (name, v) in counts {
+            if let Some(v) = v.filter(|&v| v > MAX_COUNT) {
+                return bad(format!(
+                    "{name} is {v}; counts of tokens, blocks and layers must be at most {MAX_COUNT}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Builds the configured method; out-of-range knobs are rejected with the valid range.
     pub fn build(&self) -> Result<Box<dyn Method>> {
+        self.check_counts()?;
         match self.method.as_str() {
             "recompute" => Ok(Box::new(Recompute)),
             "reuse" => Ok(Box::new(Reuse)),
@@ -370,5 +400,37 @@ mod tests {
         c.infllm_block = 0;
         assert!(err(c).contains("infllm_block"));
         assert!(MethodConfig::with_method("infllm").build().is_ok());
+    }
+
+    #[test]
+    fn huge_counts_are_refused_before_any_arithmetic() {
+        for name in [
+            "check_layer",
+            "epic_k",
+            "infllm_initial",
+            "infllm_local",
+            "infllm_block",
+            "infllm_topk",
+            "num_initial",
+            "num_local",
+            "block_size",
+            "stable_layers",
+        ] {
+            for v in [u64::MAX, (MAX_COUNT + 1) as u64] {
+                for method in METHOD_NAMES {
+                    let mut j = serde_json::to_value(MethodConfig::with_method(method)).unwrap();
+                    j[name] = serde_json::json!(v);
+                    let c: MethodConfig = serde_json::from_value(j).unwrap();
+                    let e = err(c);
+                    assert!(
+                        e.contains(name) && e.contains("at most"),
+                        "{method} {name}: {e}"
+                    );
+                }
+            }
+        }
+        let mut c = MethodConfig::with_method("samkv");
+        c.num_initial = Some(MAX_COUNT);
+        assert!(c.build().is_ok());
     }
 }

@@ -11,7 +11,9 @@
 //!
 //! HTTP runs on a small tokio runtime; the model runs on its own thread ([`worker`]).
 
+mod documents;
 mod fields;
+mod guard;
 pub mod metrics;
 pub mod openai;
 pub mod registry;
@@ -75,6 +77,18 @@ pub struct ServeOptions {
     /// else the model's file name).
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// Do not tell clients whether a document's KV was already stored (`cached` of an
+    /// upload is null, `cached_tokens` 0): otherwise a client can test whether a guessed
+    /// text was uploaded by someone else sharing the store.
+    #[arg(long)]
+    pub private_cache: bool,
+    /// Host header values accepted (comma-separated, e.g. `localhost:8080,api.example`);
+    /// other hosts get 421. Guards a loopback server against DNS rebinding from web pages.
+    /// Default: any host.
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    #[command(flatten)]
+    pub limits: guard::ConnLimits,
 }
 
 /// An API key; its Debug form hides it, so it cannot reach a log through `{:?}`.
@@ -132,6 +146,8 @@ pub fn model_ids(model_arg: &str, served: Option<&str>) -> Vec<String> {
     ids
 }
 
+pub use guard::{ConnLimits, DocPath};
+
 pub(crate) struct AppState {
     pub jobs: Mutex<std::sync::mpsc::Sender<Job>>,
     pub gate: Gate,
@@ -144,10 +160,20 @@ pub(crate) struct AppState {
     /// [`model_ids`]: the first is the served name.
     pub models: Vec<String>,
     pub max_context: usize,
+    pub clients: Arc<guard::ClientSlots>,
     store_sample: Mutex<Option<(Instant, StoreSample)>>,
 }
 
 impl AppState {
+    /// A store or registry error as the client sees it (503/507), counted in /metrics.
+    pub fn store_error(&self, e: Error) -> openai::ApiError {
+        self.metrics
+            .store_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!("store: {e}");
+        openai::ApiError::from(e)
+    }
+
     /// Store numbers for /metrics, refreshed at most every few seconds (listing a large
     /// store, on disk or in Redis, is not free).
     pub fn store_sample(&self) -> Option<StoreSample> {
@@ -203,10 +229,11 @@ pub fn serve(
         inner: engine.store.clone(),
         metrics: metrics.clone(),
     });
+    opts.limits.check()?;
     let registry = if is_redis_spec(store_spec) {
-        Registry::in_redis(Arc::new(RedisConn::open(store_spec)?), metrics.clone())
+        Registry::in_redis(Arc::new(RedisConn::open(store_spec)?))
     } else {
-        Registry::in_dir(Path::new(store_spec), metrics.clone())?
+        Registry::in_dir(Path::new(store_spec))?
     };
     let retriever = match &opts.index {
         Some(d) => Some(Arc::new(Retriever::open(d)?)),
@@ -234,6 +261,7 @@ pub fn serve(
         opts: opts.clone(),
         models: model_ids(model_name, opts.served_model_name.as_deref()),
         max_context,
+        clients: Arc::default(),
         store_sample: Mutex::new(None),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -263,11 +291,11 @@ pub fn serve(
                 ""
             }
         );
-        axum::serve(listener, routes::router(state))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+        let limits = state.opts.limits.clone();
+        guard::serve_conns(listener, routes::router(state), limits, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
         Ok::<(), Error>(())
     })?;
     drop(rt);

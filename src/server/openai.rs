@@ -54,6 +54,12 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
 
+    /// 503: the store (disk or Redis) cannot be used now.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+            .code("store_unavailable")
+    }
+
     pub fn param(mut self, p: impl Into<String>) -> Self {
         self.param = Some(p.into());
         self
@@ -80,7 +86,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Library errors: bad input is the client's (400), the rest is the server's (500).
+/// Library errors: bad input is the client's (400); a full store 507, a store that cannot
+/// be reached or read 503 (retry later: nothing was stored); the rest 500.
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         match &e {
@@ -89,6 +96,15 @@ impl From<Error> for ApiError {
                 ApiError::invalid(e.to_string()).code("context_length_exceeded")
             }
             Error::Tokenizer(_) | Error::Template(_) => ApiError::invalid(e.to_string()),
+            Error::StoreFull(_) => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "server_error",
+                e.to_string(),
+            )
+            .code("insufficient_storage"),
+            Error::Store(_) | Error::Unavailable(_) => ApiError::unavailable(format!(
+                "{e}; nothing was stored, retry when the store is back"
+            )),
             _ => ApiError::internal(e.to_string()),
         }
     }
@@ -102,12 +118,20 @@ impl<S: Send + Sync, T: RequestBody> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let ct = req
+        // Required, not assumed: a web page can POST text/plain (or no type) to a loopback
+        // server without a CORS preflight, but not application/json.
+        let Some(ct) = req
             .headers()
             .get(axum::http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("application/json")
-            .to_ascii_lowercase();
+            .map(str::to_ascii_lowercase)
+        else {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "the request has no Content-Type; send Content-Type: application/json",
+            ));
+        };
         if !ct.starts_with("application/json") && !ct.contains("+json") {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -116,7 +140,23 @@ impl<S: Send + Sync, T: RequestBody> FromRequest<S> for ApiJson<T> {
             ));
         }
         let limit = req.extensions().get::<BodyLimit>().map(|l| l.0);
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+        let timeout = req
+            .extensions()
+            .get::<super::guard::BodyTimeout>()
+            .map_or(std::time::Duration::from_secs(30), |t| t.0);
+        let read = tokio::time::timeout(timeout, Bytes::from_request(req, state));
+        let bytes = read.await.map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!(
+                    "the request body did not arrive within {} s (--body-timeout-secs)",
+                    timeout.as_secs()
+                ),
+            )
+            .code("body_timeout")
+        })?;
+        let bytes = bytes.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 let limit = limit.map_or("its limit".into(), |n| format!("{n} bytes"));
                 return ApiError::new(
@@ -492,9 +532,10 @@ pub fn upload_id(req: &DocumentUpload, max_document_tokens: usize) -> Result<Str
     check_document_text(&req.text, max_document_tokens, "text")?;
     match &req.id {
         Some(id) if !valid_id(id) => Err(ApiError::invalid(
-            "id must be 1-128 characters from A-Z a-z 0-9 . _ : -",
+            "id must be 1-128 characters from A-Z a-z 0-9 . _ : -, not starting with `.`",
         )
-        .param("id")),
+        .param("id")
+        .code("invalid_id")),
         Some(id) => Ok(id.clone()),
         None => Ok(text_id(&req.text)),
     }
@@ -735,6 +776,10 @@ mod tests {
         let e: ApiError = Error::ContextTooLong { tokens: 9, max: 8 }.into();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         let e: ApiError = Error::Store("x".into()).into();
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        let e: ApiError = Error::StoreFull("x".into()).into();
+        assert_eq!(e.status, StatusCode::INSUFFICIENT_STORAGE);
+        let e: ApiError = Error::Corrupt("x".into()).into();
         assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -18,17 +18,17 @@ use axum::{Extension, Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use super::documents::{delete_document, get_document, list_documents, upload};
+use super::guard::{ClientId, ClientSlot};
 use super::openai::*;
-use super::registry::DocRecord;
 use super::worker::{Event, GenerateWork, Job, Work};
 use super::AppState;
 use crate::engine::{Prompt, Sampling};
 use crate::eval::RagPrompt;
 use crate::methods::Recompute;
-use crate::store::{now_unix, DocId};
 
-type St = State<Arc<AppState>>;
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type St = State<Arc<AppState>>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
 pub(crate) fn router(state: Arc<AppState>) -> Router {
     let body_limit = state.opts.max_body_bytes;
@@ -57,6 +57,11 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         // Outside the body limit (an unauthorized client learns nothing about it), inside
         // `track` (refusals are counted).
         .layer(middleware::from_fn_with_state(state.clone(), auth))
+        // Host, target and header checks come first: they need nothing but the request.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            super::guard::check_request,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
@@ -109,7 +114,7 @@ async fn track(State(st): St, req: Request, next: Next) -> Response {
     resp
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
@@ -146,7 +151,7 @@ async fn models(State(st): St) -> Json<Value> {
     Json(json!({"object": "list", "data": [model_json(&st.models[0])]}))
 }
 
-async fn model(State(st): St, Path(id): Path<String>) -> ApiResult {
+async fn model(State(st): St, super::DocPath(id): super::DocPath) -> ApiResult {
     check_model(&st, Some(&id))?;
     Ok(Json(model_json(&id)).into_response())
 }
@@ -213,7 +218,9 @@ fn resolve_documents(
                 });
             }
             DocRef::Id(id) => {
-                let text = match st.registry.get(&id) {
+                // A registry that cannot be read is 503, not "not found".
+                let rec = st.registry.get(&id).map_err(|e| st.store_error(e))?;
+                let text = match rec {
                     Some(r) => Some(r.text),
                     None => match &st.retriever {
                         Some(ix) => ix.get(&id).map_err(ApiError::from)?,
@@ -305,7 +312,24 @@ fn chat_prompt(conv: &Conversation, docs: &[String]) -> Prompt {
 
 // ---- generation --------------------------------------------------------------------------
 
-fn submit(st: &AppState, work: Work) -> Result<UnboundedReceiver<Event>, ApiError> {
+pub(crate) fn submit(
+    st: &AppState,
+    client: &ClientId,
+    work: Work,
+) -> Result<(UnboundedReceiver<Event>, ClientSlot), ApiError> {
+    let max = st.opts.limits.max_requests_per_client;
+    let slot = st.clients.try_acquire(&client.0, max).ok_or_else(|| {
+        st.metrics.rejected_full.fetch_add(1, Relaxed);
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "requests",
+            format!(
+                "this client already has {max} requests queued or running \
+                 (--max-requests-per-client); wait for one to finish"
+            ),
+        )
+        .code("too_many_concurrent_requests")
+    })?;
     let permit = st.gate.try_acquire().ok_or_else(|| {
         st.metrics.rejected_full.fetch_add(1, Relaxed);
         ApiError::new(
@@ -330,26 +354,60 @@ fn submit(st: &AppState, work: Work) -> Result<UnboundedReceiver<Event>, ApiErro
         .unwrap_or_else(|p| p.into_inner())
         .send(job)
         .map_err(|_| ApiError::internal("the model thread has stopped; restart the server"))?;
-    Ok(rx)
+    // The client's slot is held by the HTTP side (the handler, or the stream), so it is free
+    // as soon as the client has its answer or its deadline error.
+    Ok((rx, slot))
 }
 
-fn worker_gone() -> ApiError {
+pub(crate) fn worker_gone() -> ApiError {
     ApiError::internal("the model thread stopped during the request")
 }
 
 /// Sends the work, waits for its first token, then answers with JSON or an SSE stream.
+/// The per-request deadline passed: the request is dropped (the worker sees its channel
+/// closed and stops it).
+pub(crate) fn deadline_passed(st: &AppState) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "server_error",
+        format!(
+            "the request did not finish within {} s (--request-timeout-secs); ask for fewer \
+             max_tokens or retry when the server is less busy",
+            st.opts.limits.request_timeout_secs
+        ),
+    )
+    .code("timeout")
+}
+
+/// Waits for the next event, or None once `deadline` passes.
+pub(crate) async fn next_event(
+    rx: &mut UnboundedReceiver<Event>,
+    deadline: tokio::time::Instant,
+) -> Option<Option<Event>> {
+    tokio::time::timeout_at(deadline, rx.recv()).await.ok()
+}
+
 async fn generate(
     st: &AppState,
+    client: &ClientId,
     work: GenerateWork,
     mut reply: Reply,
     stream: bool,
     include_usage: bool,
 ) -> ApiResult {
-    let mut rx = submit(st, Work::Generate(Box::new(work)))?;
+    let deadline = tokio::time::Instant::now() + st.opts.limits.request_timeout();
+    let (mut rx, slot) = submit(st, client, Work::Generate(Box::new(work)))?;
     // Errors found while assembling (context too long, document too long) still get a 4xx.
-    let (usage, method) = match rx.recv().await {
-        Some(Event::Started { usage, method }) => (usage, method),
-        Some(Event::Failed(e)) => return Err(e),
+    let (usage, method) = match next_event(&mut rx, deadline).await {
+        None => return Err(deadline_passed(st)),
+        Some(Some(Event::Started { mut usage, method })) => {
+            if st.opts.private_cache {
+                usage.cached_tokens = 0;
+                usage.prompt_tokens_details.cached_tokens = 0;
+            }
+            (usage, method)
+        }
+        Some(Some(Event::Failed(e))) => return Err(e),
         _ => return Err(worker_gone()),
     };
     if let Value::Object(m) = &mut reply.extra {
@@ -358,7 +416,10 @@ async fn generate(
     if !stream {
         let mut text = String::new();
         loop {
-            match rx.recv().await {
+            let Some(ev) = next_event(&mut rx, deadline).await else {
+                return Err(deadline_passed(st));
+            };
+            match ev {
                 Some(Event::Text(t)) => text.push_str(&t),
                 Some(Event::Done {
                     finish,
@@ -383,6 +444,9 @@ async fn generate(
         reply: Reply,
         usage: Usage,
         include_usage: bool,
+        deadline: tokio::time::Instant,
+        timed_out: ApiError,
+        _slot: ClientSlot,
     }
     let s = S {
         rx,
@@ -391,6 +455,9 @@ async fn generate(
         reply,
         usage,
         include_usage,
+        deadline,
+        timed_out: deadline_passed(st),
+        _slot: slot,
     };
     // Dropping this stream (client gone) drops `rx`, which the worker sees as cancellation.
     let events = futures::stream::unfold(s, |mut s| async move {
@@ -401,7 +468,13 @@ async fn generate(
             if s.ended {
                 return None;
             }
-            match s.rx.recv().await {
+            let Some(ev) = next_event(&mut s.rx, s.deadline).await else {
+                s.out.push_back(s.timed_out.body().to_string());
+                s.out.push_back("[DONE]".into());
+                s.ended = true;
+                continue;
+            };
+            match ev {
                 Some(Event::Text(t)) => s.out.push_back(s.reply.chunk(false, Some(&t), None)),
                 Some(Event::Done {
                     finish,
@@ -433,7 +506,11 @@ async fn generate(
         .into_response())
 }
 
-async fn chat(State(st): St, ApiJson(req): ApiJson<ChatRequest>) -> ApiResult {
+async fn chat(
+    State(st): St,
+    Extension(client): Extension<ClientId>,
+    ApiJson(req): ApiJson<ChatRequest>,
+) -> ApiResult {
     check_model(&st, req.model.as_deref())?;
     let conv = parse_messages(&req.messages)?;
     let sampling = sampling(&st, &req.sampling)?;
@@ -458,10 +535,22 @@ async fn chat(State(st): St, ApiJson(req): ApiJson<ChatRequest>) -> ApiResult {
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let reply = Reply::new(&st.models[0], true, extra);
-    generate(&st, work, reply, req.sampling.stream, include_usage).await
+    generate(
+        &st,
+        &client,
+        work,
+        reply,
+        req.sampling.stream,
+        include_usage,
+    )
+    .await
 }
 
-async fn completions(State(st): St, ApiJson(req): ApiJson<CompletionRequest>) -> ApiResult {
+async fn completions(
+    State(st): St,
+    Extension(client): Extension<ClientId>,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> ApiResult {
     check_model(&st, req.model.as_deref())?;
     let prompt = completion_prompt(&req.prompt)?;
     let sampling = sampling(&st, &req.sampling)?;
@@ -481,137 +570,15 @@ async fn completions(State(st): St, ApiJson(req): ApiJson<CompletionRequest>) ->
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let reply = Reply::new(&st.models[0], false, json!({}));
-    generate(&st, work, reply, req.sampling.stream, include_usage).await
-}
-
-// ---- documents ---------------------------------------------------------------------------
-
-fn doc_json(r: &DocRecord, with_text: bool) -> Value {
-    let mut v = json!({
-        "id": r.id, "object": "document", "tokens": r.tokens, "bytes": r.text.len(),
-        "kv_id": r.kv_id, "metadata": r.metadata, "created": r.created,
-    });
-    if with_text {
-        v["text"] = json!(r.text);
-    }
-    v
-}
-
-async fn upload(State(st): St, ApiJson(req): ApiJson<DocumentUpload>) -> ApiResult {
-    let id = upload_id(&req, st.opts.max_document_tokens)?;
-    let (st2, id2) = (st.clone(), id.clone());
-    let old = blocking(move || st2.registry.get(&id2)).await?;
-    if let Some(old) = &old {
-        if old.text != req.text {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "invalid_request_error",
-                format!("document `{id}` already exists with another text; DELETE it first"),
-            )
-            .param("id")
-            .code("document_exists"));
-        }
-    }
-    let mut rx = submit(
+    generate(
         &st,
-        Work::Ingest {
-            text: req.text.clone(),
-        },
-    )?;
-    let (kv_id, tokens, cached) = match rx.recv().await {
-        Some(Event::Ingested {
-            kv_id,
-            tokens,
-            cached,
-        }) => (kv_id, tokens, cached),
-        Some(Event::Failed(e)) => return Err(e.param("text")),
-        _ => return Err(worker_gone()),
-    };
-    // Uploading the same document again keeps its metadata unless new metadata is given.
-    let (metadata, created) = match old {
-        Some(o) if req.metadata.is_null() => (o.metadata, o.created),
-        _ => (req.metadata, now_unix()),
-    };
-    let rec = DocRecord {
-        id,
-        text: req.text,
-        metadata,
-        tokens,
-        kv_id,
-        created,
-    };
-    let st2 = st.clone();
-    let rec2 = rec.clone();
-    blocking(move || {
-        if let Some(ix) = &st2.retriever {
-            ix.add(&[(rec2.id.clone(), rec2.text.clone())])?;
-        }
-        st2.registry.put(rec2);
-        Ok::<_, crate::Error>(())
-    })
-    .await??;
-    st.metrics.documents.fetch_add(1, Relaxed);
-    let mut v = doc_json(&rec, false);
-    v["cached"] = json!(cached);
-    Ok(Json(v).into_response())
-}
-
-async fn list_documents(State(st): St) -> ApiResult {
-    let docs = blocking(move || st.registry.list()).await?;
-    let data: Vec<Value> = docs.iter().map(|r| doc_json(r, false)).collect();
-    Ok(Json(json!({"object": "list", "data": data})).into_response())
-}
-
-async fn get_document(State(st): St, Path(id): Path<String>) -> ApiResult {
-    let id2 = id.clone();
-    let found = blocking(move || -> Result<Option<Value>, ApiError> {
-        if let Some(r) = st.registry.get(&id2) {
-            return Ok(Some(doc_json(&r, true)));
-        }
-        // Documents ingested into the index by `samkv ingest --index`.
-        match &st.retriever {
-            Some(ix) => Ok(ix.get(&id2)?.map(|text| {
-                json!({"id": id2, "object": "document", "bytes": text.len(), "text": text, "source": "index"})
-            })),
-            None => Ok(None),
-        }
-    })
-    .await??;
-    found
-        .map(|v| Json(v).into_response())
-        .ok_or_else(|| ApiError::not_found(format!("document `{id}` not found")))
-}
-
-async fn delete_document(State(st): St, Path(id): Path<String>) -> ApiResult {
-    let id2 = id.clone();
-    let deleted = blocking(move || -> Result<bool, ApiError> {
-        let rec = st.registry.get(&id2);
-        let mut any = st.registry.remove(&id2);
-        if let Some(ix) = &st.retriever {
-            any |= ix.remove(&id2)?;
-        }
-        // The KV entry goes too, unless another id names the same text.
-        if let Some(rec) = rec {
-            let shared = st
-                .registry
-                .list()
-                .iter()
-                .any(|r| r.kv_id == rec.kv_id && r.id != rec.id);
-            if !shared {
-                if let Ok(kv) = DocId::parse(&rec.kv_id) {
-                    if let Err(e) = st.store.remove(&kv) {
-                        tracing::warn!("could not remove the KV of document {id2}: {e}");
-                    }
-                }
-            }
-        }
-        Ok(any)
-    })
-    .await??;
-    if !deleted {
-        return Err(ApiError::not_found(format!("document `{id}` not found")));
-    }
-    Ok(Json(json!({"id": id, "object": "document", "deleted": true})).into_response())
+        &client,
+        work,
+        reply,
+        req.sampling.stream,
+        include_usage,
+    )
+    .await
 }
 
 #[cfg(test)]

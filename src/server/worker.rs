@@ -543,7 +543,9 @@ impl Worker {
         };
         let t = self.engine.tokenize(&p)?;
         self.check_documents(&t.documents)?;
-        let prepared = self.engine.prepare(&t)?;
+        let mut prepared = self.engine.prepare(&t)?;
+        // An upload is acknowledged only once its KV is in the store.
+        prepared.require_stored()?;
         let cached = prepared.sources.last() == Some(&Source::Store);
         let c = if cached {
             &self.metrics.cache_hits

@@ -5,7 +5,11 @@
 //! writer "wins" and the others return Ok(false) without rewriting (entries are
 //! content-addressed, so the loser's bytes were identical anyway). Where the filesystem has no
 //! hard links, rename is used instead (last rename wins, with identical content). A crash leaves
-//! at most a file in `tmp/`, invisible to readers and removed by [`DiskStore::gc`].
+//! at most a file in `tmp/`, invisible to readers and removed by [`DiskStore::gc`]: temporary
+//! names carry the writer's process id, so gc removes them as soon as that process is gone.
+//!
+//! Errors: a full disk is [`Error::StoreFull`]; any other I/O failure is [`Error::Store`] and
+//! never removes anything; only bytes read and found wrong are [`Error::Corrupt`].
 
 use super::format::{decode_on, encode, read_meta_json};
 use super::{DocId, EntryInfo, KvStore, StoreStats, StoredDoc};
@@ -18,7 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-/// Age after which [`DiskStore::gc`] considers a tmp file abandoned by a crashed writer.
+/// Age after which [`DiskStore::gc`] removes a tmp file even when its writer's process id
+/// is alive (the id may have been reused, or the writer runs on another host).
 pub const TMP_MAX_AGE: Duration = Duration::from_secs(3600);
 
 const EXT: &str = "safetensors";
@@ -48,10 +53,47 @@ pub struct GcReport {
     pub checked: usize,
     pub corrupt: Vec<CorruptEntry>,
     pub corrupt_removed: usize,
+    /// Entries (or tmp files) that could not be read or removed: reported, kept, skipped.
+    pub unreadable: Vec<CorruptEntry>,
+}
+
+/// What [`DiskStore::verify`] found: entries whose bytes are wrong, and entries it could not
+/// read (permission, a directory in the file's place): neither stops the check.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VerifyReport {
+    pub checked: usize,
+    pub corrupt: Vec<CorruptEntry>,
+    pub unreadable: Vec<CorruptEntry>,
 }
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
-    Error::Store(format!("{what} {}: {e}", path.display()))
+    Error::store_io(what, path, e)
+}
+
+/// The writer's process id in a tmp name `<anything>.<pid>.<hex>.tmp`.
+fn tmp_writer_pid(name: &str) -> Option<u32> {
+    let mut parts = name.strip_suffix(".tmp")?.rsplit('.');
+    let _rand = parts.next()?;
+    parts.next()?.parse().ok()
+}
+
+/// Whether process `pid` exists on this host (Linux: /proc). Unknown elsewhere: assumed
+/// alive, so only the age rule applies.
+fn process_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return true;
+    }
+    proc.join(pid.to_string()).exists()
+}
+
+/// A unique tmp name for a writer of `stem` in this process ([`DiskStore::gc`] reads the pid).
+pub fn tmp_name(stem: &str) -> String {
+    format!(
+        "{stem}.{}.{:016x}.tmp",
+        std::process::id(),
+        rand::random::<u64>()
+    )
 }
 
 // Makes a rename/link/create in `dir` durable.
@@ -142,8 +184,10 @@ impl DiskStore {
         self.gc_older_than(remove_corrupt, TMP_MAX_AGE)
     }
 
-    /// Removes tmp files older than `tmp_max_age` (younger ones may belong to a live writer)
-    /// and, if `remove_corrupt`, decodes every entry and removes those that fail.
+    /// Removes tmp files whose writer process is gone, or older than `tmp_max_age` (a
+    /// younger one whose writer lives may be a write in progress); and, if `remove_corrupt`,
+    /// decodes every entry and removes those whose bytes are wrong. Entries it cannot read
+    /// are reported in `unreadable` and kept.
     pub fn gc_older_than(&self, remove_corrupt: bool, tmp_max_age: Duration) -> Result<GcReport> {
         let mut report = GcReport::default();
         let tmp = self.root.join("tmp");
@@ -156,70 +200,77 @@ impl DiskStore {
                 .ok()
                 .and_then(|m| now.duration_since(m).ok())
                 .unwrap_or(Duration::ZERO);
-            if md.is_file() && age >= tmp_max_age {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let writer_gone = tmp_writer_pid(&name).is_some_and(|pid| !process_alive(pid));
+            if md.is_file() && (writer_gone || age >= tmp_max_age) {
                 match fs::remove_file(f.path()) {
                     Ok(()) => {
                         report.tmp_removed += 1;
                         report.tmp_bytes_removed += md.len();
                     }
                     Err(e) if e.kind() == ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_err("cannot remove", &f.path(), e)),
+                    Err(e) => report.unreadable.push(CorruptEntry {
+                        path: f.path(),
+                        reason: format!("cannot remove: {e}"),
+                    }),
                 }
             }
         }
         if remove_corrupt {
-            let (checked, corrupt) = self.check_entries()?;
-            report.checked = checked;
-            for c in &corrupt {
+            let v = self.verify()?;
+            report.checked = v.checked;
+            for c in &v.corrupt {
                 match fs::remove_file(&c.path) {
                     Ok(()) => report.corrupt_removed += 1,
                     Err(e) if e.kind() == ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_err("cannot remove", &c.path, e)),
+                    Err(e) => report.unreadable.push(CorruptEntry {
+                        path: c.path.clone(),
+                        reason: format!("corrupt, but cannot remove: {e}"),
+                    }),
                 }
             }
-            report.corrupt = corrupt;
+            report.corrupt = v.corrupt;
+            report.unreadable.extend(v.unreadable);
         }
         Ok(report)
     }
 
-    /// Decodes every entry; returns those that fail, without removing anything.
-    pub fn verify(&self) -> Result<Vec<CorruptEntry>> {
-        Ok(self.check_entries()?.1)
-    }
-
-    fn check_entries(&self) -> Result<(usize, Vec<CorruptEntry>)> {
-        let mut corrupt = Vec::new();
-        let mut checked = 0;
+    /// Decodes every entry; reports those whose bytes are wrong and those it cannot read,
+    /// without removing anything.
+    pub fn verify(&self) -> Result<VerifyReport> {
+        let mut r = VerifyReport::default();
         for (path, id) in self.entry_files()? {
             let Some(id) = id else {
-                corrupt.push(CorruptEntry {
+                r.corrupt.push(CorruptEntry {
                     path,
                     reason: "file name is not `<64 hex id>.safetensors` in its `ab/` shard".into(),
                 });
                 continue;
             };
-            checked += 1;
+            r.checked += 1;
             let bytes = match fs::read(&path) {
                 Ok(b) => b,
                 Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err("cannot read", &path, e)),
+                Err(e) => {
+                    r.unreadable.push(CorruptEntry {
+                        path,
+                        reason: format!("cannot read: {e}"),
+                    });
+                    continue;
+                }
             };
             if let Err(e) = decode_on(&bytes, Some(&id), &Device::Cpu) {
-                corrupt.push(CorruptEntry {
+                r.corrupt.push(CorruptEntry {
                     path,
                     reason: e.to_string(),
                 });
             }
         }
-        Ok((checked, corrupt))
+        Ok(r)
     }
 
     fn write_new(&self, final_path: &Path, bytes: &[u8], id: &DocId) -> Result<bool> {
-        let tmp_path = self.root.join("tmp").join(format!(
-            "{id}.{}.{:016x}.tmp",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
+        let tmp_path = self.root.join("tmp").join(tmp_name(id.as_str()));
         let written = (|| {
             let mut f = fs::File::create_new(&tmp_path)?;
             f.write_all(bytes)?;
@@ -269,7 +320,11 @@ impl KvStore for DiskStore {
                 self.misses.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);
             }
-            Err(e) => return Err(io_err("cannot read", &path, e)),
+            // Not corruption: permission, too many open files... The entry is kept.
+            Err(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                return Err(io_err("cannot read", &path, e));
+            }
         };
         match decode_on(&bytes, Some(id), &self.device) {
             Ok(doc) => {
@@ -278,10 +333,10 @@ impl KvStore for DiskStore {
             }
             Err(e) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
-                Err(Error::Store(format!(
+                Err(Error::Corrupt(format!(
                     "entry {}: {}; recompute the document (gc with remove_corrupt deletes bad entries)",
                     path.display(),
-                    e.to_string().trim_start_matches("KV store: ")
+                    e.to_string().trim_start_matches("KV store: corrupt entry: ")
                 )))
             }
         }
@@ -289,15 +344,22 @@ impl KvStore for DiskStore {
 
     fn put(&self, doc: &StoredDoc) -> Result<bool> {
         let path = self.path_of(&doc.id)?;
-        if path.exists() {
-            return Ok(false);
+        match fs::symlink_metadata(&path) {
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("cannot check", &path, e)),
         }
         let bytes = encode(doc)?;
         self.write_new(&path, &bytes, &doc.id)
     }
 
     fn contains(&self, id: &DocId) -> Result<bool> {
-        Ok(self.path_of(id)?.is_file())
+        let path = self.path_of(id)?;
+        match fs::metadata(&path) {
+            Ok(m) => Ok(m.is_file()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("cannot check", &path, e)),
+        }
     }
 
     fn remove(&self, id: &DocId) -> Result<bool> {
@@ -456,7 +518,7 @@ mod tests {
         assert!(e.contains("another model"), "{e}");
 
         let bad = s.verify()?;
-        assert_eq!(bad.len(), 2);
+        assert_eq!((bad.corrupt.len(), bad.unreadable.len()), (2, 0));
         assert_eq!(s.gc(false)?.corrupt_removed, 0);
         assert!(s.contains(&a.id)?);
         let r = s.gc(true)?;
@@ -471,27 +533,80 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let s = DiskStore::open(dir.path())?;
         let d = make_doc(1, 2, 3, 4, DType::BF16, 1);
-        // A writer that died after writing half the file, before the link.
+        // A writer that died after writing half the file, before the link. This process is
+        // alive, so its name keeps the file until it is old.
         let bytes = encode(&d)?;
-        let tmp = dir
-            .path()
-            .join("tmp")
-            .join(format!("{}.4242.00ff.tmp", d.id));
-        fs::write(&tmp, &bytes[..bytes.len() / 2])?;
+        let live = dir.path().join("tmp").join(tmp_name(d.id.as_str()));
+        fs::write(&live, &bytes[..bytes.len() / 2])?;
         assert!(s.list()?.is_empty());
         assert!(s.get(&d.id)?.is_none());
         assert!(!s.contains(&d.id)?);
         assert_eq!(s.stats()?.entries, 0);
-        // Fresh: may belong to a live writer, so kept by the default one-hour threshold.
         assert_eq!(s.gc(true)?.tmp_removed, 0);
-        assert!(tmp.exists());
+        assert!(live.exists());
         let r = s.gc_older_than(false, Duration::ZERO)?;
         assert_eq!(r.tmp_removed, 1);
         assert_eq!(r.tmp_bytes_removed, (bytes.len() / 2) as u64);
-        assert!(!tmp.exists());
+        assert!(!live.exists());
         // The store still works after the crash.
         assert!(s.put(&d)?);
         assert!(s.get(&d.id)?.is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn tmp_of_a_dead_writer_is_collected_at_once() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = DiskStore::open(dir.path())?;
+        // A child that has exited: its pid names no process (until reused).
+        let mut child = std::process::Command::new("true").spawn()?;
+        let pid = child.id();
+        child.wait()?;
+        assert!(!process_alive(pid), "pid {pid} still exists");
+        assert!(process_alive(std::process::id()));
+        let dead = dir.path().join("tmp").join(format!("x.{pid}.00ff.tmp"));
+        let mine = dir.path().join("tmp").join(tmp_name("y"));
+        fs::write(&dead, b"partial")?;
+        fs::write(&mine, b"in progress")?;
+        let r = s.gc(false)?;
+        assert_eq!((r.tmp_removed, r.tmp_bytes_removed), (1, 7));
+        assert!(!dead.exists() && mine.exists());
+        assert_eq!(tmp_writer_pid(&format!("a.b.{pid}.00ff.tmp")), Some(pid));
+        assert_eq!(tmp_writer_pid("a.tmp"), None);
+        Ok(())
+    }
+
+    #[test]
+    fn unreadable_entries_are_reported_kept_and_skipped() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = DiskStore::open(dir.path())?;
+        let (a, b, c) = (
+            make_doc(1, 2, 3, 4, DType::F16, 1),
+            make_doc(1, 2, 3, 4, DType::F16, 2),
+            make_doc(1, 2, 3, 4, DType::F16, 3),
+        );
+        s.put(&a)?;
+        s.put(&c)?;
+        // A directory where b's entry should be: reading it fails with EISDIR.
+        let pb = s.path_of(&b.id)?;
+        fs::create_dir_all(&pb)?;
+        fs::write(pb.join("junk"), b"x")?;
+        // c's bytes damaged: detected corruption.
+        let pc = s.path_of(&c.id)?;
+        let mut bytes = fs::read(&pc)?;
+        let n = bytes.len();
+        bytes[n - 1] ^= 1;
+        fs::write(&pc, &bytes)?;
+        let e = s.get(&b.id).unwrap_err();
+        assert!(!e.is_corrupt(), "an I/O error is not corruption: {e}");
+        assert!(s.get(&c.id).unwrap_err().is_corrupt());
+        let v = s.verify()?;
+        assert_eq!((v.checked, v.corrupt.len(), v.unreadable.len()), (3, 1, 1));
+        assert_eq!(v.unreadable[0].path, pb);
+        let r = s.gc(true)?;
+        assert_eq!((r.corrupt_removed, r.unreadable.len()), (1, 1));
+        assert!(pb.is_dir(), "an unreadable entry is never removed");
+        assert!(s.get(&a.id)?.is_some() && !pc.exists());
         Ok(())
     }
 
@@ -530,7 +645,8 @@ mod tests {
         for d in &docs {
             assert_same(d, &s.get(&d.id)?.expect("stored"));
         }
-        assert!(s.verify()?.is_empty());
+        let v = s.verify()?;
+        assert!(v.corrupt.is_empty() && v.unreadable.is_empty());
         Ok(())
     }
 

@@ -22,8 +22,9 @@ pub const CHECKSUM_KEY: &str = "samkv.checksum";
 /// Largest header [`read_meta_json`] accepts (safetensors' own limit).
 const MAX_HEADER: u64 = 100_000_000;
 
+// Every failure of decoding found the bytes wrong: corruption, not an I/O error.
 fn store_err(msg: impl Into<String>) -> Error {
-    Error::Store(msg.into())
+    Error::Corrupt(msg.into())
 }
 
 fn checksum<'a>(

@@ -13,7 +13,7 @@ pub mod memory;
 pub mod redis;
 
 pub use self::redis::RedisStore;
-pub use disk::{CorruptEntry, DiskStore, GcReport};
+pub use disk::{CorruptEntry, DiskStore, GcReport, VerifyReport};
 pub use memory::MemoryTier;
 
 use crate::error::{Error, Result};
@@ -390,8 +390,9 @@ pub struct StoreStats {
 
 /// A content-addressed store of [`StoredDoc`]s.
 pub trait KvStore: Send + Sync {
-    /// Ok(None) when absent; Err(Error::Store) when present but corrupt or incompatible
-    /// (callers then recompute, and may overwrite by removing it first).
+    /// Ok(None) when absent; Err([`Error::Corrupt`]) when present but corrupt or
+    /// incompatible (callers then recompute, and may remove it first); any other Err when
+    /// it could not be read (I/O, Redis down): the entry may be fine and must be kept.
     fn get(&self, id: &DocId) -> Result<Option<Arc<StoredDoc>>>;
     /// false if it was already there (same id = same content, so nothing is rewritten).
     fn put(&self, doc: &StoredDoc) -> Result<bool>;
@@ -403,7 +404,9 @@ pub trait KvStore: Send + Sync {
     /// [`KvStore::get`], failing if the entry was computed by a model with another fingerprint.
     fn get_for_model(&self, id: &DocId, model_fp: &str) -> Result<Option<Arc<StoredDoc>>> {
         match self.get(id)? {
-            Some(doc) if doc.meta.model_fingerprint != model_fp => Err(Error::Store(format!(
+            // The model's fingerprint is part of the content address: a mismatch means the
+            // bytes are not what their address says.
+            Some(doc) if doc.meta.model_fingerprint != model_fp => Err(Error::Corrupt(format!(
                 "entry {id} was computed by another model (fingerprint {}, expected {model_fp}); recompute it",
                 doc.meta.model_fingerprint
             ))),

@@ -85,53 +85,63 @@ impl RedisConn {
     pub fn run<T>(
         &self,
         what: &str,
-        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+        mut f: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Result<T> {
         let mut st = self.lock();
-        if st.conn.is_none() {
-            if let Some(t) = st.down_until {
-                if Instant::now() < t {
-                    return Err(Error::Store(format!(
-                        "Redis at {} is unavailable (retrying shortly); {what} skipped",
-                        self.shown
-                    )));
+        // A connection kept from before may have died with a Redis restart: its first
+        // failure is retried once on a fresh connection before Redis counts as down.
+        let mut reused = st.conn.is_some();
+        loop {
+            if st.conn.is_none() {
+                if let Some(t) = st.down_until {
+                    if Instant::now() < t {
+                        return Err(Error::Unavailable(format!(
+                            "Redis at {} is unavailable (retrying shortly); {what} skipped",
+                            self.shown
+                        )));
+                    }
+                }
+                let conn = self
+                    .client
+                    .get_connection_with_timeout(CONNECT_TIMEOUT)
+                    .and_then(|c| {
+                        c.set_read_timeout(Some(IO_TIMEOUT))?;
+                        c.set_write_timeout(Some(IO_TIMEOUT))?;
+                        Ok(c)
+                    });
+                match conn {
+                    Ok(c) => {
+                        st.conn = Some(c);
+                        st.down_until = None;
+                    }
+                    Err(e) => {
+                        st.down_until = Some(Instant::now() + RETRY_AFTER);
+                        return Err(Error::Unavailable(format!(
+                            "cannot connect to Redis at {} ({e}); is redis-server running? {what} skipped",
+                            self.shown
+                        )));
+                    }
                 }
             }
-            let conn = self
-                .client
-                .get_connection_with_timeout(CONNECT_TIMEOUT)
-                .and_then(|c| {
-                    c.set_read_timeout(Some(IO_TIMEOUT))?;
-                    c.set_write_timeout(Some(IO_TIMEOUT))?;
-                    Ok(c)
-                });
-            match conn {
-                Ok(c) => {
-                    st.conn = Some(c);
-                    st.down_until = None;
+            let conn = st.conn.as_mut().expect("connected above");
+            let e = match f(conn) {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            st.conn = None;
+            let msg = format!("Redis at {}: {what}: {e}", self.shown);
+            if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+                if std::mem::take(&mut reused) {
+                    continue;
                 }
-                Err(e) => {
-                    st.down_until = Some(Instant::now() + RETRY_AFTER);
-                    return Err(Error::Store(format!(
-                        "cannot connect to Redis at {} ({e}); is redis-server running? {what} skipped",
-                        self.shown
-                    )));
-                }
+                st.down_until = Some(Instant::now() + RETRY_AFTER);
+                return Err(Error::Unavailable(msg));
             }
-        }
-        let conn = st.conn.as_mut().expect("connected above");
-        match f(conn) {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                st.conn = None;
-                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
-                    st.down_until = Some(Instant::now() + RETRY_AFTER);
-                }
-                Err(Error::Store(format!(
-                    "Redis at {}: {what}: {e}",
-                    self.shown
-                )))
+            // Redis out of memory (maxmemory) refuses writes with OOM.
+            if e.code() == Some("OOM") {
+                return Err(Error::StoreFull(msg));
             }
+            return Err(Error::Store(msg));
         }
     }
 }
@@ -207,7 +217,7 @@ impl KvStore for RedisStore {
         match bytes {
             None => Ok(None),
             Some(b) => Ok(Some(Arc::new(decode(&b, Some(id)).map_err(|e| {
-                Error::Store(format!("Redis entry {}: {e}", kv_key(id)))
+                Error::Corrupt(format!("Redis entry {}: {e}", kv_key(id)))
             })?))),
         }
     }

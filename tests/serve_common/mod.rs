@@ -83,6 +83,18 @@ impl Server {
 
     /// [`Server::start`] with extra environment variables.
     pub fn start_env(store: &str, log_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_wrapped(&[], store, log_dir, args, env)
+    }
+
+    /// [`Server::start_env`] run through `wrapper` (a command and its arguments that end by
+    /// running the samkv command line appended to them, e.g. `sh -c 'ulimit -n 64; exec "$0" "$@"'`).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        store: &str,
+        log_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let model = model_path();
         let log = log_dir.join(format!(
             "serve-{}.log",
@@ -91,7 +103,15 @@ impl Server {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
         ));
-        let mut child = Command::new(bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let mut child = cmd
             .args(["--store", store, "-v", "serve", "--port", "0", "--model"])
             .arg(&model)
             .args(args)
@@ -321,6 +341,49 @@ impl Redis {
             std::thread::sleep(Duration::from_millis(50));
         }
         false
+    }
+
+    /// A redis-server on `port` (0: a free one) writing every command to an append-only
+    /// file in `dir` (fsync always), so that stopping and starting it again on the same
+    /// port and directory keeps every write it acknowledged.
+    pub fn start_persistent(dir: &Path, port: u16) -> Redis {
+        for _ in 0..10 {
+            let port = if port != 0 {
+                port
+            } else {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .expect("free port")
+                    .port()
+            };
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                ])
+                .arg("--dir")
+                .arg(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run redis-server ({e}); install it with .ci/redis.sh")
+                });
+            let mut r = Redis {
+                child: Some(child),
+                port,
+            };
+            if r.serving() {
+                return r;
+            }
+            r.stop();
+        }
+        panic!("redis-server did not start");
     }
 
     pub fn url(&self) -> String {
