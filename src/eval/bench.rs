@@ -287,11 +287,40 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
 /// Reads results.jsonl. A torn last line (a killed write) and error lines are dropped, and
 /// the file rewritten without them, so those pairs run again; any other bad line is an error.
 pub fn read_results(path: &Path) -> Result<Vec<Record>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e.into()),
+    let Some(text) = read_text(path)? else {
+        return Ok(Vec::new());
     };
+    let (out, dropped) = parse_results(path, &text)?;
+    if dropped > 0 || (!text.is_empty() && !text.ends_with('\n')) {
+        let mut s = String::new();
+        for r in &out {
+            s.push_str(&to_line(r)?);
+        }
+        write_atomic(path, &s)?;
+    }
+    Ok(out)
+}
+
+/// The records of results.jsonl as [`read_results`] keeps them, without rewriting the file
+/// (for reports over runs that may still be written to, or are read-only copies).
+pub fn peek_results(path: &Path) -> Result<Vec<Record>> {
+    match read_text(path)? {
+        Some(text) => Ok(parse_results(path, &text)?.0),
+        None => Ok(Vec::new()),
+    }
+}
+
+fn read_text(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The good records of results.jsonl's text and how many lines were dropped (error lines and
+/// a torn last line); any other bad line is an error.
+fn parse_results(path: &Path, text: &str) -> Result<(Vec<Record>, usize)> {
     let lines: Vec<&str> = text.lines().collect();
     let mut out = Vec::new();
     let mut dropped = 0;
@@ -315,14 +344,7 @@ pub fn read_results(path: &Path) -> Result<Vec<Record>> {
             }
         }
     }
-    if dropped > 0 || (!text.is_empty() && !text.ends_with('\n')) {
-        let mut s = String::new();
-        for r in &out {
-            s.push_str(&to_line(r)?);
-        }
-        write_atomic(path, &s)?;
-    }
-    Ok(out)
+    Ok((out, dropped))
 }
 
 fn to_line(r: &Record) -> Result<String> {

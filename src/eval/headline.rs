@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::bench::{read_results, Record};
+use super::bench::{peek_results, Record};
 use super::plot::{markdown_table, scatter_plot, Labelled};
 use super::report::{summarize, MethodSummary};
 use super::sweep::MethodSpec;
@@ -51,6 +51,9 @@ pub struct Run {
     /// Examples every method finished (the ones summarized).
     pub complete: usize,
     pub methods: Vec<MethodSummary>,
+    /// Each method's knobs as the run's config.json records them.
+    #[serde(skip)]
+    pub specs: Vec<MethodSpec>,
 }
 
 impl Run {
@@ -131,7 +134,7 @@ pub fn load_run(model: &str, file: &str, dir: &Path) -> Result<Run> {
     let mut seen = HashSet::new();
     let mut records: Vec<Record> = Vec::new();
     for d in &dirs {
-        for r in read_results(&d.join("results.jsonl"))? {
+        for r in peek_results(&d.join("results.jsonl"))? {
             if seen.insert((r.example.clone(), r.method.clone())) {
                 records.push(r);
             }
@@ -192,6 +195,7 @@ pub fn load_run(model: &str, file: &str, dir: &Path) -> Result<Run> {
         examples_seen: per_example.len(),
         complete: complete.len(),
         methods: summary.methods,
+        specs,
     })
 }
 
@@ -360,12 +364,9 @@ pub fn run(args: &ReportArgs) -> Result<String> {
     std::fs::create_dir_all(&args.out)?;
 
     let mut labels: Vec<(String, MethodConfig)> = Vec::new();
-    for run in &runs {
-        for m in &run.methods {
-            if !labels.iter().any(|(l, _)| *l == m.method) {
-                let spec = super::sweep::parse_spec(&m.method, &MethodConfig::default())?;
-                labels.push((m.method.clone(), spec.config));
-            }
+    for spec in runs.iter().flat_map(|r| &r.specs) {
+        if !labels.iter().any(|(l, _)| *l == spec.label) {
+            labels.push((spec.label.clone(), spec.config.clone()));
         }
     }
     let mut headers: Vec<String> = vec!["method".into()];
@@ -523,6 +524,7 @@ mod tests {
             dir: PathBuf::new(),
             examples_seen: 10,
             complete: 10,
+            specs: Vec::new(),
             methods: vec![
                 summary("recompute", "recompute", 1.0, 0.0, 0.30, 1.0),
                 summary("reuse", "reuse", 0.40, 0.50, 0.25, 1.0),
@@ -557,10 +559,14 @@ mod tests {
         let base = dir.path().join("r");
         let s0 = dir.path().join("r@0");
         std::fs::create_dir_all(&s0).unwrap();
-        let mut reuse = MethodConfig::default();
-        reuse.method = "reuse".into();
-        let mut rec = MethodConfig::default();
-        rec.method = "recompute".into();
+        let reuse = MethodConfig {
+            method: "reuse".into(),
+            ..MethodConfig::default()
+        };
+        let rec = MethodConfig {
+            method: "recompute".into(),
+            ..MethodConfig::default()
+        };
         let config = serde_json::json!({"methods": {"reuse": reuse, "recompute": rec}});
         std::fs::write(s0.join("config.json"), config.to_string()).unwrap();
         let line = |ex: &str, m: &str, agree: bool| {
