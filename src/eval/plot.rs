@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::error::{Error, Result};
@@ -24,19 +25,23 @@ fn padded(lo: f64, hi: f64) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
-/// Writes an SVG line plot to `path`: one colour and legend entry per series, each point
-/// marked and the points joined in x order. Fails on no points or a non-finite coordinate.
-pub fn line_plot(
+type Chart<'a> = ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+type DrawResult = std::result::Result<(), DrawingAreaErrorKind<std::io::Error>>;
+
+/// Writes an SVG plot to `path`: the frame (caption, axes, mesh) over the padded range of
+/// `points`, the series `body` draws, and their legend. Fails on no points or a non-finite
+/// coordinate.
+fn draw(
     path: &Path,
+    size: (u32, u32),
     title: &str,
-    x_label: &str,
-    y_label: &str,
-    series: &[Series],
+    (x_label, y_label): (&str, &str),
+    points: impl Iterator<Item = (f64, f64)>,
+    body: impl FnOnce(&mut Chart) -> DrawResult,
 ) -> Result<()> {
-    let all = series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     let mut any = false;
-    for &(x, y) in all {
+    for (x, y) in points {
         if !x.is_finite() || !y.is_finite() {
             return Err(Error::InvalidInput(format!(
                 "plot {}: point ({x}, {y}) is not finite",
@@ -59,7 +64,7 @@ pub fn line_plot(
     let (y0, y1) = padded(y0, y1);
 
     let plot_err = |e: &dyn std::fmt::Display| Error::Plot(format!("{}: {e}", path.display()));
-    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    let root = SVGBackend::new(path, size).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 24))
@@ -74,22 +79,7 @@ pub fn line_plot(
         .y_desc(y_label)
         .draw()
         .map_err(|e| plot_err(&e))?;
-
-    for (i, s) in series.iter().enumerate() {
-        let colour = Palette99::pick(i).to_rgba();
-        let mut pts = s.points.clone();
-        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-        chart
-            .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))
-            .map_err(|e| plot_err(&e))?
-            .label(s.name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-            });
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 4, colour.filled())))
-            .map_err(|e| plot_err(&e))?;
-    }
+    body(&mut chart).map_err(|e| plot_err(&e))?;
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))
@@ -99,6 +89,40 @@ pub fn line_plot(
         .map_err(|e| plot_err(&e))?;
     root.present().map_err(|e| plot_err(&e))?;
     Ok(())
+}
+
+/// Writes an SVG line plot to `path`: one colour and legend entry per series, each point
+/// marked and the points joined in x order. Fails on no points or a non-finite coordinate.
+pub fn line_plot(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<()> {
+    let points = series.iter().flat_map(|s| s.points.iter().copied());
+    draw(
+        path,
+        (900, 560),
+        title,
+        (x_label, y_label),
+        points,
+        |chart| {
+            for (i, s) in series.iter().enumerate() {
+                let colour = Palette99::pick(i).to_rgba();
+                let mut pts = s.points.clone();
+                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                chart
+                    .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))?
+                    .label(s.name.as_str())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+                    });
+                chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, colour.filled())))?;
+            }
+            Ok(())
+        },
+    )
 }
 
 /// One named set of labelled points (x, y, label).
@@ -117,79 +141,37 @@ pub fn scatter_plot(
     y_label: &str,
     sets: &[Labelled],
 ) -> Result<()> {
-    let xy: Vec<(f64, f64)> = sets
+    let points = sets
         .iter()
-        .flat_map(|s| s.points.iter().map(|p| (p.0, p.1)))
-        .collect();
-    if let Some(&(x, y)) = xy.iter().find(|(x, y)| !x.is_finite() || !y.is_finite()) {
-        return Err(Error::InvalidInput(format!(
-            "plot {}: point ({x}, {y}) is not finite",
-            path.display()
-        )));
-    }
-    if xy.is_empty() {
-        return Err(Error::InvalidInput(format!(
-            "plot {}: no points to draw",
-            path.display()
-        )));
-    }
-    let fold = |f: fn(f64, f64) -> f64, init: f64, g: fn(&(f64, f64)) -> f64| {
-        xy.iter().map(g).fold(init, f)
-    };
-    let (x0, x1) = padded(
-        fold(f64::min, f64::MAX, |p| p.0),
-        fold(f64::max, f64::MIN, |p| p.0),
-    );
-    let (y0, y1) = padded(
-        fold(f64::min, f64::MAX, |p| p.1),
-        fold(f64::max, f64::MIN, |p| p.1),
-    );
-    let plot_err = |e: &dyn std::fmt::Display| Error::Plot(format!("{}: {e}", path.display()));
-    let root = SVGBackend::new(path, (1000, 640)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| plot_err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 24))
-        .margin(15)
-        .x_label_area_size(50)
-        .y_label_area_size(70)
-        .build_cartesian_2d(x0..x1, y0..y1)
-        .map_err(|e| plot_err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_label)
-        .y_desc(y_label)
-        .draw()
-        .map_err(|e| plot_err(&e))?;
-    for (i, s) in sets.iter().enumerate() {
-        let colour = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(
-                s.points
-                    .iter()
-                    .map(|p| Circle::new((p.0, p.1), 5, colour.filled())),
-            )
-            .map_err(|e| plot_err(&e))?
-            .label(s.name.as_str())
-            .legend(move |(x, y)| Circle::new((x + 10, y), 5, colour.filled()));
-        chart
-            .draw_series(s.points.iter().map(|p| {
-                Text::new(
-                    p.2.clone(),
-                    (p.0, p.1),
-                    ("sans-serif", 12).into_font().color(&colour),
-                )
-            }))
-            .map_err(|e| plot_err(&e))?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(|e| plot_err(&e))?;
-    root.present().map_err(|e| plot_err(&e))?;
-    Ok(())
+        .flat_map(|s| s.points.iter().map(|p| (p.0, p.1)));
+    draw(
+        path,
+        (1000, 640),
+        title,
+        (x_label, y_label),
+        points,
+        |chart| {
+            for (i, s) in sets.iter().enumerate() {
+                let colour = Palette99::pick(i).to_rgba();
+                chart
+                    .draw_series(
+                        s.points
+                            .iter()
+                            .map(|p| Circle::new((p.0, p.1), 5, colour.filled())),
+                    )?
+                    .label(s.name.as_str())
+                    .legend(move |(x, y)| Circle::new((x + 10, y), 5, colour.filled()));
+                chart.draw_series(s.points.iter().map(|p| {
+                    Text::new(
+                        p.2.clone(),
+                        (p.0, p.1),
+                        ("sans-serif", 12).into_font().color(&colour),
+                    )
+                }))?;
+            }
+            Ok(())
+        },
+    )
 }
 
 /// A GitHub-flavoured Markdown table, columns padded to equal width. Rows shorter than the
