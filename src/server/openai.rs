@@ -231,6 +231,15 @@ pub struct SamplingFields {
     pub user: Option<String>,
 }
 
+impl SamplingFields {
+    /// Whether a stream ends with a usage chunk (`stream_options.include_usage`).
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {

@@ -529,11 +529,6 @@ async fn chat(
         ignore_eos: req.sampling.ignore_eos,
         raw: false,
     };
-    let include_usage = req
-        .sampling
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
     let reply = Reply::new(&st.models[0], true, extra);
     generate(
         &st,
@@ -541,7 +536,7 @@ async fn chat(
         work,
         reply,
         req.sampling.stream,
-        include_usage,
+        req.sampling.include_usage(),
     )
     .await
 }
@@ -564,11 +559,6 @@ async fn completions(
         ignore_eos: req.sampling.ignore_eos,
         raw: true,
     };
-    let include_usage = req
-        .sampling
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
     let reply = Reply::new(&st.models[0], false, json!({}));
     generate(
         &st,
@@ -576,7 +566,7 @@ async fn completions(
         work,
         reply,
         req.sampling.stream,
-        include_usage,
+        req.sampling.include_usage(),
     )
     .await
 }

@@ -298,14 +298,23 @@ impl Redis {
     /// exits, and connecting reaches theirs): a server only counts once it reports our child's
     /// process id; otherwise another port is tried.
     pub fn start() -> Redis {
+        Redis::spawn(0, &["--save", "", "--appendonly", "no"])
+    }
+
+    /// A redis-server with `args` on `port` (0: a free one, tried up to 10 times).
+    fn spawn(port: u16, args: &[&str]) -> Redis {
         for _ in 0..10 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-                .port();
+            let port = if port != 0 {
+                port
+            } else {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .expect("free port")
+                    .port()
+            };
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
+                .args(args)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -321,7 +330,7 @@ impl Redis {
             }
             r.stop();
         }
-        panic!("redis-server did not start on any of 10 ports");
+        panic!("redis-server did not start on port {port} (0: any free port) in 10 tries");
     }
 
     /// Waits (up to 20 s) until this port answers with our child's process id; false if the
@@ -347,43 +356,20 @@ impl Redis {
     /// file in `dir` (fsync always), so that stopping and starting it again on the same
     /// port and directory keeps every write it acknowledged.
     pub fn start_persistent(dir: &Path, port: u16) -> Redis {
-        for _ in 0..10 {
-            let port = if port != 0 {
-                port
-            } else {
-                std::net::TcpListener::bind("127.0.0.1:0")
-                    .and_then(|l| l.local_addr())
-                    .expect("free port")
-                    .port()
-            };
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args([
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    "always",
-                ])
-                .arg("--dir")
-                .arg(dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!("cannot run redis-server ({e}); install it with .ci/redis.sh")
-                });
-            let mut r = Redis {
-                child: Some(child),
-                port,
-            };
-            if r.serving() {
-                return r;
-            }
-            r.stop();
-        }
-        panic!("redis-server did not start");
+        let dir = dir.to_str().expect("a UTF-8 temporary directory");
+        Redis::spawn(
+            port,
+            &[
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                dir,
+            ],
+        )
     }
 
     pub fn url(&self) -> String {
