@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
-use samkv::engine::{generate, Progress, Prompt, Sampling, Source};
-use samkv::eval::RagPrompt;
+use samkv::engine::{generate, Progress, Prompt, Sampling};
 use samkv::methods::MethodConfig;
 use samkv::store::{self, DiskStore, KvStore};
 
@@ -148,13 +147,11 @@ pub fn ask(cli: &Cli, models_dir: &Path, a: &AskArgs) -> Result<()> {
             ..Default::default()
         }
     } else {
-        let rp = RagPrompt::for_question(&documents, &a.question);
+        let rp = Prompt::for_question(&documents, &a.question);
         Prompt {
             preamble: a.preamble.clone().unwrap_or(rp.preamble),
-            documents: rp.documents,
-            question: rp.question,
             system: a.system.clone(),
-            history: Vec::new(),
+            ..rp
         }
     };
     let sampling = Sampling {
@@ -176,13 +173,7 @@ pub fn ask(cli: &Cli, models_dir: &Path, a: &AskArgs) -> Result<()> {
             &names,
             &mut on_progress(&bar, &names),
         )?;
-        let new = prep
-            .segments
-            .iter()
-            .zip(&prep.sources)
-            .filter(|(s, src)| !s.is_preamble && **src == Source::Computed)
-            .count();
-        (asm, Some((new, prep.compute_ms)))
+        (asm, Some((prep.documents_computed(), prep.compute_ms)))
     };
     bar.finish_and_clear();
     let first_token_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -287,7 +278,6 @@ pub fn ingest(
         "{spinner} {bar:40} {pos}/{len} docs {per_sec} eta {eta} {msg}",
     )?);
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    let preamble = RagPrompt::for_question(&[], "x").preamble;
     let (mut stored, mut skipped) = (0, 0);
     let mut failed: Vec<String> = Vec::new();
     for f in &files {
@@ -303,28 +293,24 @@ pub fn ingest(
             bar.inc(1);
             continue;
         };
-        let p = Prompt {
-            preamble: preamble.clone(),
-            documents: vec![RagPrompt::document(&text)],
-            question: "x".into(),
-            ..Default::default()
-        };
-        let t = e.tokenize(&p)?;
+        let t = e.tokenize_document(&text)?;
         bar.set_message(format!(
             "prefilling {name} ({} tokens)",
             t.documents[0].len()
         ));
-        let mut prepared = e.prepare_with(&t, std::slice::from_ref(&name), &mut |_| {})?;
         let id = e.doc_id(&t.prefix, &t.documents[0]);
-        let new = prepared.sources.last() == Some(&Source::Computed);
         // A document counts as stored only once the store said so; the others are counted
         // and make the command fail at the end (a full disk must not look like success).
-        if let Err(err) = prepared.require_stored() {
-            bar.suspend(|| eprintln!("error: {name} ({id}) was not stored: {err}"));
-            failed.push(name);
-            bar.inc(1);
-            continue;
-        }
+        let new = match e.ingest(&t, Some(&name)) {
+            Ok(r) => !r.cached,
+            Err(err) if err.is_store() => {
+                bar.suspend(|| eprintln!("error: {name} ({id}) was not stored: {err}"));
+                failed.push(name);
+                bar.inc(1);
+                continue;
+            }
+            Err(err) => return Err(err.into()),
+        };
         stored += new as usize;
         bar.suspend(|| {
             println!(

@@ -82,6 +82,15 @@ impl Error {
         }
     }
 
+    /// Whether the store failed (unreadable, unwritable, full, unreachable, corrupt), as
+    /// opposed to the request or the model.
+    pub fn is_store(&self) -> bool {
+        matches!(
+            self,
+            Error::Store(_) | Error::Corrupt(_) | Error::StoreFull(_) | Error::Unavailable(_)
+        )
+    }
+
     /// Whether this error found an entry's bytes wrong (as opposed to failing to read them).
     pub fn is_corrupt(&self) -> bool {
         matches!(self, Error::Corrupt(_))

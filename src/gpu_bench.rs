@@ -20,7 +20,7 @@ use crate::engine::{Engine, Tokenized};
 use crate::eval::metrics::median;
 use crate::eval::plot::markdown_table;
 use crate::kv::{KvCache, LayerKv};
-use crate::methods::{Assembled, Context, MethodConfig, Stats};
+use crate::methods::{Assembled, MethodConfig, Stats};
 use crate::model::{Arch, Config, Llama3Scaling, Logits, Model, RopeLayout};
 use crate::store::MemoryTier;
 use crate::tokenizer::Tokenizer;
@@ -804,16 +804,11 @@ fn time_method(
                  include ingestion"
             )));
         }
-        let ctx = Context {
-            model: &engine.model,
-            segments: prepared.segments,
-            question: prepared.question,
-        };
-        let mut a = method.assemble(&ctx)?;
+        let mut a = engine.assemble_prepared(&prepared, method)?;
+        drop(prepared);
         sync(dev)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         mem.sample();
-        a.stats.load_ms += prepared.load_ms;
         a.stats.ttft_ms = ms;
         if rep > 0 {
             times.push(ms);

@@ -13,11 +13,10 @@ use serde_json::json;
 
 use crate::engine::{load_model, Engine, Prompt};
 use crate::eval::metrics::kl_divergence;
-use crate::eval::RagPrompt;
 use crate::fetch;
 use crate::gpu_bench::method_config;
 use crate::kv::KvCache;
-use crate::methods::{Assembled, Context, Method, MethodConfig};
+use crate::methods::{Assembled, Method, MethodConfig};
 use crate::model::{LoadOptions, Logits, Model, WeightMode};
 use crate::store::MemoryTier;
 use crate::{Error, Result};
@@ -238,13 +237,7 @@ pub fn run(args: &SelfcheckArgs, device: Device, models_dir: &Path) -> Result<()
 
     // 1. Logits: CPU f32 against the device in each dtype, on the full prompt.
     let cpu = load(&Device::Cpu, DType::F32)?;
-    let full = RagPrompt::for_question(&texts, &question);
-    let prompt = Prompt {
-        preamble: full.preamble.clone(),
-        documents: full.documents.clone(),
-        question: full.question.clone(),
-        ..Default::default()
-    };
+    let prompt = Prompt::for_question(&texts, &question);
     let t = cpu.tokenize(&prompt)?;
     let tokens: Vec<u32> = [t.prefix.clone(), t.documents.concat(), t.question.clone()].concat();
     let positions: Vec<u32> = (0..tokens.len() as u32).collect();
@@ -321,14 +314,7 @@ fn check_decode_batch(rep: &mut Report, m: &Model, dt: DType) {
 }
 
 fn assemble(engine: &Engine, prompt: &Prompt, m: &dyn Method) -> Result<Assembled> {
-    let t = engine.tokenize(prompt)?;
-    let p = engine.prepare(&t)?;
-    let ctx = Context {
-        model: &engine.model,
-        segments: p.segments,
-        question: p.question,
-    };
-    m.assemble(&ctx)
+    Ok(engine.assemble(prompt, m)?.0)
 }
 
 /// The largest `|x - ref| / |ref|` (L2, over each layer's K and over its V) of two caches
@@ -371,10 +357,7 @@ fn check_invariants(
     dt: DType,
 ) {
     let dts = format!("{dt:?}").to_lowercase();
-    let prompt_of = |docs: &[String]| {
-        let p = RagPrompt::for_question(docs, question);
-        Prompt::from(p)
-    };
+    let prompt_of = |docs: &[String]| Prompt::for_question(docs, question);
     let one = prompt_of(&texts[..1]);
     let three = prompt_of(texts);
     let longest = match engine.tokenize(&three) {

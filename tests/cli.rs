@@ -267,6 +267,19 @@ fn plain_question_and_readme_rag_answer() {
         );
         assert!(stderr.starts_with("[samkv("), "{stderr}");
     }
+    // A stop string of several tokens: nothing of it reaches stdout, not even its first
+    // tokens (they are held back until the stop string is told apart from plain text).
+    let stopped = [&args[..], &["--stop", " and Gustave"]].concat();
+    let out = samkv(&stopped, tmp.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        "The Eiffel Tower was designed by Gustave Eiffel"
+    );
     assert!(
         readme.contains(README_RAG_ANSWER),
         "README shows another answer"

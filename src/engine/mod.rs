@@ -2,6 +2,7 @@
 //! and stores) each document's KV, hands them to a [`Method`] to assemble, and decodes.
 
 pub mod generate;
+pub mod prompt;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,14 +10,15 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
-pub use generate::{generate, FinishReason, Generation, Sampling};
+pub use generate::{generate, FinishReason, Generation, Sampling, Step, TextDecoder};
+pub use prompt::Prompt;
 
 use crate::methods::{Assembled, Context, Method, Recompute, Segment};
 use crate::model::{mean_rows, Logits, Model};
 use crate::store::{
     doc_id, now_unix, prefix_hash, DocId, DocMeta, KvStore, StoredDoc, FORMAT_VERSION,
 };
-use crate::tokenizer::{ChatMessage, Tokenizer};
+use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
 /// Numbers of trailing tokens over which SamKV's document-local query summaries are pooled
@@ -33,32 +35,13 @@ pub fn qloc_key(n: usize) -> String {
     format!("samkv.qloc.{n}")
 }
 
-/// A RAG request in text form. The preamble and question are wrapped in the model's chat
-/// template (when it has one) by the engine: preamble, documents and question make up the
-/// content of the last user turn.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct Prompt {
-    pub preamble: String,
-    pub documents: Vec<String>,
-    pub question: String,
-    /// The chat template's system message (`None`: the template's own default, if any).
-    /// Documents' KV is computed after it, so each distinct system message has its own.
-    #[serde(default)]
-    pub system: Option<String>,
-    /// Earlier turns (user / assistant), rendered in their roles before the last user turn.
-    #[serde(default)]
-    pub history: Vec<ChatMessage>,
-}
-
-impl From<crate::eval::RagPrompt> for Prompt {
-    fn from(p: crate::eval::RagPrompt) -> Self {
-        Prompt {
-            preamble: p.preamble,
-            documents: p.documents,
-            question: p.question,
-            ..Default::default()
-        }
-    }
+/// What [`Engine::ingest`] did with a document.
+#[derive(Clone, Debug)]
+pub struct Ingested {
+    pub id: DocId,
+    pub tokens: usize,
+    /// It was already stored (nothing computed).
+    pub cached: bool,
 }
 
 /// What [`Engine::prepare_with`] reports about each document, in order.
@@ -118,6 +101,24 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// The method's view of the request.
+    pub fn context<'a>(&self, model: &'a Model) -> Context<'a> {
+        Context {
+            model,
+            segments: self.segments.clone(),
+            question: self.question.clone(),
+        }
+    }
+
+    /// Documents (not the preamble) computed for this request rather than read from the store.
+    pub fn documents_computed(&self) -> usize {
+        self.segments
+            .iter()
+            .zip(&self.sources)
+            .filter(|(s, src)| !s.is_preamble && **src == Source::Computed)
+            .count()
+    }
+
     /// Err with the first store failure, for callers that promise the KV is stored.
     pub fn require_stored(&mut self) -> Result<()> {
         match self.unstored.drain(..).next() {
@@ -163,7 +164,27 @@ impl Engine {
                 "the question is empty; ask something".into(),
             ));
         }
-        let (pre, post) = self.wrap(p)?;
+        let (_, post) = self.wrap(p)?;
+        let (prefix, documents) = self.tokenize_context(p)?;
+        let question = self.tokenizer.encode(&format!("{}{post}", p.question))?;
+        let total = prefix.len() + documents.iter().map(Vec::len).sum::<usize>() + question.len();
+        if total >= self.model.cfg.max_context {
+            return Err(Error::ContextTooLong {
+                tokens: total,
+                max: self.model.cfg.max_context,
+            });
+        }
+        Ok(Tokenized {
+            prefix,
+            documents,
+            question,
+        })
+    }
+
+    /// The prefix (BOS, chat template up to the last user turn, preamble) and the documents,
+    /// each tokenized on its own; the question is not needed for either.
+    fn tokenize_context(&self, p: &Prompt) -> Result<(Vec<u32>, Vec<Vec<u32>>)> {
+        let (pre, _) = self.wrap(p)?;
         let mut prefix = Vec::new();
         if self.tokenizer.add_bos() {
             prefix.extend(self.tokenizer.bos_id());
@@ -177,18 +198,47 @@ impl Engine {
         if let Some(i) = documents.iter().position(|d| d.is_empty()) {
             return Err(Error::InvalidInput(format!("document {} is empty", i + 1)));
         }
-        let question = self.tokenizer.encode(&format!("{}{post}", p.question))?;
-        let total = prefix.len() + documents.iter().map(Vec::len).sum::<usize>() + question.len();
+        let total = prefix.len() + documents.iter().map(Vec::len).sum::<usize>();
         if total >= self.model.cfg.max_context {
             return Err(Error::ContextTooLong {
                 tokens: total,
                 max: self.model.cfg.max_context,
             });
         }
+        Ok((prefix, documents))
+    }
+
+    /// One free-standing document for ingestion, laid out as `samkv ask` and chat requests
+    /// without a system message lay it out (after the default preamble); no question.
+    pub fn tokenize_document(&self, text: &str) -> Result<Tokenized> {
+        let p = Prompt {
+            preamble: Prompt::documents_preamble(),
+            documents: vec![Prompt::document(text)],
+            ..Default::default()
+        };
+        let (prefix, documents) = self.tokenize_context(&p)?;
         Ok(Tokenized {
             prefix,
             documents,
-            question,
+            question: Vec::new(),
+        })
+    }
+
+    /// Ingestion: computes and stores the documents of `t` (from
+    /// [`Engine::tokenize_document`]), or finds them stored; reports the last. Fails if a newly
+    /// computed entry could not be stored: an ingest promises it is.
+    pub fn ingest(&self, t: &Tokenized, source: Option<&str>) -> Result<Ingested> {
+        let doc = t
+            .documents
+            .last()
+            .ok_or_else(|| Error::Internal("ingest of a request without documents".into()))?;
+        let names: Vec<String> = source.into_iter().map(str::to_string).collect();
+        let mut prepared = self.prepare_with(t, &names, &mut |_| {})?;
+        prepared.require_stored()?;
+        Ok(Ingested {
+            id: self.doc_id(&t.prefix, doc),
+            tokens: doc.len(),
+            cached: prepared.sources.last() == Some(&Source::Store),
         })
     }
 
@@ -477,16 +527,19 @@ impl Engine {
     ) -> Result<(Assembled, Prepared)> {
         let t = self.tokenize(prompt)?;
         let prepared = self.prepare_with(&t, names, progress)?;
-        let ctx = Context {
-            model: &self.model,
-            segments: prepared.segments.clone(),
-            question: prepared.question.clone(),
-        };
+        let a = self.assemble_prepared(&prepared, method)?;
+        Ok((a, prepared))
+    }
+
+    /// Runs `method` over a prepared request: the one place every caller (CLI, server,
+    /// benchmarks, selfcheck) assembles. The stats count loading from the store in `load_ms`
+    /// and in the time to first token, which is loading plus this assembly.
+    pub fn assemble_prepared(&self, prepared: &Prepared, method: &dyn Method) -> Result<Assembled> {
         let t0 = Instant::now();
-        let mut a = method.assemble(&ctx)?;
+        let mut a = method.assemble(&prepared.context(&self.model))?;
         a.stats.load_ms += prepared.load_ms;
         a.stats.ttft_ms = prepared.load_ms + t0.elapsed().as_secs_f64() * 1e3;
-        Ok((a, prepared))
+        Ok(a)
     }
 
     /// Assembles and decodes; `on_text` receives the answer as it is generated. A prompt

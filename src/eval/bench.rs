@@ -414,18 +414,14 @@ fn run_method(
     } else {
         t0.elapsed().as_secs_f64() * 1e3
     };
-    let ctx = Context {
-        model: &engine.model,
-        segments: p.segments.clone(),
-        question: p.question.clone(),
-    };
     let t1 = Instant::now();
-    let mut a = method.assemble(&ctx)?;
+    let mut a = engine.assemble_prepared(p, method)?;
     // Reading the logits waits for an accelerator to finish, and sampling needs them.
     let logits: Vec<f32> = a.logits.to_vec1()?;
     let assemble_ms = t1.elapsed().as_secs_f64() * 1e3;
-    if given.is_none() {
-        a.stats.load_ms += p.load_ms;
+    if given.is_some() {
+        // A given context's loading was not this method's cost.
+        a.stats.load_ms -= p.load_ms;
     }
     a.stats.ttft_ms = prepare_ms + assemble_ms;
     let g = generate(
@@ -448,10 +444,7 @@ fn run_method(
         docs_computed: if given.is_some() {
             0
         } else {
-            p.sources
-                .iter()
-                .filter(|s| **s == crate::engine::Source::Computed)
-                .count()
+            p.documents_computed()
         },
     })
 }

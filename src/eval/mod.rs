@@ -13,4 +13,4 @@ pub mod sweep;
 pub use data::{load_examples, Document, Example};
 pub use metrics::{best_f1, exact_match, kl_divergence, median, normalize_answer, qa_f1};
 pub use plot::{line_plot, markdown_table, scatter_plot, Labelled, Series};
-pub use prompt::{longbench_prompt, RagPrompt};
+pub use prompt::longbench_prompt;

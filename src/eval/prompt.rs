@@ -1,58 +1,10 @@
-//! The LongBench hotpotqa / 2wikimqa / musique prompt, split into the segments whose KV
-//! caches are computed separately: preamble, one segment per document, question.
-//!
-//! LongBench's template is `{instruction}\n\nThe following are given passages.\n{context}\n\n
-//! {instruction}\n\nQuestion: {input}\nAnswer:` with `context` the passages
-//! `Passage {n}:\n{passage}` joined by `\n`. The joining `\n` is put at the end of each
-//! document (and the template's other `\n` opens the question), so every document segment has
-//! the same shape wherever it sits, and the concatenation is the template text exactly.
+//! The LongBench hotpotqa / 2wikimqa / musique prompt of a dataset example, in the layout of
+//! [`Prompt`] (see engine/prompt.rs), with the passages numbered `Passage {n}:` as LongBench
+//! numbers them.
 
 use super::data::Example;
-
-/// LongBench's instruction, said before the passages and again before the question.
-pub const LONGBENCH_INSTRUCTION: &str =
-    "Answer the question based on the given passages. Only give me the answer and do not output any other words.";
-
-/// A prompt as segments; `preamble + documents.concat() + question` is the full prompt.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RagPrompt {
-    pub preamble: String,
-    pub documents: Vec<String>,
-    pub question: String,
-}
-
-impl RagPrompt {
-    /// The full prompt text (before any chat template).
-    pub fn text(&self) -> String {
-        let mut s = self.preamble.clone();
-        for d in &self.documents {
-            s.push_str(d);
-        }
-        s.push_str(&self.question);
-        s
-    }
-}
-
-impl RagPrompt {
-    /// The LongBench layout for free-standing documents (`samkv ask`, the server): passages are
-    /// not numbered, so a document's text, and with it its cached KV, does not depend on where
-    /// it sits in a request.
-    pub fn for_question(documents: &[String], question: &str) -> RagPrompt {
-        RagPrompt {
-            preamble: format!("{LONGBENCH_INSTRUCTION}\n\nThe following are given passages.\n"),
-            documents: documents.iter().map(|d| Self::document(d)).collect(),
-            question: format!(
-                "{}{LONGBENCH_INSTRUCTION}\n\nQuestion: {question}\nAnswer:",
-                if documents.is_empty() { "\n\n" } else { "\n" }
-            ),
-        }
-    }
-
-    /// One free-standing document segment: `Passage:\n{text}\n`.
-    pub fn document(text: &str) -> String {
-        format!("Passage:\n{}\n", text.trim_end())
-    }
-}
+use crate::engine::prompt::LONGBENCH_INSTRUCTION;
+use crate::engine::Prompt;
 
 /// The text of passage `n` (1-based) as it appears inside the context, without the joining
 /// newline: `Passage {n}:\n{title}\n{text}`, or `Passage {n}:\n{text}` when the title is empty
@@ -66,9 +18,9 @@ pub fn passage(n: usize, title: &str, text: &str) -> String {
 }
 
 /// Builds the LongBench prompt for `ex`, one document segment per passage.
-pub fn longbench_prompt(ex: &Example) -> RagPrompt {
-    RagPrompt {
-        preamble: format!("{LONGBENCH_INSTRUCTION}\n\nThe following are given passages.\n"),
+pub fn longbench_prompt(ex: &Example) -> Prompt {
+    Prompt {
+        preamble: Prompt::documents_preamble(),
         documents: ex
             .documents
             .iter()
@@ -85,6 +37,7 @@ pub fn longbench_prompt(ex: &Example) -> RagPrompt {
             },
             ex.question
         ),
+        ..Default::default()
     }
 }
 

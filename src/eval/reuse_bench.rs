@@ -76,7 +76,7 @@ fn documents(engine: &Engine, args: &ReuseBenchArgs) -> Result<(Vec<String>, Str
 
 pub fn run(engine: &mut Engine, args: &ReuseBenchArgs) -> Result<ReuseBench> {
     let (docs, question) = documents(engine, args)?;
-    let prompt = Prompt::from(crate::eval::RagPrompt::for_question(&docs, &question));
+    let prompt = Prompt::for_question(&docs, &question);
     let tokenized = engine.tokenize(&prompt)?;
     let context_tokens =
         tokenized.prefix.len() + tokenized.documents.iter().map(Vec::len).sum::<usize>();

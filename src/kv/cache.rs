@@ -66,7 +66,7 @@ impl LayerKv {
     pub fn from_parts(k: Tensor, v: Tensor, pos: Vec<u32>) -> Result<Self> {
         let t = k.dim(1)?;
         if v.dims() != k.dims() || t != pos.len() {
-            return Err(Error::InvalidInput(format!(
+            return Err(Error::Internal(format!(
                 "KV parts disagree: k {:?}, v {:?}, {} positions",
                 k.dims(),
                 v.dims(),
@@ -88,7 +88,7 @@ impl LayerKv {
     pub fn from_buffer(k: Tensor, v: Tensor, pos: Vec<u32>) -> Result<Self> {
         let cap = k.dim(1)?;
         if v.dims() != k.dims() || pos.len() > cap || !pos.windows(2).all(|w| w[0] < w[1]) {
-            return Err(Error::InvalidInput(format!(
+            return Err(Error::Internal(format!(
                 "KV buffers disagree: k {:?}, v {:?}, {} positions (must be sorted and fit)",
                 k.dims(),
                 v.dims(),
@@ -216,7 +216,7 @@ impl LayerKv {
         }
         let len = self.len();
         if let Some(&r) = rows.iter().find(|&&r| r >= len) {
-            return Err(Error::InvalidInput(format!(
+            return Err(Error::Internal(format!(
                 "overwrite of row {r}, but the layer holds {len} rows"
             )));
         }
@@ -232,7 +232,7 @@ impl LayerKv {
             let (k, v) = (k.to_dtype(self.k.dtype())?, v.to_dtype(self.v.dtype())?);
             if scatter_rows(&self.k, &k, &idx)? {
                 if !scatter_rows(&self.v, &v, &idx)? {
-                    return Err(Error::InvalidInput(
+                    return Err(Error::Internal(
                         "overwrite: keys and values have different layouts".into(),
                     ));
                 }
@@ -284,7 +284,7 @@ impl LayerKv {
         let mut order: Vec<usize> = (0..self.len()).collect();
         order.sort_by_key(|&i| self.pos[i]);
         if order.windows(2).any(|w| self.pos[w[0]] == self.pos[w[1]]) {
-            return Err(Error::InvalidInput(
+            return Err(Error::Internal(
                 "two KV rows share one position; each position may appear once".into(),
             ));
         }

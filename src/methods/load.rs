@@ -46,7 +46,7 @@ pub fn load_rows(
     let t0 = Instant::now();
     let n_layers = model.n_layers();
     if want.len() != n_layers {
-        return Err(Error::InvalidInput(format!(
+        return Err(Error::Internal(format!(
             "rows asked for {} layers, the model has {n_layers}",
             want.len()
         )));
@@ -306,7 +306,7 @@ fn load_by_ops(
 /// or out of order.
 fn locate(ctx: &Context, rows: &[u32]) -> Result<Vec<[u32; 2]>> {
     if !rows.windows(2).all(|w| w[0] < w[1]) {
-        return Err(Error::InvalidInput(
+        return Err(Error::Internal(
             "rows to load must be sorted by position, each once".into(),
         ));
     }
@@ -316,7 +316,7 @@ fn locate(ctx: &Context, rows: &[u32]) -> Result<Vec<[u32; 2]>> {
             let seg = starts.partition_point(|&s| s <= p).checked_sub(1);
             match seg.map(|i| (i, &ctx.segments[i])) {
                 Some((i, s)) if s.positions().contains(&p) => Ok([i as u32, p - s.start]),
-                _ => Err(Error::InvalidInput(format!(
+                _ => Err(Error::Internal(format!(
                     "position {p} is in no document of the request"
                 ))),
             }

@@ -205,7 +205,7 @@ pub fn prefill_question(model: &Model, ctx: &Context, cache: &mut KvCache) -> Re
 }
 
 pub(crate) fn last_logits(t: Option<Tensor>) -> Result<Tensor> {
-    let t = t.ok_or_else(|| Error::InvalidInput("no logits were computed".into()))?;
+    let t = t.ok_or_else(|| Error::Internal("no logits were computed".into()))?;
     Ok(t.flatten_all()?.to_dtype(DType::F32)?)
 }
 
@@ -293,9 +293,9 @@ fn subset_indices(rows: &[u32], subset: &[u32]) -> Result<Vec<u32>> {
     subset
         .iter()
         .map(|p| {
-            rows.binary_search(p).map(|i| i as u32).map_err(|_| {
-                Error::InvalidInput(format!("plan keeps row {p} that was not recomputed"))
-            })
+            rows.binary_search(p)
+                .map(|i| i as u32)
+                .map_err(|_| Error::Internal(format!("plan keeps row {p} that was not recomputed")))
         })
         .collect()
 }

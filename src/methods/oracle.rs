@@ -32,7 +32,7 @@ impl Oracle {
     pub fn plan(&self, ctx: &Context) -> Result<Plan> {
         let p = &self.params;
         if !matches!(p.selection, Selection::Global { .. }) {
-            return Err(Error::InvalidInput(
+            return Err(Error::Internal(
                 "the oracle fills a global budget: give it Selection::Global".into(),
             ));
         }

@@ -551,7 +551,7 @@ pub fn group_mean(q: &Tensor, kv_heads: usize) -> Result<Tensor> {
     let r = dims.len();
     let (h, d) = (dims[r - 2], dims[r - 1]);
     if kv_heads == 0 || h % kv_heads != 0 {
-        return Err(Error::InvalidInput(format!(
+        return Err(Error::Internal(format!(
             "{h} query heads do not split into {kv_heads} KV groups"
         )));
     }
@@ -854,7 +854,7 @@ pub(crate) fn rows_of(layer: &LayerKv, pos: &[u32]) -> Result<Vec<usize>> {
     pos.iter()
         .map(|p| {
             held.binary_search(p).map_err(|_| {
-                Error::InvalidInput(format!("position {p} is not in the concatenated cache"))
+                Error::Internal(format!("position {p} is not in the concatenated cache"))
             })
         })
         .collect()

@@ -50,7 +50,11 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message).code("not_found")
     }
 
+    /// 500: a bug or a failure of the model or the device, logged here so that every 500
+    /// leaves a trace in the server's log.
     pub fn internal(message: impl Into<String>) -> Self {
+        let message = message.into();
+        tracing::error!("internal error: {message}");
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
 

@@ -24,7 +24,6 @@ use super::openai::*;
 use super::worker::{Event, GenerateWork, Job, Work};
 use super::AppState;
 use crate::engine::{Prompt, Sampling};
-use crate::eval::RagPrompt;
 use crate::methods::Recompute;
 
 pub(crate) type St = State<Arc<AppState>>;
@@ -293,7 +292,7 @@ fn chat_prompt(conv: &Conversation, docs: &[String]) -> Prompt {
             ..Default::default()
         };
     }
-    let rp = RagPrompt::for_question(docs, &conv.question);
+    let rp = Prompt::for_question(docs, &conv.question);
     let history = conv.history_text();
     let question = if history.is_empty() {
         rp.question
@@ -590,7 +589,7 @@ mod tests {
     fn chat_prompt_matches_ask_without_system() {
         let docs = vec!["A doc.".to_string()];
         let p = chat_prompt(&conv("", &[]), &docs);
-        let rp = RagPrompt::for_question(&docs, "Who?");
+        let rp = Prompt::for_question(&docs, "Who?");
         assert_eq!(
             (p.preamble, p.documents, p.question),
             (rp.preamble, rp.documents, rp.question)
@@ -604,7 +603,7 @@ mod tests {
         let p = chat_prompt(&conv("Be terse.", &turns), &docs);
         // The system message is the template's system role; the RAG preamble stays.
         assert_eq!(p.system.as_deref(), Some("Be terse."));
-        assert_eq!(p.preamble, RagPrompt::for_question(&docs, "Who?").preamble);
+        assert_eq!(p.preamble, Prompt::for_question(&docs, "Who?").preamble);
         assert!(p.history.is_empty());
         assert!(
             p.question

@@ -23,12 +23,10 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
 use super::openai::{ApiError, Usage};
-use crate::engine::generate::Sampler;
+use crate::engine::generate::{Step, TextDecoder};
 use crate::engine::{Engine, FinishReason, Prompt, Sampling, Source};
-use crate::eval::RagPrompt;
 use crate::kv::KvCache;
-use crate::methods::{Context, Method};
-use crate::tokenizer::StreamDecoder;
+use crate::methods::Method;
 use crate::Result;
 
 /// Bounds the requests admitted at once (waiting or running).
@@ -143,39 +141,16 @@ struct Seq {
     received: Instant,
     cache: KvCache,
     logits: Tensor,
-    sampler: Sampler,
-    stream: StreamDecoder,
-    params: Sampling,
-    ignore_eos: bool,
+    decoder: TextDecoder,
     pos: u32,
-    tokens: Vec<u32>,
-    text: String,
-    /// Bytes of `text` already sent.
-    sent: usize,
     last_token: Option<Instant>,
 }
 
 impl Seq {
-    fn send_upto(&mut self, end: usize) {
-        if end > self.sent {
-            let s = self.text[self.sent..end].to_string();
-            self.sent = end;
-            let _ = self.events.send(Event::Text(s));
+    fn send(&self, text: String) {
+        if !text.is_empty() {
+            let _ = self.events.send(Event::Text(text));
         }
-    }
-
-    /// Length of `text` that can be sent: all but a tail that could begin a stop string.
-    fn safe_len(&self) -> usize {
-        let mut hold = 0;
-        for s in &self.params.stop {
-            for k in (1..s.len()).rev() {
-                if s.is_char_boundary(k) && self.text.ends_with(&s[..k]) {
-                    hold = hold.max(k);
-                    break;
-                }
-            }
-        }
-        self.text.len() - hold
     }
 
     /// Samples the next token and streams its text. Ok(Err(reason)) when the sequence is
@@ -188,70 +163,47 @@ impl Seq {
         if self.events.is_closed() {
             return Ok(Err(FinishReason::Cancelled));
         }
-        let tok = self.sampler.sample(&self.logits)?;
+        let at_end = self.pos as usize >= engine.model.cfg.max_context;
+        let (text, step) = self.decoder.step(&engine.tokenizer, &self.logits, at_end)?;
         let now = Instant::now();
         match self.last_token {
             None => metrics.ttft.observe((now - self.received).as_secs_f64()),
             Some(t) => metrics.per_token.observe((now - t).as_secs_f64()),
         }
         self.last_token = Some(now);
-        if !self.ignore_eos && engine.tokenizer.is_eos(tok) {
-            return Ok(Err(FinishReason::Stop));
-        }
-        self.tokens.push(tok);
-        if let Some(delta) = self.stream.push(tok)? {
-            self.text.push_str(&delta);
-            let cut = self
-                .params
-                .stop
-                .iter()
-                .filter_map(|s| self.text.find(s.as_str()))
-                .min();
-            if let Some(cut) = cut {
-                self.text.truncate(cut);
-                self.send_upto(cut);
-                return Ok(Err(FinishReason::Stop));
-            }
-            self.send_upto(self.safe_len());
-        }
-        if self.tokens.len() >= self.params.max_new_tokens
-            || self.pos as usize >= engine.model.cfg.max_context
-        {
-            return Ok(Err(FinishReason::Length));
-        }
-        Ok(Ok(tok))
+        self.send(text);
+        Ok(match step {
+            Step::Feed(tok) => Ok(tok),
+            Step::Done(reason) => Err(reason),
+        })
     }
 
     /// Reports a failure and releases the slot.
     fn fail(&mut self, msg: String) {
-        tracing::error!("decoding failed: {msg}");
         self.permit = None;
-        let _ = self.events.send(Event::Failed(ApiError::internal(msg)));
+        let _ = self.events.send(Event::Failed(ApiError::internal(format!(
+            "decoding failed: {msg}"
+        ))));
     }
 
-    /// Sends what is left and the final event.
+    /// Sends the final event (the decoder has released all text by now).
     fn finish(&mut self, reason: FinishReason, metrics: &Metrics) {
         self.permit = None;
         if reason == FinishReason::Cancelled {
             metrics.cancelled.fetch_add(1, Relaxed);
             return;
         }
-        if let Ok(Some(rest)) = self.stream.finish() {
-            self.text.push_str(&rest);
-        }
-        self.send_upto(self.text.len());
-        metrics
-            .completion_tokens
-            .fetch_add(self.tokens.len() as u64, Relaxed);
+        let n = self.decoder.tokens().len();
+        metrics.completion_tokens.fetch_add(n as u64, Relaxed);
         let _ = self.events.send(Event::Done {
             finish: reason,
-            completion_tokens: self.tokens.len(),
+            completion_tokens: n,
         });
     }
 }
 
 fn internal(p: Box<dyn std::any::Any + Send>) -> crate::Error {
-    crate::Error::InvalidInput(format!("internal error: {}", panic_message(p)))
+    crate::Error::Internal(format!("panic: {}", panic_message(p)))
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
@@ -300,9 +252,8 @@ impl Worker {
                         Ok(None) => {}
                         Err(p) => {
                             let m = panic_message(p);
-                            tracing::error!("request failed with a panic: {m}");
                             let _ = events.send(Event::Failed(ApiError::internal(format!(
-                                "internal error: {m}"
+                                "the request failed with a panic: {m}"
                             ))));
                         }
                     }
@@ -401,7 +352,7 @@ impl Worker {
                 None
             }
             Work::Generate(w) => match self.assemble(&w) {
-                Ok((a, usage, method)) => {
+                Ok((a, usage, method, decoder)) => {
                     let _ = events.send(Event::Started { usage, method });
                     let pos = a.cache.next_position();
                     Some(Seq {
@@ -410,14 +361,8 @@ impl Worker {
                         received,
                         cache: a.cache,
                         logits: a.logits,
-                        sampler: Sampler::new(w.sampling.clone()),
-                        stream: self.engine.tokenizer.stream_decoder(),
-                        params: w.sampling,
-                        ignore_eos: w.ignore_eos,
+                        decoder,
                         pos,
-                        tokens: Vec::new(),
-                        text: String::new(),
-                        sent: 0,
                         last_token: None,
                     })
                 }
@@ -462,24 +407,32 @@ impl Worker {
     fn assemble(
         &mut self,
         w: &GenerateWork,
-    ) -> std::result::Result<(crate::methods::Assembled, Usage, String), ApiError> {
-        w.sampling.validate()?;
+    ) -> std::result::Result<(crate::methods::Assembled, Usage, String, TextDecoder), ApiError>
+    {
+        // Checks the sampling knobs before any model work.
+        let decoder = TextDecoder::new(&self.engine.tokenizer, &w.sampling, w.ignore_eos)?;
         self.engine.chat = self.chat && !w.raw;
-        if w.prompt.documents.is_empty() {
-            return self.assemble_plain(w);
-        }
+        let (a, usage, method) = if w.prompt.documents.is_empty() {
+            self.assemble_plain(w)?
+        } else {
+            self.assemble_rag(w)?
+        };
+        Ok((a, usage, method, decoder))
+    }
+
+    fn assemble_rag(
+        &mut self,
+        w: &GenerateWork,
+    ) -> std::result::Result<(crate::methods::Assembled, Usage, String), ApiError> {
         let t = self.engine.tokenize(&w.prompt)?;
         self.check_documents(&t.documents)?;
         self.check_context(
             t.prefix.len() + t.documents.iter().map(Vec::len).sum::<usize>() + t.question.len(),
         )?;
         let prepared = self.engine.prepare(&t)?;
-        let ctx = Context {
-            model: &self.engine.model,
-            segments: prepared.segments.clone(),
-            question: prepared.question.clone(),
-        };
-        let a = w.method.assemble(&ctx)?;
+        let a = self
+            .engine
+            .assemble_prepared(&prepared, w.method.as_ref())?;
         let mut cached = 0;
         for (s, src) in prepared.segments.iter().zip(&prepared.sources) {
             if *src == Source::Store {
@@ -495,7 +448,8 @@ impl Worker {
         }
         // Stored KV the method recomputed was not reused: Recompute reuses none of it.
         let cached = cached.saturating_sub(a.stats.recomputed_tokens.round() as usize);
-        let prompt_tokens = ctx.context_len() + ctx.question.len();
+        let prompt_tokens =
+            t.prefix.len() + t.documents.iter().map(Vec::len).sum::<usize>() + t.question.len();
         let m = &self.metrics;
         m.prompt_tokens.fetch_add(prompt_tokens as u64, Relaxed);
         m.cached_tokens.fetch_add(cached as u64, Relaxed);
@@ -535,28 +489,20 @@ impl Worker {
 
     fn ingest(&mut self, text: &str) -> std::result::Result<Event, ApiError> {
         self.engine.chat = self.chat;
-        let p = Prompt {
-            preamble: RagPrompt::for_question(&[], "x").preamble,
-            documents: vec![RagPrompt::document(text)],
-            question: "x".into(),
-            ..Default::default()
-        };
-        let t = self.engine.tokenize(&p)?;
+        let t = self.engine.tokenize_document(text)?;
         self.check_documents(&t.documents)?;
-        let mut prepared = self.engine.prepare(&t)?;
-        // An upload is acknowledged only once its KV is in the store.
-        prepared.require_stored()?;
-        let cached = prepared.sources.last() == Some(&Source::Store);
-        let c = if cached {
+        // An upload is acknowledged only once its KV is in the store (ingest fails otherwise).
+        let r = self.engine.ingest(&t, None)?;
+        let c = if r.cached {
             &self.metrics.cache_hits
         } else {
             &self.metrics.cache_misses
         };
         c.fetch_add(1, Relaxed);
         Ok(Event::Ingested {
-            kv_id: self.engine.doc_id(&t.prefix, &t.documents[0]).to_string(),
-            tokens: t.documents[0].len(),
-            cached,
+            kv_id: r.id.to_string(),
+            tokens: r.tokens,
+            cached: r.cached,
         })
     }
 }
