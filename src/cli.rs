@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 use samkv::engine::{generate, Progress, Prompt, Sampling};
 use samkv::methods::MethodConfig;
-use samkv::store::{self, DiskStore, KvStore};
+use samkv::store;
 
 use crate::{engine, Cli, ModelArgs};
 
@@ -357,12 +357,14 @@ pub fn ingest(
 }
 
 pub fn store_cmd(cli: &Cli, cmd: &StoreCmd) -> Result<()> {
-    let dir = cli
+    // The same spec as every other command (a directory or redis://), but the persistent
+    // store itself: the memory tier would only hide what is on disk or in Redis.
+    let spec = cli
         .store
         .clone()
-        .map(PathBuf::from)
-        .unwrap_or_else(store::default_store_dir);
-    let disk = DiskStore::open(&dir)?;
+        .unwrap_or_else(|| store::default_store_dir().display().to_string());
+    let disk = store::open_backend(&spec)?;
+    let shown = store::shown_spec(&spec);
     match cmd {
         StoreCmd::Ls => {
             for e in disk.list()? {
@@ -379,8 +381,7 @@ pub fn store_cmd(cli: &Cli, cmd: &StoreCmd) -> Result<()> {
         StoreCmd::Stats => {
             let s = disk.stats()?;
             println!(
-                "{}: {} entries, {:.1} MiB",
-                dir.display(),
+                "{shown}: {} entries, {:.1} MiB",
                 s.entries,
                 s.bytes as f64 / (1 << 20) as f64
             );
@@ -402,7 +403,7 @@ pub fn store_cmd(cli: &Cli, cmd: &StoreCmd) -> Result<()> {
             remove_corrupt,
             tmp_max_age,
         } => {
-            let r = disk.gc_older_than(
+            let r = disk.gc(
                 *remove_corrupt,
                 std::time::Duration::from_secs(*tmp_max_age),
             )?;

@@ -24,7 +24,7 @@ struct Cli {
     /// Where models are stored and fetched to.
     #[arg(long, global = true, env = "SAMKV_MODELS")]
     models_dir: Option<PathBuf>,
-    /// KV store directory.
+    /// KV store: a directory (default ./samkv-store) or a redis://host:port URL.
     #[arg(long, global = true, env = "SAMKV_STORE")]
     store: Option<String>,
     /// In-memory KV tier budget, MiB.

@@ -140,6 +140,72 @@ fn redis_store_roundtrip_corruption_and_outage() {
     assert!(tiered.get(&b.id).expect("from memory").is_some());
 }
 
+/// `samkv store` takes the same `--store redis://...` as every other command: ls, stats,
+/// verify, gc --remove-corrupt and rm act on the Redis entries.
+#[test]
+fn store_cli_on_redis() {
+    let redis = Redis::start();
+    let store = RedisStore::open(&redis.url()).expect("open");
+    let (a, b) = (doc(1, 5), doc(2, 3));
+    store.put(&a).expect("put a");
+    store.put(&b).expect("put b");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_samkv"))
+            .args(["store", "--store", &redis.url()])
+            .args(args)
+            .output()
+            .expect("run samkv");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let (ok, out, err) = cli(&["ls"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(a.id.as_str()) && out.contains(b.id.as_str()),
+        "{out}"
+    );
+    assert!(out.contains("doc-1.txt"), "{out}");
+    let (ok, out, err) = cli(&["stats"]);
+    assert!(ok && out.contains("2 entries"), "{out}{err}");
+    assert!(out.starts_with(&redis.url()), "{out}");
+    let (ok, out, err) = cli(&["verify"]);
+    assert!(ok && out.contains("all entries verified"), "{out}{err}");
+
+    // One entry damaged: verify names it and fails; gc --remove-corrupt removes only it.
+    let key = format!("samkv:kv:{}", a.id);
+    let mut bytes: Vec<u8> = store
+        .conn()
+        .run("test", |c| redis::cmd("GET").arg(&key).query(c))
+        .expect("raw get");
+    let n = bytes.len();
+    bytes[n - 3] ^= 0xff;
+    store
+        .conn()
+        .run("test", |c| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(bytes.as_slice())
+                .query::<()>(c)
+        })
+        .expect("raw set");
+    let (ok, out, err) = cli(&["verify"]);
+    assert!(!ok, "a corrupt entry must fail verify: {out}");
+    assert!(out.contains(&format!("corrupt: {}", a.id)), "{out}");
+    assert!(err.contains("1 of 2 entries corrupt"), "{err}");
+    let (ok, out, err) = cli(&["gc", "--remove-corrupt"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 corrupt, 1 removed"), "{out}");
+    assert!(store.get(&a.id).expect("get").is_none());
+    assert!(store.contains(&b.id).expect("b kept"));
+
+    let (ok, out, err) = cli(&["rm", b.id.as_str(), a.id.as_str()]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("{}: removed", b.id)), "{out}");
+    assert!(out.contains(&format!("{}: not found", a.id)), "{out}");
+    let (ok, out, _) = cli(&["stats"]);
+    assert!(ok && out.contains("0 entries"), "{out}");
+}
+
 #[test]
 fn two_servers_share_documents_and_survive_an_outage() {
     let mut redis = Redis::start();

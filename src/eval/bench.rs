@@ -656,7 +656,7 @@ fn bench_example(
             Some(n) => truncate_docs(engine, ex, n)?,
             None => ex.clone(),
         };
-        let prompt: Prompt = longbench_prompt(&ex).into();
+        let prompt: Prompt = longbench_prompt(&ex);
         let t = engine.tokenize(&prompt)?;
         let t0 = Instant::now();
         let p = engine.prepare(&t)?;

@@ -44,7 +44,7 @@ pub struct CorruptEntry {
     pub reason: String,
 }
 
-/// What [`DiskStore::gc`] found and did.
+/// What [`KvStore::gc`] found and did.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GcReport {
     pub tmp_removed: usize,
@@ -57,7 +57,7 @@ pub struct GcReport {
     pub unreadable: Vec<CorruptEntry>,
 }
 
-/// What [`DiskStore::verify`] found: entries whose bytes are wrong, and entries it could not
+/// What [`KvStore::verify`] found: entries whose bytes are wrong, and entries it could not
 /// read (permission, a directory in the file's place): neither stops the check.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct VerifyReport {
@@ -179,16 +179,11 @@ impl DiskStore {
         Ok(out)
     }
 
-    /// [`DiskStore::gc_older_than`] with the default [`TMP_MAX_AGE`] of one hour.
-    pub fn gc(&self, remove_corrupt: bool) -> Result<GcReport> {
-        self.gc_older_than(remove_corrupt, TMP_MAX_AGE)
-    }
-
     /// Removes tmp files whose writer process is gone, or older than `tmp_max_age` (a
     /// younger one whose writer lives may be a write in progress); and, if `remove_corrupt`,
     /// decodes every entry and removes those whose bytes are wrong. Entries it cannot read
     /// are reported in `unreadable` and kept.
-    pub fn gc_older_than(&self, remove_corrupt: bool, tmp_max_age: Duration) -> Result<GcReport> {
+    fn gc_files(&self, remove_corrupt: bool, tmp_max_age: Duration) -> Result<GcReport> {
         let mut report = GcReport::default();
         let tmp = self.root.join("tmp");
         let now = SystemTime::now();
@@ -217,7 +212,7 @@ impl DiskStore {
             }
         }
         if remove_corrupt {
-            let v = self.verify()?;
+            let v = self.verify_files()?;
             report.checked = v.checked;
             for c in &v.corrupt {
                 match fs::remove_file(&c.path) {
@@ -237,7 +232,7 @@ impl DiskStore {
 
     /// Decodes every entry; reports those whose bytes are wrong and those it cannot read,
     /// without removing anything.
-    pub fn verify(&self) -> Result<VerifyReport> {
+    fn verify_files(&self) -> Result<VerifyReport> {
         let mut r = VerifyReport::default();
         for (path, id) in self.entry_files()? {
             let Some(id) = id else {
@@ -310,6 +305,14 @@ impl DiskStore {
 }
 
 impl KvStore for DiskStore {
+    fn verify(&self) -> Result<VerifyReport> {
+        self.verify_files()
+    }
+
+    fn gc(&self, remove_corrupt: bool, tmp_max_age: Duration) -> Result<GcReport> {
+        self.gc_files(remove_corrupt, tmp_max_age)
+    }
+
     fn get(&self, id: &DocId) -> Result<Option<Arc<StoredDoc>>> {
         let path = self.path_of(id)?;
         // A plain read, not mmap: tensors are copied out anyway, and a mapped file truncated
@@ -519,9 +522,9 @@ mod tests {
 
         let bad = s.verify()?;
         assert_eq!((bad.corrupt.len(), bad.unreadable.len()), (2, 0));
-        assert_eq!(s.gc(false)?.corrupt_removed, 0);
+        assert_eq!(s.gc(false, TMP_MAX_AGE)?.corrupt_removed, 0);
         assert!(s.contains(&a.id)?);
-        let r = s.gc(true)?;
+        let r = s.gc(true, TMP_MAX_AGE)?;
         assert_eq!((r.checked, r.corrupt_removed), (3, 2));
         assert!(s.get(&a.id)?.is_none() && s.get(&b.id)?.is_none());
         assert!(s.get(&c.id)?.is_some());
@@ -542,9 +545,9 @@ mod tests {
         assert!(s.get(&d.id)?.is_none());
         assert!(!s.contains(&d.id)?);
         assert_eq!(s.stats()?.entries, 0);
-        assert_eq!(s.gc(true)?.tmp_removed, 0);
+        assert_eq!(s.gc(true, TMP_MAX_AGE)?.tmp_removed, 0);
         assert!(live.exists());
-        let r = s.gc_older_than(false, Duration::ZERO)?;
+        let r = s.gc(false, Duration::ZERO)?;
         assert_eq!(r.tmp_removed, 1);
         assert_eq!(r.tmp_bytes_removed, (bytes.len() / 2) as u64);
         assert!(!live.exists());
@@ -568,7 +571,7 @@ mod tests {
         let mine = dir.path().join("tmp").join(tmp_name("y"));
         fs::write(&dead, b"partial")?;
         fs::write(&mine, b"in progress")?;
-        let r = s.gc(false)?;
+        let r = s.gc(false, TMP_MAX_AGE)?;
         assert_eq!((r.tmp_removed, r.tmp_bytes_removed), (1, 7));
         assert!(!dead.exists() && mine.exists());
         assert_eq!(tmp_writer_pid(&format!("a.b.{pid}.00ff.tmp")), Some(pid));
@@ -603,7 +606,7 @@ mod tests {
         let v = s.verify()?;
         assert_eq!((v.checked, v.corrupt.len(), v.unreadable.len()), (3, 1, 1));
         assert_eq!(v.unreadable[0].path, pb);
-        let r = s.gc(true)?;
+        let r = s.gc(true, TMP_MAX_AGE)?;
         assert_eq!((r.corrupt_removed, r.unreadable.len()), (1, 1));
         assert!(pb.is_dir(), "an unreadable entry is never removed");
         assert!(s.get(&a.id)?.is_some() && !pc.exists());

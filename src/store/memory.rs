@@ -129,6 +129,25 @@ impl MemoryTier {
 }
 
 impl KvStore for MemoryTier {
+    // Maintenance is the persistent store's: the memory tier holds copies only.
+    fn verify(&self) -> Result<super::VerifyReport> {
+        match &self.inner {
+            Some(inner) => inner.verify(),
+            None => Ok(Default::default()),
+        }
+    }
+
+    fn gc(
+        &self,
+        remove_corrupt: bool,
+        tmp_max_age: std::time::Duration,
+    ) -> Result<super::GcReport> {
+        match &self.inner {
+            Some(inner) => inner.gc(remove_corrupt, tmp_max_age),
+            None => Ok(Default::default()),
+        }
+    }
+
     fn get(&self, id: &DocId) -> Result<Option<Arc<StoredDoc>>> {
         {
             let mut l = self.lock();

@@ -401,6 +401,20 @@ pub trait KvStore: Send + Sync {
     fn list(&self) -> Result<Vec<EntryInfo>>;
     fn stats(&self) -> Result<StoreStats>;
 
+    /// `samkv store verify`: reads every entry and reports the corrupt and the unreadable
+    /// ones; changes nothing. By default through [`KvStore::list`] and [`KvStore::get`].
+    fn verify(&self) -> Result<VerifyReport> {
+        Ok(verify_by_reading(self)?.0)
+    }
+
+    /// `samkv store gc`: removes what killed writers left behind (temporary files whose
+    /// writer is gone or older than `tmp_max_age`, where the store has any) and, with
+    /// `remove_corrupt`, the corrupt entries. Unreadable ones are reported and kept.
+    fn gc(&self, remove_corrupt: bool, tmp_max_age: std::time::Duration) -> Result<GcReport> {
+        let _ = tmp_max_age;
+        gc_by_reading(self, remove_corrupt)
+    }
+
     /// [`KvStore::get`], failing if the entry was computed by a model with another fingerprint.
     fn get_for_model(&self, id: &DocId, model_fp: &str) -> Result<Option<Arc<StoredDoc>>> {
         match self.get(id)? {
@@ -415,13 +429,57 @@ pub trait KvStore: Send + Sync {
     }
 }
 
-/// Opens a store from a spec: a directory path (created if needed) or a `redis://` URL,
-/// wrapped in a memory tier of `memory_budget` bytes. Redis is connected lazily, so this
-/// succeeds while it is down (requests then recompute).
-pub fn open_store(spec: &str, memory_budget: usize) -> Result<Arc<dyn KvStore>> {
+/// [`KvStore::verify`] for a store without files of its own to check: every listed entry
+/// is read; also returns the ids of the corrupt ones.
+fn verify_by_reading<S: KvStore + ?Sized>(store: &S) -> Result<(VerifyReport, Vec<DocId>)> {
+    let mut r = VerifyReport::default();
+    let mut ids = Vec::new();
+    for e in store.list()? {
+        let entry = |reason: String| CorruptEntry {
+            path: PathBuf::from(e.id.to_string()),
+            reason,
+        };
+        match store.get(&e.id) {
+            Ok(_) => r.checked += 1,
+            Err(err) if err.is_corrupt() => {
+                r.checked += 1;
+                r.corrupt.push(entry(err.to_string()));
+                ids.push(e.id.clone());
+            }
+            Err(err) => r.unreadable.push(entry(format!("cannot read: {err}"))),
+        }
+    }
+    Ok((r, ids))
+}
+
+/// [`KvStore::gc`] for a store without temporary files: removes corrupt entries if asked.
+fn gc_by_reading<S: KvStore + ?Sized>(store: &S, remove_corrupt: bool) -> Result<GcReport> {
+    let mut report = GcReport::default();
+    if !remove_corrupt {
+        return Ok(report);
+    }
+    let (v, ids) = verify_by_reading(store)?;
+    for (c, id) in v.corrupt.iter().zip(&ids) {
+        match store.remove(id) {
+            Ok(_) => report.corrupt_removed += 1,
+            Err(e) => report.unreadable.push(CorruptEntry {
+                path: c.path.clone(),
+                reason: format!("corrupt, but cannot remove: {e}"),
+            }),
+        }
+    }
+    report.checked = v.checked;
+    report.corrupt = v.corrupt;
+    report.unreadable.extend(v.unreadable);
+    Ok(report)
+}
+
+/// A persistent store from a spec: a directory path (created if needed) or a `redis://` URL,
+/// with no memory tier in front. What `samkv store` maintains, and what
+/// [`open_store`] puts its memory tier in front of.
+pub fn open_backend(spec: &str) -> Result<Arc<dyn KvStore>> {
     if is_redis_spec(spec) {
-        let redis: Arc<dyn KvStore> = Arc::new(RedisStore::open(spec)?);
-        return Ok(Arc::new(MemoryTier::new(memory_budget, Some(redis))));
+        return Ok(Arc::new(RedisStore::open(spec)?));
     }
     if let Some((scheme, _)) = spec.split_once("://") {
         return Err(Error::Store(format!(
@@ -433,8 +491,26 @@ pub fn open_store(spec: &str, memory_budget: usize) -> Result<Arc<dyn KvStore>> 
             "empty store path; give a directory (default: $SAMKV_STORE or ./samkv-store)".into(),
         ));
     }
-    let disk: Arc<dyn KvStore> = Arc::new(DiskStore::open(spec)?);
-    Ok(Arc::new(MemoryTier::new(memory_budget, Some(disk))))
+    Ok(Arc::new(DiskStore::open(spec)?))
+}
+
+/// Opens a store from a spec: a directory path (created if needed) or a `redis://` URL,
+/// wrapped in a memory tier of `memory_budget` bytes. Redis is connected lazily, so this
+/// succeeds while it is down (requests then recompute).
+pub fn open_store(spec: &str, memory_budget: usize) -> Result<Arc<dyn KvStore>> {
+    Ok(Arc::new(MemoryTier::new(
+        memory_budget,
+        Some(open_backend(spec)?),
+    )))
+}
+
+/// A store spec for messages: a Redis URL without its password.
+pub fn shown_spec(spec: &str) -> String {
+    if is_redis_spec(spec) {
+        self::redis::hide_password(spec)
+    } else {
+        spec.to_string()
+    }
 }
 
 /// Whether a store spec names Redis rather than a directory.

@@ -44,7 +44,7 @@ pub struct RedisConn {
     state: Mutex<ConnState>,
 }
 
-fn hide_password(url: &str) -> String {
+pub(crate) fn hide_password(url: &str) -> String {
     match (url.split_once("://"), url.rfind('@')) {
         (Some((scheme, _)), Some(at)) => format!("{scheme}://***{}", &url[at..]),
         _ => url.to_string(),
