@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# On the GPU machine, after the loads of scripts/gpu-pack-qa.sh are staged (scripts/gpu-stage.sh):
-# assembles and verifies the model files, checks CUDA against the CPU on real SmolLM2
+# On a GPU host with the CUDA build (dist/samkv-cuda, or dist/gpu/samkv-cuda.xz), the models in
+# models/ and the QA data in ../shared/data/: checks CUDA against the CPU on real SmolLM2
 # (`samkv selfcheck`), then runs `samkv bench` with real weights on both QA files and both
-# models, all at once (small models leave the H200 mostly idle, so runs in parallel add up),
-# each stopped in time to write its summary. One call, under 10 minutes.
+# models, all at once (small models leave an H100/H200 mostly idle, so runs in parallel add
+# up), each stopped in time to write its summary; under 10 minutes in all.
 #
-# Writes to $OUT three files (the device tool brings back at most 8): run.txt (log),
+# Writes to $OUT three files: run.txt (log),
 # selfcheck.txt, and runs.tar.gz with one folder per run (config.json, results.jsonl,
 # summary.md/json, sweep plots, log.txt) and NAME-first20/ summaries for MuSiQue runs.
 # Env: SAMKV_GPU_BUDGET_S (default 560) seconds for the whole script; QA_RUNS to replace the
@@ -20,21 +20,13 @@ RUN="$OUT/run.txt"
 : >"$RUN"
 log() { printf '%s\n' "$*" | tee -a "$RUN"; }
 
-bash scripts/gpu-stage.sh >>"$RUN" 2>&1
-# Models: parts in order, then sha256 against the manifest made where they were packed.
-for f in $(awk '{print $2}' dist/staged/models.sha256); do
-    [ -f "models/$f" ] || cat dist/staged/"$f".part* >"models/$f"
+for f in models/SmolLM2-135M-Instruct.Q4_1.gguf models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf \
+    ../shared/data/musique_s.jsonl ../shared/data/wikimqa_s_clean.jsonl; do
+    [ -f "$f" ] || { log "$f is missing: copy it to the GPU host first (README: GPU); stopping"; exit 1; }
 done
-if ! (cd models && sha256sum -c ../dist/staged/models.sha256) >>"$RUN" 2>&1; then
-    log "model files do not match their sha256 (a load was not staged?); stopping"
-    ls -l dist/staged >>"$RUN"
-    exit 1
-fi
 if [ -n "${SAMKV_BIN:-}" ]; then
     S="$SAMKV_BIN" # a dry run elsewhere, e.g. SAMKV_BIN=target/release/samkv SAMKV_DEVICE=cpu
 else
-    mkdir -p dist/gpu
-    cp dist/staged/samkv-cuda.xz dist/gpu/ 2>/dev/null
     # shellcheck source=scripts/gpu-env.sh
     source scripts/gpu-env.sh
     S="$BIN/samkv-cuda"
@@ -90,11 +82,11 @@ summarize() {
 }
 
 METHODS="recompute,reuse,cacheblend,epic,infllm,samkv,samkv:selection=global:keep=0.15"
-DEFAULT_RUNS="qwen-musique $QWEN dist/staged/musique_s.jsonl --methods $METHODS
-qwen-wikimqa $QWEN dist/staged/wikimqa_s_clean.jsonl --methods $METHODS
-smollm2-musique $SMOL dist/staged/musique_s.jsonl --methods $METHODS
-smollm2-wikimqa $SMOL dist/staged/wikimqa_s_clean.jsonl --methods $METHODS
-smollm2-musique-sweep $SMOL dist/staged/musique_s.jsonl --sweep --limit 40"
+DEFAULT_RUNS="qwen-musique $QWEN ../shared/data/musique_s.jsonl --methods $METHODS
+qwen-wikimqa $QWEN ../shared/data/wikimqa_s_clean.jsonl --methods $METHODS
+smollm2-musique $SMOL ../shared/data/musique_s.jsonl --methods $METHODS
+smollm2-wikimqa $SMOL ../shared/data/wikimqa_s_clean.jsonl --methods $METHODS
+smollm2-musique-sweep $SMOL ../shared/data/musique_s.jsonl --sweep --limit 40"
 RUNS="${QA_RUNS:-$DEFAULT_RUNS}"
 # What is left, less a minute for the summaries of runs stopped early and the archives.
 left=$((BUDGET - SECONDS - 60))

@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: environment, CUDA smoke test, selfcheck, the Hugging Face anchor
-# and `samkv bench-gpu` (Llama-3.1-8B shape, random weights, documents of 512 and 1024 tokens),
-# each under its own timeout, all within one 10-minute call.
+# On a GPU host: environment, CUDA smoke test, selfcheck, the Hugging Face anchor and
+# `samkv bench-gpu` (Llama-3.1-8B shape, random weights, documents of 512 and 1024 tokens),
+# each under its own timeout, all within 10 minutes.
 #
-# Needs, relative to the repository root (the working directory): dist/gpu/ from
-# scripts/gpu-pack.sh (xz'd binaries and a 6-layer SmolLM2, carried: `carry: ["dist/gpu"]`),
-# or uncompressed dist/samkv-cuda and dist/cuda_smoke; and a python3 with torch +
-# transformers whose nvidia/ packages hold the CUDA 13 libraries. selfcheck uses
-# models/SmolLM2-135M-Instruct.Q4_1.gguf when present (94 MiB: too large to carry), else the
-# 6-layer copy.
+# Needs, relative to the repository root (the working directory): dist/samkv-cuda and
+# dist/cuda_smoke from scripts/build-cuda.sh (or xz'd copies in dist/gpu/); and a python3 with
+# torch + transformers whose nvidia/ packages hold the CUDA 13 libraries. selfcheck uses
+# models/SmolLM2-135M-Instruct.Q4_1.gguf when present, else dist/gpu/smollm2-135m-l6.gguf
+# (its first 6 layers, from dev/remote/pack.sh).
 #
 # Writes to $OUT (default ./gpu-out), 7 files (9 with BENCH_OFF_ARGS):
 #   run.txt        environment, nvidia-smi, missing libraries, each step's exit code and time

@@ -20,7 +20,7 @@ use crate::engine::{Engine, Tokenized};
 use crate::eval::metrics::median;
 use crate::eval::plot::markdown_table;
 use crate::kv::{KvCache, LayerKv};
-use crate::methods::{Assembled, MethodConfig, Stats};
+use crate::methods::{Assembled, MethodConfig, MethodSettings, Stats};
 use crate::model::{Arch, Config, Llama3Scaling, Logits, Model, RopeLayout};
 use crate::store::MemoryTier;
 use crate::tokenizer::Tokenizer;
@@ -126,42 +126,9 @@ pub fn shape_config(name: &str) -> Result<Config> {
     }
 }
 
-pub fn parse_dtype(s: &str) -> Result<DType> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        other => Err(Error::InvalidInput(format!(
-            "unknown dtype `{other}`: use f32, f16 or bf16"
-        ))),
-    }
-}
-
-/// Parses `name[:knob=value...]` into a MethodConfig. Knobs go through serde so this works
-/// whatever fields the build's MethodConfig has; a knob it does not know is an error.
-pub fn method_config(spec: &str) -> Result<MethodConfig> {
-    let mut parts = spec.split(':');
-    let name = parts.next().unwrap_or_default().trim();
-    let mut obj = serde_json::Map::new();
-    obj.insert("method".into(), json!(name));
-    for kv in parts {
-        let (k, v) = kv.split_once('=').ok_or_else(|| {
-            Error::InvalidInput(format!("`{kv}` in method `{spec}` is not knob=value"))
-        })?;
-        let v: Value = serde_json::from_str(v).unwrap_or_else(|_| json!(v));
-        obj.insert(k.trim().to_string(), v);
-    }
-    let cfg: MethodConfig = serde_json::from_value(Value::Object(obj.clone()))
-        .map_err(|e| Error::InvalidInput(format!("method `{spec}`: {e}")))?;
-    let back = serde_json::to_value(&cfg).map_err(|e| Error::InvalidInput(e.to_string()))?;
-    for k in obj.keys() {
-        if back.get(k).is_none() {
-            return Err(Error::InvalidInput(format!(
-                "method `{spec}`: this build has no knob `{k}`"
-            )));
-        }
-    }
-    Ok(cfg)
+/// Parses `name[:knob=value...]` over the default knobs (the one spec parser).
+pub fn method_config(spec: &str) -> Result<MethodSettings> {
+    MethodSettings::parse_spec(spec, &MethodConfig::default())
 }
 
 /// Attention alone, one layer, causal prefill of each request's length: the attention
@@ -384,12 +351,12 @@ fn med(xs: &[f64]) -> f64 {
 pub fn run(args: &BenchGpuArgs, device: Device) -> Result<()> {
     let cfg = shape_config(&args.shape)?;
     let dtype = match &args.dtype {
-        Some(s) => parse_dtype(s)?,
+        Some(s) => crate::store::parse_dtype(s)?,
         None if device.is_cuda() => DType::BF16,
         None => DType::F32,
     };
     let store_dtype = match &args.store_dtype {
-        Some(s) => parse_dtype(s)?,
+        Some(s) => crate::store::parse_dtype(s)?,
         None => dtype,
     };
     if args.docs == 0 || args.question_len == 0 || args.reps == 0 {

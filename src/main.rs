@@ -324,15 +324,6 @@ fn device(spec: &str) -> Result<Device> {
     })
 }
 
-fn parse_dtype(s: &str) -> Result<DType> {
-    Ok(match s {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => bail!("unknown dtype `{other}`: use f32, f16 or bf16"),
-    })
-}
-
 fn open_store(cli: &Cli) -> Result<Arc<dyn KvStore>> {
     let spec = cli
         .store
@@ -345,7 +336,7 @@ fn engine(cli: &Cli, models_dir: &std::path::Path, m: &ModelArgs) -> Result<Engi
     let path = fetch::resolve_model(&m.model, models_dir, true)?;
     let device = device(&cli.device)?;
     let dtype = match &m.dtype {
-        Some(d) => parse_dtype(d)?,
+        Some(d) => store::parse_dtype(d)?,
         None if device.is_cuda() => DType::BF16,
         None => DType::F32,
     };
@@ -358,6 +349,6 @@ fn engine(cli: &Cli, models_dir: &std::path::Path, m: &ModelArgs) -> Result<Engi
         load_model(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
     let mut e = Engine::new(model, tokenizer, open_store(cli)?);
     e.chat = !m.no_chat;
-    e.store_dtype = parse_dtype(&m.store_dtype)?;
+    e.store_dtype = store::parse_dtype(&m.store_dtype)?;
     Ok(e)
 }

@@ -16,7 +16,7 @@ use crate::eval::metrics::kl_divergence;
 use crate::fetch;
 use crate::gpu_bench::method_config;
 use crate::kv::KvCache;
-use crate::methods::{Assembled, Method, MethodConfig};
+use crate::methods::{Assembled, Method};
 use crate::model::{LoadOptions, Logits, Model, WeightMode};
 use crate::store::MemoryTier;
 use crate::{Error, Result};
@@ -173,10 +173,6 @@ fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
 }
 
-fn dtype_of(s: &str) -> Result<DType> {
-    crate::gpu_bench::parse_dtype(s)
-}
-
 /// Runs every check; Err when one fails (after printing them all).
 pub fn run(args: &SelfcheckArgs, device: Device, models_dir: &Path) -> Result<()> {
     let mut rep = Report {
@@ -253,7 +249,7 @@ pub fn run(args: &SelfcheckArgs, device: Device, models_dir: &Path) -> Result<()
     println!("prompt: {} tokens", tokens.len());
     drop(cpu);
     for dts in &args.dtypes {
-        let dt = dtype_of(dts)?;
+        let dt = crate::store::parse_dtype(dts)?;
         let engine = load(&device, dt)?;
         let name = format!("{dts} logits vs cpu f32");
         match last_logits(&engine.model) {
@@ -369,7 +365,7 @@ fn check_invariants(
     };
     let tol = Tol::for_dtype(dt);
     let run = |prompt: &Prompt, spec: &str| -> std::result::Result<Assembled, String> {
-        let cfg: MethodConfig = method_config(spec).map_err(|e| format!("config: {e}"))?;
+        let cfg = method_config(spec).map_err(|e| format!("config: {e}"))?;
         let m = cfg.build().map_err(|e| format!("not available: {e}"))?;
         assemble(engine, prompt, m.as_ref()).map_err(|e| format!("error: {e}"))
     };

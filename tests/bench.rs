@@ -261,7 +261,7 @@ fn bad_method_settings_fail_before_any_work() {
     };
     let err = run(&["--methods", "reuse,epic:k=3"]);
     assert!(
-        err.contains("unknown knob `k`") && err.contains("epic_k"),
+        err.contains("epic has no knob `k`") && err.contains("epic_k"),
         "{err}"
     );
     let err = run(&["--methods", "reuse,blend"]);

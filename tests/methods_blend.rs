@@ -302,7 +302,7 @@ fn config_builds_and_validates() {
         .err()
         .unwrap()
         .to_string()
-        .contains("use `k` or `v`"));
+        .contains("`k` or `v`"));
     assert_eq!(
         MethodConfig::with_method("epic").build().unwrap().name(),
         "epic(k=16)"

@@ -220,9 +220,18 @@ fn infllm_keeps_initial_local_and_topk_blocks_per_layer() {
     assert!(a.stats.kept_fraction < 0.5);
 }
 
+/// SamKV's checked parameters from `cfg`'s knobs (SamKV's or the oracle's).
+fn samkv_params(cfg: &MethodConfig) -> samkv::methods::samkv::SamKvParams {
+    use samkv::methods::MethodSettings;
+    match cfg.settings().unwrap() {
+        MethodSettings::Samkv(s) | MethodSettings::Oracle(s) => s.params().unwrap(),
+        other => panic!("not SamKV: {other:?}"),
+    }
+}
+
 /// The plan SamKV makes for `cfg`.
 fn plan(ctx: &Context, cfg: &MethodConfig) -> samkv::methods::samkv::Plan {
-    let m = SamKv::new(cfg.samkv_params().unwrap());
+    let m = SamKv::new(samkv_params(cfg));
     m.plan(ctx).unwrap()
 }
 
@@ -231,7 +240,7 @@ fn plan_and_assemble(
     ctx: &Context,
     cfg: &MethodConfig,
 ) -> (samkv::methods::samkv::Plan, Assembled) {
-    let m = SamKv::new(cfg.samkv_params().unwrap());
+    let m = SamKv::new(samkv_params(cfg));
     let plan = m.plan(ctx).unwrap();
     (plan, run(ctx, &m))
 }
@@ -242,7 +251,10 @@ fn defaults_keep_far_less_and_the_cache_holds_exactly_the_retained_rows() {
     let ctx = context(f);
     let cfg = MethodConfig::default();
     assert_eq!(cfg.method, "samkv");
-    assert_eq!(cfg.samkv_anchors().unwrap(), (8, 16, 8));
+    match cfg.settings().unwrap() {
+        samkv::methods::MethodSettings::Samkv(s) => assert_eq!(s.anchors(), (8, 16, 8)),
+        other => panic!("{other:?}"),
+    }
     let (plan, a) = plan_and_assemble(&ctx, &cfg);
     let n = ctx.context_len();
     eprintln!(
@@ -428,7 +440,7 @@ fn oracle_keeps_the_blocks_the_question_attends_to_most() {
     assert!(d < 1e-4, "oracle(keep 1) vs recompute: {d}");
     // At half the document tokens: within the budget, and every chosen block gets at least as
     // much of the question's attention as any block left out.
-    let mut params = cfg(0.5).samkv_params().unwrap();
+    let mut params = samkv_params(&cfg(0.5));
     params.selection = samkv::methods::samkv::Selection::Global {
         keep: 0.5,
         relative: false,

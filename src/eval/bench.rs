@@ -30,7 +30,7 @@ use super::report::{write_sweep_report, AGREEMENT_RULE};
 use super::sweep::{expand, MethodSpec};
 use super::{load_examples, longbench_prompt, Example};
 use crate::engine::{generate, Engine, FinishReason, Prepared, Prompt, Sampling, Tokenized};
-use crate::methods::{Context, Method, MethodConfig, Recompute, Stats};
+use crate::methods::{Context, Method, MethodConfig, MethodSettings, Recompute, Stats};
 use crate::{Error, Result};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -691,7 +691,7 @@ fn bench_example(
 
     for (spec, method) in pending {
         let fresh;
-        let o = if spec.config.method == "recompute" {
+        let o = if spec.config == MethodSettings::Recompute {
             &reference
         } else {
             match guarded(|| run_method(engine, method.as_ref(), &t, None, sampling)) {

@@ -15,7 +15,7 @@ use super::bench::{peek_results, Record};
 use super::plot::{markdown_table, scatter_plot, Labelled};
 use super::report::{summarize, MethodSummary};
 use super::sweep::MethodSpec;
-use crate::methods::MethodConfig;
+use crate::methods::MethodSettings;
 use crate::{Error, Result};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -151,7 +151,7 @@ pub fn load_run(model: &str, file: &str, dir: &Path) -> Result<Run> {
         .map(|label| {
             let knobs = config.pointer(&format!("/methods/{}", label.replace('/', "~1")));
             let config = match knobs {
-                Some(k) => serde_json::from_value::<MethodConfig>(k.clone()).map_err(|e| {
+                Some(k) => serde_json::from_value::<MethodSettings>(k.clone()).map_err(|e| {
                     Error::InvalidInput(format!(
                         "{}: the knobs of `{label}` do not parse ({e})",
                         config_path.display()
@@ -363,7 +363,7 @@ pub fn run(args: &ReportArgs) -> Result<String> {
         .transpose()?;
     std::fs::create_dir_all(&args.out)?;
 
-    let mut labels: Vec<(String, MethodConfig)> = Vec::new();
+    let mut labels: Vec<(String, MethodSettings)> = Vec::new();
     for spec in runs.iter().flat_map(|r| &r.specs) {
         if !labels.iter().any(|(l, _)| *l == spec.label) {
             labels.push((spec.label.clone(), spec.config.clone()));
@@ -559,6 +559,8 @@ mod tests {
         let base = dir.path().join("r");
         let s0 = dir.path().join("r@0");
         std::fs::create_dir_all(&s0).unwrap();
+        use crate::methods::MethodConfig;
+        // Knobs as older runs wrote them (every method's), which must still read.
         let reuse = MethodConfig {
             method: "reuse".into(),
             ..MethodConfig::default()

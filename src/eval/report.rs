@@ -81,7 +81,7 @@ pub fn summarize(records: &[Record], specs: &[MethodSpec], examples: usize) -> S
         let ref_ttft = median(&f(&|r| r.reference_ttft_ms));
         methods.push(MethodSummary {
             method: spec.label.clone(),
-            method_name: spec.config.method.clone(),
+            method_name: spec.config.name().to_string(),
             examples: ok.len(),
             errors: mine.len() - ok.len(),
             f1: mean(&f(&|r| r.f1)),
@@ -309,7 +309,6 @@ pub fn write_sweep_report(out: &Path, summaries: &[MethodSummary]) -> Result<Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::MethodConfig;
 
     fn rec(ex: &str, method: &str, f1: f64, agree: bool, kl: f64, ttft: f64) -> Record {
         Record {
@@ -337,7 +336,7 @@ mod tests {
     fn summarize_means_medians_errors_and_speedup() {
         let spec = MethodSpec {
             label: "reuse".into(),
-            config: MethodConfig::with_method("reuse"),
+            config: crate::methods::MethodSettings::Reuse,
         };
         let records = vec![
             rec("0", "reuse", 1.0, true, 0.1, 10.0),

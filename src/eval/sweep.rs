@@ -1,6 +1,7 @@
 //! Method specs for `samkv bench` (`name[:key=value...]`) and the budget grids of `--sweep`.
 //!
-//! A spec's keys are [`MethodConfig`]'s field names (`ratio`, `epic_k`, `infllm_topk`,
+//! Specs are parsed by [`MethodSettings::parse_spec`], the one parser of method overrides. A
+//! spec's keys are [`MethodConfig`]'s field names (`ratio`, `epic_k`, `infllm_topk`,
 //! `num_initial`, `keep`, ...; `-` may stand for `_`). Values are read as JSON where they parse
 //! (numbers, booleans) and as strings otherwise, so `cacheblend:ratio=0.3` and
 //! `samkv:selection=global:keep=0.1` both work. The spec, trimmed, is the method's label in the
@@ -8,86 +9,43 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use crate::methods::{MethodConfig, METHOD_NAMES};
+use crate::methods::settings::split_spec;
+use crate::methods::{Knob, MethodConfig, MethodSettings, METHOD_NAMES};
 use crate::{Error, Result};
 
 /// One method setting to benchmark: its label (the spec as given) and its resolved knobs.
 #[derive(Clone, Debug)]
 pub struct MethodSpec {
     pub label: String,
-    pub config: MethodConfig,
+    pub config: MethodSettings,
 }
 
 impl MethodSpec {
     /// The resolved knobs as JSON (what config.json records for the label).
     pub fn config_json(&self) -> Result<Value> {
-        to_json(&self.config)
+        serde_json::to_value(&self.config)
+            .map_err(|e| Error::Internal(format!("cannot serialize method knobs: {e}")))
     }
-}
-
-fn to_json(c: &MethodConfig) -> Result<Value> {
-    serde_json::to_value(c)
-        .map_err(|e| Error::InvalidInput(format!("cannot serialize method knobs: {e}")))
 }
 
 fn bad<T>(msg: String) -> Result<T> {
     Err(Error::InvalidInput(msg))
 }
 
-/// Parses `name[:key=value...]` over `base` (the command line's knobs).
+/// Parses `name[:key=value...]` over `base` (the command line's knobs); the label is the spec
+/// with keys spelled as knobs (`check-layer` becomes `check_layer`).
 pub fn parse_spec(spec: &str, base: &MethodConfig) -> Result<MethodSpec> {
-    let spec = spec.trim();
-    let mut parts = spec.split(':');
-    let name = parts.next().unwrap_or_default().trim();
-    if !METHOD_NAMES.contains(&name) {
-        return bad(format!(
-            "unknown method `{name}` in `{spec}`; choose one of {}",
-            METHOD_NAMES.join(", ")
-        ));
-    }
-    let Value::Object(mut obj) = to_json(base)? else {
-        return bad("method knobs did not serialize to a JSON object".into());
-    };
-    obj.insert("method".into(), Value::String(name.into()));
+    let config = MethodSettings::parse_spec(spec, base)?;
+    let (name, overrides) = split_spec(spec)?;
     let mut label = name.to_string();
-    for part in parts {
-        let Some((k, v)) = part.split_once('=') else {
-            return bad(format!(
-                "`{part}` in `{spec}` is not key=value (e.g. cacheblend:ratio=0.3)"
-            ));
-        };
-        let key = k.trim().replace('-', "_");
-        let v = v.trim();
-        set_knob(&mut obj, &key, v).map_err(|m| Error::InvalidInput(format!("`{spec}`: {m}")))?;
-        label.push_str(&format!(":{key}={v}"));
+    for (k, v) in &overrides {
+        if let Knob::Text(v) = v {
+            label.push_str(&format!(":{}={}", k.trim().replace('-', "_"), v.trim()));
+        }
     }
-    let config: MethodConfig = serde_json::from_value(Value::Object(obj))
-        .map_err(|e| Error::InvalidInput(format!("`{spec}`: {e}")))?;
     Ok(MethodSpec { label, config })
-}
-
-/// Sets one knob in the serialized config, refusing names that are not knobs.
-fn set_knob(obj: &mut Map<String, Value>, key: &str, v: &str) -> std::result::Result<(), String> {
-    if key == "method" {
-        return Err("the method is the spec's first part, not a key".into());
-    }
-    let Some(old) = obj.get(key) else {
-        let knobs: Vec<&str> = obj
-            .keys()
-            .map(String::as_str)
-            .filter(|k| *k != "method")
-            .collect();
-        return Err(format!("unknown knob `{key}`; knobs: {}", knobs.join(", ")));
-    };
-    // A string knob keeps the text as given ("1" stays a string); others read JSON.
-    let value = match old {
-        Value::String(_) => Value::String(v.to_string()),
-        _ => serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string())),
-    };
-    obj.insert(key.to_string(), value);
-    Ok(())
 }
 
 /// The default budget grid of a method, as spec suffixes (`""` is the default setting). Only
@@ -217,19 +175,29 @@ mod tests {
 
     #[test]
     fn spec_sets_knobs_over_the_base() {
+        use crate::methods::settings::{CacheBlendSettings, SamKvSettings};
         let base = MethodConfig {
-            epic_k: 7,
+            ratio: 0.2,
+            keep: 0.3,
             ..MethodConfig::default()
         };
-        let s = parse_spec(" cacheblend:ratio=0.3:check-layer=2:deviation=v ", &base).unwrap();
-        assert_eq!(s.label, "cacheblend:ratio=0.3:check_layer=2:deviation=v");
-        assert_eq!(s.config.method, "cacheblend");
-        assert_eq!(s.config.ratio, 0.3);
-        assert_eq!(s.config.check_layer, 2);
-        assert_eq!(s.config.deviation, "v");
-        assert_eq!(s.config.epic_k, 7, "knobs not named come from the base");
-        let s = parse_spec("samkv:gradual=true", &base).unwrap();
-        assert!(s.config.gradual);
+        let s = parse_spec(" cacheblend:check-layer=2:deviation=v ", &base).unwrap();
+        assert_eq!(s.label, "cacheblend:check_layer=2:deviation=v");
+        assert_eq!(
+            s.config,
+            MethodSettings::Cacheblend(CacheBlendSettings {
+                ratio: 0.2,
+                check_layer: 2,
+                deviation: crate::methods::Deviation::V,
+                gradual: false,
+            }),
+            "knobs not named come from the base"
+        );
+        let s = parse_spec("samkv:selection=global", &base).unwrap();
+        let MethodSettings::Samkv(SamKvSettings { keep, .. }) = s.config else {
+            panic!("{:?}", s.config)
+        };
+        assert_eq!(keep, 0.3);
     }
 
     #[test]
@@ -237,10 +205,10 @@ mod tests {
         let base = MethodConfig::default();
         let err = |s: &str| parse_spec(s, &base).unwrap_err().to_string();
         assert!(err("blend").contains("unknown method `blend`"));
-        assert!(err("epic:k=3").contains("unknown knob `k`"));
+        assert!(err("epic:k=3").contains("epic has no knob `k`"));
         assert!(err("epic:epic_k").contains("not key=value"));
         assert!(err("epic:epic_k=lots").contains("epic:epic_k=lots"));
-        assert!(err("epic:method=reuse").contains("first part"));
+        assert!(err("epic:method=reuse").contains("given on its own"));
     }
 
     #[test]

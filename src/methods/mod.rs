@@ -15,6 +15,7 @@ pub mod oracle;
 pub mod recompute;
 pub mod reuse;
 pub mod samkv;
+pub mod settings;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,6 +31,7 @@ pub use oracle::Oracle;
 pub use recompute::Recompute;
 pub use reuse::Reuse;
 pub use samkv::SamKv;
+pub use settings::{Knob, MethodSettings};
 
 use crate::kv::{KvCache, LayerKv};
 use crate::model::{Logits, Model, Qkv};

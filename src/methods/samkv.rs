@@ -56,7 +56,8 @@ pub enum Selection {
 }
 
 /// What step 7's recompute attends to.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Attend {
     /// The paper: the retained rows only (original positions, with gaps).
     Kept,
@@ -69,7 +70,8 @@ pub enum Attend {
 }
 
 /// How step 5 scores a block.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Score {
     /// The paper: `s_b = <K_b, q_hat_i>`, the block's mean key against the document's
     /// personalized query, summed over KV heads.

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use serde_json::{json, Value};
 
 use crate::engine::{FinishReason, Sampling};
-use crate::methods::{Method, MethodConfig};
+use crate::methods::{Knob, Method, MethodConfig, MethodSettings};
 use crate::retrieval::text_id;
 use crate::store::now_unix;
 use crate::Error;
@@ -459,42 +459,50 @@ pub fn parse_sampling(
     })
 }
 
-/// The method of a chat request: its `kv` object over the server's `defaults`.
+/// The method of a chat request: its `kv` object (`method` and that method's knobs) over the
+/// server's `defaults`, through the one override parser.
 pub fn parse_method(
     defaults: &MethodConfig,
     kv: Option<&Value>,
 ) -> Result<Box<dyn Method>, ApiError> {
-    let mut base = match serde_json::to_value(defaults) {
-        Ok(Value::Object(o)) => o,
-        _ => {
-            return Err(ApiError::internal(
-                "cannot read the default method settings",
-            ))
-        }
-    };
-    match kv {
-        None | Some(Value::Null) => {}
+    let (name, overrides) = match kv {
+        None | Some(Value::Null) => (None, Vec::new()),
         Some(Value::Object(o)) => {
-            for (k, v) in o {
-                if !base.contains_key(k) {
-                    let known: Vec<&str> = base.keys().map(String::as_str).collect();
-                    return Err(ApiError::invalid(format!(
-                        "unknown kv setting `{k}`; known: {}",
-                        known.join(", ")
-                    ))
-                    .param(format!("kv.{k}")));
+            let name = match o.get("method") {
+                None => None,
+                Some(Value::String(m)) => Some(m.as_str()),
+                Some(_) => {
+                    return Err(
+                        ApiError::invalid("kv.method must be a method name").param("kv.method")
+                    )
                 }
-                base.insert(k.clone(), v.clone());
-            }
+            };
+            let knobs = o
+                .iter()
+                .filter(|(k, _)| *k != "method")
+                .map(|(k, v)| (k.clone(), Knob::Json(v.clone())))
+                .collect();
+            (name, knobs)
         }
         Some(_) => {
             return Err(ApiError::invalid("kv must be an object of method settings").param("kv"))
         }
-    }
-    let cfg: MethodConfig = serde_json::from_value(Value::Object(base))
-        .map_err(|e| ApiError::invalid(format!("kv: {e}")).param("kv"))?;
-    cfg.build()
-        .map_err(|e| ApiError::from(e).param("kv").code("invalid_method"))
+    };
+    let param = |e: crate::Error| {
+        // Point at the knob the method does not have, if that is what was wrong.
+        let known = MethodSettings::with_overrides(defaults, name, &[])
+            .map(|s| s.knob_names())
+            .unwrap_or_default();
+        let unknown = overrides
+            .iter()
+            .map(|(k, _)| k.replace('-', "_"))
+            .find(|k| !known.contains(k));
+        let p = unknown.map_or("kv".to_string(), |k| format!("kv.{k}"));
+        ApiError::from(e).param(p).code("invalid_method")
+    };
+    MethodSettings::with_overrides(defaults, name, &overrides)
+        .and_then(|s| s.build())
+        .map_err(param)
 }
 
 /// The prompt of a text completion: one string (or a list holding one), not blank.

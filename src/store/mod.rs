@@ -170,6 +170,19 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// A dtype from its name (`f32`, `f16`, `bf16`): for weights and activations (`--dtype`) and
+/// for stored K/V (`--store-dtype`); the inverse of [`dtype_name`].
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(Error::InvalidInput(format!(
+            "unknown dtype `{other}`: use f32, f16 or bf16"
+        ))),
+    }
+}
+
 /// Name used in [`DocMeta::dtype`] for a KV storage dtype, if it is one.
 pub fn dtype_name(dt: DType) -> Option<&'static str> {
     match dt {

@@ -7,7 +7,7 @@
 # Run after scripts/build-cuda.sh; then carry `dist/gpu` and run `bash scripts/gpu-run.sh`.
 # The small model needs the python `gguf` package here (pip install gguf).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 MODEL="${SAMKV_MODELS:-models}/SmolLM2-135M-Instruct.Q4_1.gguf"
 mkdir -p dist/gpu
 for b in samkv-cuda cuda_smoke; do

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# On the GPU machine: moves the carried load(s) of scripts/gpu-pack-qa.sh into dist/staged/,
+# On the GPU machine: moves the carried load(s) of dev/remote/pack-qa.sh into dist/staged/,
 # which stays there while the machine is warm. Prints what is staged so far.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 mkdir -p dist/staged
 for d in dist/load/*/; do
     [ -d "$d" ] && mv "$d"* dist/staged/ 2>/dev/null || true

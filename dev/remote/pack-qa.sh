@@ -5,12 +5,12 @@
 # following loads hold consecutive parts of the model files.
 #
 # Then, while the machine stays warm (it is given back 30 s after a call), one call per load:
-#   carry ["dist/load/NN"], command `bash scripts/gpu-stage.sh`      (for every load but the last)
-#   carry ["dist/load/LAST"], command `bash scripts/gpu-qa.sh`       (stages, assembles, runs)
+#   carry ["dist/load/NN"], command `bash dev/remote/stage.sh`      (for every load but the last)
+#   carry ["dist/load/LAST"], command `bash dev/remote/unpack-qa.sh && bash scripts/gpu-qa.sh`
 # Run after scripts/build-cuda.sh. Models: the arguments (default: smollm2 and qwen2.5-coder-0.5b
 # from ${SAMKV_MODELS:-models}).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 MODELS="${SAMKV_MODELS:-models}"
 if [ $# -gt 0 ]; then files=("$@"); else
     files=("$MODELS/SmolLM2-135M-Instruct.Q4_1.gguf" "$MODELS/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
