@@ -111,7 +111,9 @@ pub fn ask(cli: &Cli, models_dir: &Path, a: &AskArgs) -> Result<()> {
         bail!("the question is empty; ask something");
     }
     let method = a.method.build()?;
-    let e = engine(cli, models_dir, &a.model)?;
+    let mut e = engine(cli, models_dir, &a.model)?;
+    // New documents get the side data this method reads (SamKV's query summaries, say).
+    e.side_data = method.side_data();
     let mut documents = Vec::new();
     let mut names = Vec::new();
     for p in &a.docs {

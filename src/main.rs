@@ -248,7 +248,15 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Store { cmd } => cli::store_cmd(&cli, cmd),
         Cmd::Bench(b) => {
             let specs = b.bench.plan()?;
-            let e = engine(&cli, &models_dir, &b.model)?;
+            let mut e = engine(&cli, &models_dir, &b.model)?;
+            // Documents are prefilled with the side data the benchmarked methods read.
+            let methods = specs
+                .iter()
+                .map(|s| s.config.build())
+                .collect::<samkv::Result<Vec<_>>>()?;
+            let refs: Vec<&dyn samkv::methods::Method> =
+                methods.iter().map(|m| m.as_ref()).collect();
+            e.side_data = samkv::methods::SideData::of(&refs);
             let extra = [
                 ("model", b.model.model.clone()),
                 ("weights", format!("{:?}", b.model.weights)),

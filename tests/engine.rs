@@ -233,6 +233,44 @@ fn corrupt_store_entry_is_recomputed_not_used() {
     assert!(max_abs_diff(&flat(&first.logits), &flat(&healed.logits)) < 1e-5);
 }
 
+/// Entries hold the side data the engine's methods declare, and only that; SamKV on an entry
+/// without its query summary recomputes it (the slow path) and assembles the same result.
+#[test]
+fn entries_hold_the_declared_side_data_and_samkv_works_without_it() {
+    use samkv::methods::{Method, MethodConfig, SideData};
+    let samkv = MethodConfig::with_method("samkv").build().unwrap();
+    let want = samkv.side_data();
+    assert_eq!(want, [SideData::QuerySummary { window: 16 }]);
+    let doc = "Gustave Eiffel's company designed and built the tower for the 1889 World's Fair. \
+               It was criticised by artists at first and is now the symbol of Paris.\n"
+        .repeat(3);
+    let p = Prompt {
+        preamble: "Answer briefly.\n".into(),
+        documents: vec![doc.clone(), doc.replace("Eiffel", "Sauvestre")],
+        question: "Who designed the Eiffel Tower?".into(),
+        ..Default::default()
+    };
+    let run = |side: Vec<SideData>| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = engine(dir.path());
+        e.side_data = side;
+        let (a, prep) = e.assemble(&p, samkv.as_ref()).unwrap();
+        let keys: Vec<Vec<String>> = prep
+            .segments
+            .iter()
+            .map(|s| s.kv.side.keys().cloned().collect())
+            .collect();
+        (a, keys)
+    };
+    let (with, keys) = run(want.clone());
+    assert!(keys.iter().all(|k| *k == ["samkv.qloc.16"]), "{keys:?}");
+    let (without, keys) = run(Vec::new());
+    assert!(keys.iter().all(|k| k.is_empty()), "{keys:?}");
+    assert_eq!(with.stats.kv_tokens_kept, without.stats.kv_tokens_kept);
+    let d = max_abs_diff(&flat(&with.logits), &flat(&without.logits));
+    assert!(d < 1e-3, "slow path differs: {d}");
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap().flatten() {

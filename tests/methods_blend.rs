@@ -297,12 +297,7 @@ fn config_builds_and_validates() {
     }
     c.ratio = 0.15;
     c.deviation = "q".into();
-    assert!(c
-        .build()
-        .err()
-        .unwrap()
-        .to_string()
-        .contains("`k` or `v`"));
+    assert!(c.build().err().unwrap().to_string().contains("`k` or `v`"));
     assert_eq!(
         MethodConfig::with_method("epic").build().unwrap().name(),
         "epic(k=16)"

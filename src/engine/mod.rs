@@ -13,7 +13,7 @@ use candle_core::{DType, Tensor};
 pub use generate::{generate, FinishReason, Generation, Sampling, Step, TextDecoder};
 pub use prompt::Prompt;
 
-use crate::methods::{Assembled, Context, Method, Recompute, Segment};
+use crate::methods::{Assembled, Context, Method, Recompute, Segment, SideData};
 use crate::model::{mean_rows, Logits, Model};
 use crate::store::{
     doc_id, now_unix, prefix_hash, DocId, DocMeta, KvStore, StoredDoc, FORMAT_VERSION,
@@ -21,19 +21,8 @@ use crate::store::{
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
-/// Numbers of trailing tokens over which SamKV's document-local query summaries are pooled
-/// at ingestion (the paper's "large" and "small" settings); other values are computed on
-/// demand.
-pub const QLOC_WINDOWS: [usize; 2] = [128, 16];
-
 /// The method reported for a request without documents ([`Engine::assemble_plain`]).
 pub const PLAIN_METHOD: &str = "none";
-
-/// Side-data key of the document-local query summary pooled over the last `n` tokens:
-/// an f32 tensor (layers, heads, head_dim).
-pub fn qloc_key(n: usize) -> String {
-    format!("samkv.qloc.{n}")
-}
 
 /// What [`Engine::ingest`] did with a document.
 #[derive(Clone, Debug)]
@@ -86,6 +75,10 @@ pub struct Engine {
     pub chat: bool,
     /// Dtype K/V are stored in.
     pub store_dtype: DType,
+    /// Side data computed with every newly prefilled document: what the methods this engine
+    /// runs declare ([`Method::side_data`]). Default: every method's with its default
+    /// settings, for a store that requests of any method share.
+    pub side_data: Vec<SideData>,
 }
 
 /// A request's context, ready for a method, with where each document came from.
@@ -136,6 +129,7 @@ impl Engine {
             store,
             chat: true,
             store_dtype: DType::F16,
+            side_data: SideData::for_default_methods(),
         }
     }
 
@@ -370,11 +364,21 @@ impl Engine {
         }
         let start = prefix.len() as u32;
         let positions: Vec<u32> = (start..start + tokens.len() as u32).collect();
-        let all_layers: Vec<usize> = (0..m.n_layers()).collect();
-        let out = m.forward(tokens, &positions, &mut cache, Logits::None, &all_layers)?;
+        // Query states are captured only when some side data is made of them.
+        let capture: Vec<usize> = if self.side_data.is_empty() {
+            Vec::new()
+        } else {
+            (0..m.n_layers()).collect()
+        };
+        let out = m.forward(tokens, &positions, &mut cache, Logits::None, &capture)?;
         let mut side = BTreeMap::new();
-        for n in QLOC_WINDOWS {
-            side.insert(qloc_key(n), pool_queries(&out.queries, tokens.len(), n)?);
+        for d in &self.side_data {
+            let t = match d {
+                SideData::QuerySummary { window } => {
+                    pool_queries(&out.queries, tokens.len(), *window)?
+                }
+            };
+            side.insert(d.key(), t);
         }
         let (mut ks, mut vs) = (Vec::new(), Vec::new());
         let skip = prefix_kv.map_or(0, |p| p.meta.positions.len());

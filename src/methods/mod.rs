@@ -182,6 +182,54 @@ pub trait Method: Send + Sync {
     /// Name with its settings, e.g. `cacheblend(r=0.15)`.
     fn name(&self) -> String;
     fn assemble(&self, ctx: &Context) -> Result<Assembled>;
+    /// Per-document data beside the K/V this method reads, which the engine computes when it
+    /// prefills a document (an entry without it makes the method take a slower path).
+    fn side_data(&self) -> Vec<SideData> {
+        Vec::new()
+    }
+}
+
+/// Per-document side data, computed at ingestion and stored in the entry's `side` map under
+/// [`SideData::key`]: the entry itself says which it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SideData {
+    /// SamKV's document-local query summary (step 2): per layer, the mean query state of the
+    /// document's last `window` tokens, an f32 tensor (layers, heads, head_dim).
+    QuerySummary { window: usize },
+}
+
+impl SideData {
+    pub fn key(&self) -> String {
+        match self {
+            SideData::QuerySummary { window } => format!("samkv.qloc.{window}"),
+        }
+    }
+
+    /// What `methods` need between them, each once.
+    pub fn of(methods: &[&dyn Method]) -> Vec<SideData> {
+        let mut all: Vec<SideData> = methods.iter().flat_map(|m| m.side_data()).collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// What every method needs with its default settings (both SamKV presets): what a store
+    /// shared by requests of any method should hold.
+    pub fn for_default_methods() -> Vec<SideData> {
+        let mut all = Vec::new();
+        for name in METHOD_NAMES {
+            for preset in ["small", "large"] {
+                let flags = MethodConfig {
+                    method: name.to_string(),
+                    samkv_preset: preset.to_string(),
+                    ..MethodConfig::default()
+                };
+                all.extend(flags.build());
+            }
+        }
+        let refs: Vec<&dyn Method> = all.iter().map(|m| m.as_ref()).collect();
+        SideData::of(&refs)
+    }
 }
 
 /// How recomputed K/V replace the cached rows.

@@ -28,9 +28,8 @@ use super::clock::PhaseClock;
 use super::load::room_after;
 use super::{
     load_rows, ms, prefill_question, recompute_layers, Assembled, Context, FixedPlan, Method,
-    Stats, Update,
+    SideData, Stats, Update,
 };
-use crate::engine::qloc_key;
 use crate::kv::{KvCache, LayerKv};
 use crate::model::{mean_rows, Logits};
 use crate::store::prefix_hash;
@@ -278,6 +277,16 @@ impl Method for SamKv {
     fn assemble(&self, ctx: &Context) -> Result<Assembled> {
         assemble_planned(ctx, &self.params, self.name(), || self.plan(ctx))
     }
+
+    /// Step 2's query summaries, for the paper's dot-product scoring only.
+    fn side_data(&self) -> Vec<SideData> {
+        match self.params.score {
+            Score::Dot => vec![SideData::QuerySummary {
+                window: self.params.num_local,
+            }],
+            Score::Attention => Vec::new(),
+        }
+    }
 }
 
 /// A whole assembly around a planner: `plan` (timed as the selection phase, the loads it
@@ -414,7 +423,10 @@ pub fn local_query_summaries(
     let mut slow = 0;
     for d in docs {
         let kv = &ctx.segments[d.segment].kv;
-        let q = match kv.side.get(&qloc_key(num_local)) {
+        let q = match kv
+            .side
+            .get(&SideData::QuerySummary { window: num_local }.key())
+        {
             Some(t) => t
                 .narrow(0, stable[0], stable.len())?
                 .to_device(ctx.model.device())?

@@ -583,6 +583,27 @@ mod tests {
     }
 
     #[test]
+    fn methods_declare_their_side_data() {
+        use crate::methods::SideData;
+        let q = |window| SideData::QuerySummary { window };
+        assert_eq!(SideData::for_default_methods(), [q(16), q(128)]);
+        let side = |s: &str| spec(s).unwrap().build().unwrap().side_data();
+        assert_eq!(side("samkv"), [q(16)]);
+        assert_eq!(side("samkv:samkv_preset=large"), [q(128)]);
+        assert!(side("samkv:samkv_score=attention").is_empty());
+        for m in [
+            "recompute",
+            "reuse",
+            "cacheblend",
+            "epic",
+            "infllm",
+            "oracle",
+        ] {
+            assert!(side(m).is_empty(), "{m}");
+        }
+    }
+
+    #[test]
     fn huge_counts_are_refused_before_any_arithmetic() {
         for (method, knob) in [
             ("cacheblend", "check_layer"),
