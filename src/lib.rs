@@ -3,21 +3,20 @@
 //!
 //! Modules follow the data path: `model` (runtime) -> `tokenizer` -> `kv` (in-memory buffers)
 //! and `store` (persistent per-document caches) -> `methods` -> `engine` (assemble, decode)
-//! -> `eval`, `server`, CLI in `main.rs`.
+//! -> `eval` (data, metrics, plots) -> `bench`, `server`; the CLI is the binary's `cli/`.
 
+pub mod bench;
 pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fetch;
 pub mod fuzzing;
-pub mod gpu_bench;
 pub mod kv;
 pub mod methods;
 pub mod model;
 pub mod retrieval;
 pub mod selfcheck;
 pub mod server;
-pub mod speed;
 pub mod store;
 pub mod tokenizer;
 

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
+use crate::bench::gpu::method_config;
 use crate::engine::{load_model, Engine, Prompt};
 use crate::eval::metrics::kl_divergence;
 use crate::fetch;
-use crate::gpu_bench::method_config;
 use crate::kv::KvCache;
 use crate::methods::{Assembled, Method};
 use crate::model::{LoadOptions, Logits, Model, WeightMode};
@@ -215,7 +215,7 @@ pub fn run(args: &SelfcheckArgs, device: Device, models_dir: &Path) -> Result<()
     println!(
         "# samkv selfcheck: {} on {}",
         path.display(),
-        crate::gpu_bench::device_name(&device)
+        crate::bench::gpu::device_name(&device)
     );
     let load = |dev: &Device, dt: DType| -> Result<Engine> {
         let opts = LoadOptions {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
-use samkv::eval::bench::{Record, Summary};
+use samkv::bench::qa::{Record, Summary};
 use samkv::eval::{best_f1, exact_match, normalize_answer};
 use samkv::methods::{MethodConfig, METHOD_NAMES};
 

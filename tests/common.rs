@@ -23,7 +23,7 @@ pub const QWEN05: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 
 /// Deterministic pseudo-random token ids below `vocab` (samkv's own, as `bench-speed` uses).
 pub fn token_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    samkv::speed::random_tokens(n, vocab, seed)
+    samkv::bench::speed::random_tokens(n, vocab, seed)
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -237,7 +237,7 @@ fn corrupt_store_entry_is_recomputed_not_used() {
 /// without its query summary recomputes it (the slow path) and assembles the same result.
 #[test]
 fn entries_hold_the_declared_side_data_and_samkv_works_without_it() {
-    use samkv::methods::{Method, MethodConfig, SideData};
+    use samkv::methods::{MethodConfig, SideData};
     let samkv = MethodConfig::with_method("samkv").build().unwrap();
     let want = samkv.side_data();
     assert_eq!(want, [SideData::QuerySummary { window: 16 }]);

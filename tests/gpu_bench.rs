@@ -3,23 +3,33 @@
 //! `bench-gpu --device cpu --shape smollm2-135m`; its numbers only mean something on a GPU.)
 
 use candle_core::{DType, Device, Tensor};
-use samkv::gpu_bench::{deep_copy, method_config, shape_config};
+use samkv::bench::gpu::{deep_copy, method_config, shape_config};
 use samkv::kv::KvCache;
 
 #[test]
 fn method_specs_set_knobs_and_reject_unknown_ones() {
-    let c = method_config("cacheblend:ratio=0.3:check_layer=2").unwrap();
+    use samkv::methods::settings::SelectionRule;
+    use samkv::methods::MethodSettings;
+    let MethodSettings::Cacheblend(c) =
+        method_config("cacheblend:ratio=0.3:check_layer=2").unwrap()
+    else {
+        panic!("not cacheblend")
+    };
+    assert_eq!((c.ratio, c.check_layer), (0.3, 2));
     assert_eq!(
-        (c.method.as_str(), c.ratio, c.check_layer),
-        ("cacheblend", 0.3, 2)
+        method_config("epic:epic_k=4").unwrap(),
+        MethodSettings::Epic(samkv::methods::settings::EpicSettings { epic_k: 4 })
     );
-    assert_eq!(method_config("epic:epic_k=4").unwrap().epic_k, 4);
-    let s = method_config("samkv:selection=global:keep=0.5:no_recompute=true").unwrap();
+    let MethodSettings::Samkv(s) =
+        method_config("samkv:selection=global:keep=0.5:no_recompute=true").unwrap()
+    else {
+        panic!("not samkv")
+    };
     assert_eq!(
-        (s.selection.as_str(), s.keep, s.no_recompute),
-        ("global", 0.5, true)
+        (s.selection, s.keep, s.no_recompute),
+        (SelectionRule::Global, 0.5, true)
     );
-    assert_eq!(method_config("reuse").unwrap().method, "reuse");
+    assert_eq!(method_config("reuse").unwrap(), MethodSettings::Reuse);
     let err = |spec: &str| {
         method_config(spec)
             .err()
@@ -27,7 +37,7 @@ fn method_specs_set_knobs_and_reject_unknown_ones() {
             .unwrap_or_default()
     };
     assert!(err("reuse:nope=1").contains("no knob `nope`"));
-    assert!(err("reuse:ratio").contains("knob=value"));
+    assert!(err("reuse:ratio").contains("key=value"));
     assert!(err("cacheblend:ratio=abc").contains("cacheblend:ratio=abc"));
 }
 

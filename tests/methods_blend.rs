@@ -77,7 +77,7 @@ fn prompt(i: usize, docs: usize) -> Prompt {
             .collect::<Vec<_>>()
             .join(" ");
     }
-    longbench_prompt(&ex).into()
+    longbench_prompt(&ex)
 }
 
 fn context<'a>(e: &'a Engine, p: &Prompt) -> Context<'a> {

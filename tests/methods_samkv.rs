@@ -52,7 +52,7 @@ fn fixture() -> &'static Fixture {
             let words: Vec<&str> = d.text.split_whitespace().take(WORDS_PER_DOC).collect();
             d.text = words.join(" ");
         }
-        let prompt: Prompt = longbench_prompt(&ex).into();
+        let prompt: Prompt = longbench_prompt(&ex);
         let p = engine.prepare(&engine.tokenize(&prompt).unwrap()).unwrap();
         Fixture {
             engine,

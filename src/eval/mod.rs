@@ -1,14 +1,9 @@
 //! Evaluation building blocks: QA data loaders, LongBench prompts, answer metrics, plots.
 
-pub mod bench;
 pub mod data;
-pub mod headline;
 pub mod metrics;
 pub mod plot;
 pub mod prompt;
-pub mod report;
-pub mod reuse_bench;
-pub mod sweep;
 
 pub use data::{load_examples, Document, Example};
 pub use metrics::{best_f1, exact_match, kl_divergence, median, normalize_answer, qa_f1};

@@ -7,10 +7,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::bench::{BenchArgs, Ingest, Record};
-use super::metrics::median;
-use super::plot::{line_plot, markdown_table, Series};
+use super::qa::{BenchArgs, Ingest, Record};
 use super::sweep::MethodSpec;
+use crate::eval::metrics::median;
+use crate::eval::plot::{line_plot, markdown_table, Series};
 use crate::methods::Stats;
 use crate::Result;
 

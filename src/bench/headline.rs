@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::bench::{peek_results, Record};
-use super::plot::{markdown_table, scatter_plot, Labelled};
+use super::qa::{peek_results, Record};
 use super::report::{summarize, MethodSummary};
 use super::sweep::MethodSpec;
+use crate::eval::plot::{markdown_table, scatter_plot, Labelled};
 use crate::methods::MethodSettings;
 use crate::{Error, Result};
 

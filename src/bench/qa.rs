@@ -24,12 +24,12 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::metrics::{best_f1, exact_match, kl_divergence, normalize_answer};
 pub use super::report::{summarize, summary_markdown, MethodSummary, Summary};
 use super::report::{write_sweep_report, AGREEMENT_RULE};
 use super::sweep::{expand, MethodSpec};
-use super::{load_examples, longbench_prompt, Example};
 use crate::engine::{generate, Engine, FinishReason, Prepared, Prompt, Sampling, Tokenized};
+use crate::eval::metrics::{best_f1, exact_match, kl_divergence, normalize_answer};
+use crate::eval::{load_examples, longbench_prompt, Example};
 use crate::methods::{Context, Method, MethodConfig, MethodSettings, Recompute, Stats};
 use crate::{Error, Result};
 

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use candle_core::DType;
 
-use super::{kl_divergence, load_examples, median};
 use crate::engine::{Engine, Prompt};
+use crate::eval::{kl_divergence, load_examples, markdown_table, median};
 use crate::methods::{Method, Recompute, Reuse};
 use crate::model::Logits;
 use crate::store::{DiskStore, KvStore, MemoryTier};
@@ -190,7 +190,7 @@ pub fn markdown(b: &ReuseBench) -> String {
             ]
         })
         .collect();
-    s.push_str(&super::markdown_table(
+    s.push_str(&markdown_table(
         &[
             "store dtype",
             "bytes/token",
