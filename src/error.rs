@@ -7,7 +7,7 @@ pub enum Error {
     #[error("model file {path}: {msg}")]
     ModelFile { path: PathBuf, msg: String },
 
-    #[error("unsupported model architecture `{0}` (samkv runs `llama` and `qwen2`; Mistral checkpoints use `llama`)")]
+    #[error("unsupported model architecture `{0}` (samkv runs `llama`, `qwen2` and `qwen3`; Mistral checkpoints use `llama`)")]
     UnknownArch(String),
 
     #[error("prompt has {tokens} tokens but the model's context length is {max}; use fewer or shorter documents")]

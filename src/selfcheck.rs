@@ -222,6 +222,7 @@ pub fn run(args: &SelfcheckArgs, device: Device, models_dir: &Path) -> Result<()
             device: dev.clone(),
             dtype: dt,
             weights: WeightMode::Dense,
+            ..Default::default()
         };
         let (model, tok) = load_model(&path, &opts)?;
         let mut e = Engine::new(model, tok, Arc::new(MemoryTier::new(usize::MAX, None)));

@@ -16,7 +16,7 @@ use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 use samkv::engine::{load_model, Engine};
 use samkv::fetch;
-use samkv::model::{LoadOptions, WeightMode};
+use samkv::model::{LoadOptions, RuntimeFlags, WeightMode};
 use samkv::store::{self as kvstore, KvStore};
 
 #[derive(Parser)]
@@ -160,6 +160,7 @@ pub fn engine(cli: &Cli, models_dir: &std::path::Path, m: &ModelArgs) -> Result<
         device,
         dtype,
         weights: m.weights,
+        flags: RuntimeFlags::from_env(),
     };
     let (model, tokenizer) =
         load_model(&path, &opts).with_context(|| format!("loading {}", path.display()))?;

@@ -1,21 +1,16 @@
 //! Where a method's time goes, phase by phase, for diagnosis. On a GPU the host queues work
 //! and moves on, so a host clock charges queued work to whichever later phase waits for it.
-//! With `SAMKV_SYNC_PHASES=1` every lap first waits for the device, and each assembly logs
+//! With `RuntimeFlags::sync_phases` (`SAMKV_SYNC_PHASES=1`) every lap first waits for the device, and each assembly logs
 //! its laps (summed by name) at info level; this costs the overlap between phases, so
 //! time-to-first-token numbers are taken without it.
 
-use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::Device;
 
-/// Whether `SAMKV_SYNC_PHASES=1`.
-pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SAMKV_SYNC_PHASES").is_ok_and(|v| v == "1"))
-}
+use crate::model::Model;
 
-/// Laps of one assembly, summed by name (a no-op unless [`enabled`]).
+/// Laps of one assembly, summed by name (a no-op unless the model's `sync_phases` is set).
 pub struct PhaseClock {
     dev: Option<Device>,
     last: Instant,
@@ -23,8 +18,8 @@ pub struct PhaseClock {
 }
 
 impl PhaseClock {
-    pub fn new(dev: &Device) -> Self {
-        let dev = enabled().then(|| dev.clone());
+    pub fn new(model: &Model) -> Self {
+        let dev = model.flags().sync_phases.then(|| model.device().clone());
         if let Some(d) = &dev {
             let _ = d.synchronize();
         }

@@ -7,9 +7,12 @@
 use std::ops::Range;
 use std::time::Instant;
 
+use candle_core::Tensor;
+
 use super::samkv::{block_mean_keys, dot_scores, group_mean};
 use super::{concat_caches, last_logits, ms, Assembled, Context, Method, Stats};
-use crate::model::mean_rows;
+use crate::kv::KvCache;
+use crate::model::{attend, mean_rows, LayerStep, Qkv};
 use crate::Result;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -65,43 +68,17 @@ impl Method for MultiInfLlm {
         let mut stats = Stats::for_method(self.name());
         let mut cache = concat_caches(model, ctx, &mut stats)?;
         let t = Instant::now();
-        let mut select_s = 0.0;
         let pos = ctx.question_positions();
-        let rope = model.rope_tables(&pos)?;
-        let mut x = model.embed(&ctx.question)?;
-        for l in 0..model.n_layers() {
-            let qkv = model.layer_qkv(l, &x, &rope)?;
-            let ts = Instant::now();
-            let layer = &mut cache.layers[l];
-            let n = layer.len();
-            let blocks = self.blocks(n);
-            let chosen: Vec<Range<usize>> = if blocks.len() <= self.topk {
-                blocks
-            } else {
-                // The question's mean query per KV group against each block's mean key.
-                let q = group_mean(&mean_rows(&qkv.q)?, model.cfg.n_kv_heads)?;
-                let scores = dot_scores(&block_mean_keys(&layer.keys()?, &blocks)?, &q)?;
-                let mut order: Vec<usize> = (0..blocks.len()).collect();
-                order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-                order.truncate(self.topk);
-                order.into_iter().map(|i| blocks[i].clone()).collect()
-            };
-            let keep = self.kept_rows(n, &chosen);
-            if keep.len() != n {
-                *layer = layer.select(&keep)?;
-            }
-            select_s += ts.elapsed().as_secs_f64();
-            layer.append(&qkv.k, &qkv.v, &pos)?;
-            x = model.layer_finish(
-                l,
-                &x,
-                &qkv.q,
-                &layer.keys()?,
-                &layer.values()?,
-                &pos,
-                layer.positions(),
-            )?;
-        }
+        let mut step = Select {
+            m: self,
+            n_kv_heads: model.cfg.n_kv_heads,
+            cache: &mut cache,
+            pos: &pos,
+            select_s: 0.0,
+        };
+        let (x, rope) = (model.embed(&ctx.question)?, model.rope_tables(&pos)?);
+        let x = model.run_layers(x, rope, &mut step)?;
+        let select_s = step.select_s;
         let n = x.dim(0)?;
         let logits = last_logits(Some(model.logits_as(&x.narrow(0, n - 1, 1)?, n)?))?;
         stats.select_ms = select_s * 1e3;
@@ -112,6 +89,44 @@ impl Method for MultiInfLlm {
             logits,
             stats,
         })
+    }
+}
+
+/// The layer step of [`MultiInfLlm`]: narrows each layer's cache to the chosen blocks, then
+/// appends the question's rows and attends over what is left.
+struct Select<'a> {
+    m: &'a MultiInfLlm,
+    n_kv_heads: usize,
+    cache: &'a mut KvCache,
+    pos: &'a [u32],
+    select_s: f64,
+}
+
+impl LayerStep for Select<'_> {
+    fn attend(&mut self, l: usize, qkv: &Qkv) -> Result<Tensor> {
+        let ts = Instant::now();
+        let layer = &mut self.cache.layers[l];
+        let n = layer.len();
+        let blocks = self.m.blocks(n);
+        let chosen: Vec<Range<usize>> = if blocks.len() <= self.m.topk {
+            blocks
+        } else {
+            // The question's mean query per KV group against each block's mean key.
+            let q = group_mean(&mean_rows(&qkv.q)?, self.n_kv_heads)?;
+            let scores = dot_scores(&block_mean_keys(&layer.keys()?, &blocks)?, &q)?;
+            let mut order: Vec<usize> = (0..blocks.len()).collect();
+            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+            order.truncate(self.m.topk);
+            order.into_iter().map(|i| blocks[i].clone()).collect()
+        };
+        let keep = self.m.kept_rows(n, &chosen);
+        if keep.len() != n {
+            *layer = layer.select(&keep)?;
+        }
+        self.select_s += ts.elapsed().as_secs_f64();
+        layer.append(&qkv.k, &qkv.v, self.pos)?;
+        let (keys, values) = (layer.keys()?, layer.values()?);
+        attend(&qkv.q, &keys, &values, self.pos, layer.positions())
     }
 }
 

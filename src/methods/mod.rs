@@ -34,7 +34,7 @@ pub use samkv::SamKv;
 pub use settings::{Knob, MethodSettings};
 
 use crate::kv::{KvCache, LayerKv};
-use crate::model::{Logits, Model, Qkv};
+use crate::model::{attend, LayerStep, Logits, Model, Qkv};
 use crate::store::StoredDoc;
 use crate::{Error, Result};
 use clock::PhaseClock;
@@ -296,46 +296,67 @@ pub fn recompute_layers(
     update: Update,
     plan: &mut dyn LayerPlan,
 ) -> Result<(Tensor, Vec<usize>)> {
-    let mut rows = rows;
     let tokens: Vec<u32> = rows.iter().map(|&p| ctx.token_at(p)).collect();
-    let mut x = model.embed(&tokens)?;
-    let mut rope = model.rope_tables(&rows)?;
-    let mut counts = Vec::with_capacity(model.n_layers());
-    let mut clock = PhaseClock::new(model.device());
-    clock.lap("embed");
-    for l in 0..model.n_layers() {
-        counts.push(rows.len());
-        let qkv = model.layer_qkv(l, &x, &rope)?;
-        clock.lap("qkv");
-        let next = plan.next_rows(l, &rows, &qkv, &cache.layers[l])?;
-        clock.lap("plan");
-        upsert(&mut cache.layers[l], &rows, &qkv.k, &qkv.v, update)?;
-        clock.lap("upsert");
-        let layer = &cache.layers[l];
-        x = model.layer_finish(
-            l,
-            &x,
-            &qkv.q,
-            &layer.keys()?,
-            &layer.values()?,
-            &rows,
-            layer.positions(),
-        )?;
-        if next.len() != rows.len() {
-            let keep = subset_indices(&rows, &next)?;
-            let idx = Tensor::new(keep.as_slice(), x.device())?;
-            x = x.index_select(&idx, 0)?;
-            rope = (rope.0.index_select(&idx, 0)?, rope.1.index_select(&idx, 0)?);
-            rows = next;
-        }
-        clock.lap("attention+mlp");
-    }
+    let x = model.embed(&tokens)?;
+    let rope = model.rope_tables(&rows)?;
+    let mut step = Partial {
+        cache,
+        rows,
+        next: Vec::new(),
+        update,
+        plan,
+        counts: Vec::with_capacity(model.n_layers()),
+        clock: PhaseClock::new(model),
+    };
+    step.clock.lap("embed");
+    let x = model.run_layers(x, rope, &mut step)?;
     // The kernel of the pass that computed these rows (Model::logits_as).
     let n = x.dim(0)?;
     let logits = model.logits_as(&x.narrow(0, n - 1, 1)?, n)?;
-    clock.lap("logits");
-    clock.report("recompute_layers");
-    Ok((last_logits(Some(logits))?, counts))
+    step.clock.lap("logits");
+    step.clock.report("recompute_layers");
+    Ok((last_logits(Some(logits))?, step.counts))
+}
+
+/// The layer step of [`recompute_layers`].
+struct Partial<'a> {
+    cache: &'a mut KvCache,
+    /// This layer's rows, and the plan's rows for the next.
+    rows: Vec<u32>,
+    next: Vec<u32>,
+    update: Update,
+    plan: &'a mut dyn LayerPlan,
+    counts: Vec<usize>,
+    clock: PhaseClock,
+}
+
+impl LayerStep for Partial<'_> {
+    fn attend(&mut self, l: usize, qkv: &Qkv) -> Result<Tensor> {
+        self.counts.push(self.rows.len());
+        self.clock.lap("qkv");
+        // The plan sees the cached rows as they were before this layer's update.
+        self.next = self
+            .plan
+            .next_rows(l, &self.rows, qkv, &self.cache.layers[l])?;
+        self.clock.lap("plan");
+        let layer = &mut self.cache.layers[l];
+        upsert(layer, &self.rows, &qkv.k, &qkv.v, self.update)?;
+        self.clock.lap("upsert");
+        let (keys, values) = (layer.keys()?, layer.values()?);
+        attend(&qkv.q, &keys, &values, &self.rows, layer.positions())
+    }
+
+    fn carry(&mut self, _: usize, _: Qkv) -> Result<Option<Vec<u32>>> {
+        let keep = match self.next.len() != self.rows.len() {
+            true => Some(subset_indices(&self.rows, &self.next)?),
+            false => None,
+        };
+        if keep.is_some() {
+            self.rows = std::mem::take(&mut self.next);
+        }
+        self.clock.lap("attention+mlp");
+        Ok(keep)
+    }
 }
 
 /// Indices (into `rows`) of the positions in `subset`; both sorted.

@@ -170,7 +170,7 @@ impl SamKv {
         let mut keep_ratios = vec![0.0; docs.len()];
         let mut selected = vec![Vec::new(); stable.len()];
         let mut slow_path_docs = 0;
-        let mut clock = PhaseClock::new(model.device());
+        let mut clock = PhaseClock::new(model);
         if docs.iter().any(|d| !d.blocks.is_empty()) {
             let question = question_queries(ctx, &anchor_pos, &stable)?;
             clock.lap("question over anchors");
@@ -299,7 +299,7 @@ pub fn assemble_planned(
     plan: impl FnOnce() -> Result<Plan>,
 ) -> Result<Assembled> {
     let mut stats = Stats::for_method(name);
-    let mut clock = PhaseClock::new(ctx.model.device());
+    let mut clock = PhaseClock::new(ctx.model);
     let t = Instant::now();
     let plan = plan()?;
     stats.select_ms = ms(t);

@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::Model;
+use super::{LayerStep, Model, Qkv};
 use crate::kv::KvCache;
 use crate::{Error, Result};
 
@@ -56,52 +56,12 @@ impl Model {
                 max: self.cfg.max_context,
             });
         }
-        let rope = self.rope_tables(positions)?;
-        let mut x = self.embed(tokens)?;
-        for l in 0..n_layers {
-            let qkv = self.layer_qkv(l, &x, &rope)?;
-            // (B, kv_heads, d), contiguous, so each sequence's row is one contiguous slab.
-            let k_rows = qkv.k.transpose(0, 1)?.contiguous()?;
-            let v_rows = qkv.v.transpose(0, 1)?.contiguous()?;
-            for (i, cache) in caches.iter_mut().enumerate() {
-                let k = k_rows.get(i)?.unsqueeze(1)?;
-                let v = v_rows.get(i)?.unsqueeze(1)?;
-                cache.layers[l].append(&k, &v, &positions[i..i + 1])?;
-            }
-            // Each sequence attends on its own where a kernel reads its cache in place (CPU,
-            // samkv's CUDA kernel: stacking would copy every cache every step); otherwise
-            // one batched matmul over the stacked caches saves B op chains per layer.
-            #[cfg(feature = "cuda")]
-            if b > 1 && self.device.is_cuda() {
-                let kv = caches
-                    .iter()
-                    .map(|c| {
-                        let layer = &c.layers[l];
-                        Ok((layer.keys()?, layer.values()?, layer.positions()))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                if let Some(a) = super::cuda::attend_batch(&qkv.q, &kv, positions)? {
-                    drop(kv);
-                    x = self.layer_after_attention(l, &x, &a)?;
-                    continue;
-                }
-            }
-            let a = if b == 1 || self.device.is_cpu() || self.attends_in_place() {
-                let mut outs = Vec::with_capacity(b);
-                for (i, cache) in caches.iter_mut().enumerate() {
-                    let q = qkv.q.narrow(1, i, 1)?;
-                    outs.push(self.decode_attention(
-                        &q,
-                        &mut cache.layers[l],
-                        &positions[i..i + 1],
-                    )?);
-                }
-                Tensor::cat(&outs, 0)?
-            } else {
-                self.attend_batch(&qkv.q, caches, l, positions)?
-            };
-            x = self.layer_after_attention(l, &x, &a)?;
-        }
+        let mut step = Batch {
+            model: self,
+            caches,
+            positions,
+        };
+        let x = self.run_layers(self.embed(tokens)?, self.rope_tables(positions)?, &mut step)?;
         self.logits(&x)
     }
 
@@ -181,5 +141,53 @@ impl Model {
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dt)?;
         let o = probs.matmul(&v)?; // (B, hkv, group, d)
         Ok(o.reshape((b, h * d))?)
+    }
+}
+
+/// One decode step of B sequences: row b appends to and attends over its own cache.
+struct Batch<'a> {
+    model: &'a Model,
+    caches: &'a mut [KvCache],
+    positions: &'a [u32],
+}
+
+impl LayerStep for Batch<'_> {
+    fn attend(&mut self, l: usize, qkv: &Qkv) -> Result<Tensor> {
+        let (m, positions) = (self.model, self.positions);
+        let b = positions.len();
+        // (B, kv_heads, d), contiguous, so each sequence's row is one contiguous slab.
+        let k_rows = qkv.k.transpose(0, 1)?.contiguous()?;
+        let v_rows = qkv.v.transpose(0, 1)?.contiguous()?;
+        for (i, cache) in self.caches.iter_mut().enumerate() {
+            let k = k_rows.get(i)?.unsqueeze(1)?;
+            let v = v_rows.get(i)?.unsqueeze(1)?;
+            cache.layers[l].append(&k, &v, &positions[i..i + 1])?;
+        }
+        // Each sequence attends on its own where a kernel reads its cache in place (CPU,
+        // samkv's CUDA kernel: stacking would copy every cache every step); otherwise
+        // one batched matmul over the stacked caches saves B op chains per layer.
+        #[cfg(feature = "cuda")]
+        if b > 1 && m.device.is_cuda() {
+            let kv = self
+                .caches
+                .iter()
+                .map(|c| {
+                    let layer = &c.layers[l];
+                    Ok((layer.keys()?, layer.values()?, layer.positions()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if let Some(a) = super::cuda::attend_batch(&qkv.q, &kv, positions)? {
+                return Ok(a);
+            }
+        }
+        if b == 1 || m.device.is_cpu() || m.attends_in_place() {
+            let mut outs = Vec::with_capacity(b);
+            for (i, cache) in self.caches.iter_mut().enumerate() {
+                let q = qkv.q.narrow(1, i, 1)?;
+                outs.push(m.decode_attention(&q, &mut cache.layers[l], &positions[i..i + 1])?);
+            }
+            return Ok(Tensor::cat(&outs, 0)?);
+        }
+        m.attend_batch(&qkv.q, self.caches, l, positions)
     }
 }

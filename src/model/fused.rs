@@ -1,25 +1,72 @@
-//! One-pass CPU kernels for the elementwise glue around the fused projections (on CUDA they
-//! hand over to `super::cuda`): splitting the Q|K|V output into per-head layouts with bias
-//! and RoPE applied, and SiLU(gate) * up. Each
-//! replaces several candle ops and copies (narrow, reshape, transpose, contiguous, rope,
-//! silu, mul). The float operations are the same as candle's, in the same order, so results
-//! are bit-identical to the op-by-op path.
+//! The elementwise glue around the fused projections, one function per op that picks the
+//! kernel: splitting the Q|K|V output into per-head layouts with bias and RoPE applied,
+//! SiLU(gate) * up, and the residual add with RMS norm. Each takes samkv's CUDA kernel
+//! (`super::cuda`) or its one-pass CPU kernel here where the inputs suit them, else candle's
+//! ops; callers just call it. The CPU kernels replace several candle ops and copies (narrow,
+//! reshape, transpose, contiguous, rope, silu, mul) with the same float operations in the
+//! same order, so results are bit-identical to the op-by-op path.
 
 use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::linear::{with_cpu_f32, OutBuf};
-use super::rope::RopeLayout;
+use super::rope::{Rope, RopeLayout};
 use crate::Result;
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 16;
 
 /// y: (t, (h + 2 hkv) d) = [Q | K | V] per row, `bias` the same width. Returns q (h, t, d) and
-/// k (hkv, t, d) rotated with the per-row tables cos/sin (t, d/2), and v (hkv, t, d).
-/// None when an input is not a contiguous f32 CPU tensor.
+/// k (hkv, t, d) rotated by `rope` with the per-row tables cos/sin (t, d/2), and v (hkv, t, d).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn qkv_rope(
+    y: &Tensor,
+    bias: Option<&Tensor>,
+    rope: &Rope,
+    (cos, sin): &(Tensor, Tensor),
+    h: usize,
+    hkv: usize,
+    d: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if y.device().is_cuda() {
+        if let Some(out) = super::cuda::qkv_rope(y, bias, cos, sin, rope.layout, h, hkv, d)? {
+            return Ok(out);
+        }
+    }
+    if y.device().is_cpu() {
+        if let Some(out) = qkv_rope_cpu(y, bias, cos, sin, rope.layout, h, hkv, d)? {
+            return Ok(out);
+        }
+    }
+    let (q, k, v) = split_qkv(y, bias, h, hkv, d)?;
+    let (q, k) = (rope.apply(&q, cos, sin)?, rope.apply(&k, cos, sin)?);
+    Ok((q, k, v.contiguous()?))
+}
+
+/// y as in [`qkv_rope`] to q (h, t, d), k and v (hkv, t, d) with candle's ops, unrotated.
+pub(crate) fn split_qkv(
+    y: &Tensor,
+    bias: Option<&Tensor>,
+    h: usize,
+    hkv: usize,
+    d: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let t = y.dim(0)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y.clone(),
+    };
+    let part = |at: usize, heads: usize| -> Result<Tensor> {
+        let p = y.narrow(1, at * d, heads * d)?;
+        Ok(p.reshape((t, heads, d))?.transpose(0, 1)?)
+    };
+    Ok((part(0, h)?, part(h, hkv)?, part(h + hkv, hkv)?))
+}
+
+/// [`qkv_rope`] in one pass over rows; None when an input is not a contiguous f32 CPU tensor.
+#[allow(clippy::too_many_arguments)]
+fn qkv_rope_cpu(
     y: &Tensor,
     bias: Option<&Tensor>,
     cos: &Tensor,
@@ -29,10 +76,6 @@ pub(crate) fn qkv_rope(
     hkv: usize,
     d: usize,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    #[cfg(feature = "cuda")]
-    if y.device().is_cuda() {
-        return super::cuda::qkv_rope(y, bias, cos, sin, layout, h, hkv, d);
-    }
     let t = y.dim(0)?;
     let width = (h + 2 * hkv) * d;
     if y.dims() != [t, width] || cos.dims() != [t, d / 2] || !d.is_multiple_of(2) {
@@ -150,13 +193,26 @@ impl SendPtr {
     }
 }
 
-/// y: (t, 2 f) = [gate | up] per row. Returns silu(gate) * up, (t, f), computed as candle's
-/// `silu` (v / (1 + exp(-v))) followed by the product.
-pub(crate) fn silu_mul(y: &Tensor) -> Result<Option<Tensor>> {
+/// y: (t, 2 f) = [gate | up] per row. Returns silu(gate) * up, (t, f).
+pub(crate) fn silu_mul(y: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if y.device().is_cuda() {
-        return super::cuda::silu_mul(y);
+        if let Some(out) = super::cuda::silu_mul(y)? {
+            return Ok(out);
+        }
     }
+    if y.device().is_cpu() {
+        if let Some(out) = silu_mul_cpu(y)? {
+            return Ok(out);
+        }
+    }
+    let f = y.dim(1)? / 2;
+    Ok((candle_nn::ops::silu(&y.narrow(1, 0, f)?)? * y.narrow(1, f, f)?)?)
+}
+
+/// [`silu_mul`] in one pass, computed as candle's `silu` (v / (1 + exp(-v))) followed by the
+/// product; None when y is not a contiguous f32 CPU tensor.
+fn silu_mul_cpu(y: &Tensor) -> Result<Option<Tensor>> {
     let (t, w) = y.dims2()?;
     let f = w / 2;
     let out = with_cpu_f32(y, |ys| {

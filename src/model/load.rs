@@ -1,5 +1,6 @@
-//! Loading weights: GGUF files (`llama`, `qwen2`) and Hugging Face directories
-//! (config.json + *.safetensors for Llama/Mistral/Qwen2ForCausalLM).
+//! Loading weights: GGUF files (`llama`, `qwen2`, `qwen3`) and Hugging Face directories
+//! (config.json + *.safetensors for Llama/Mistral/Qwen2/Qwen3ForCausalLM), each read through
+//! a [`Weights`] source by the architecture's own builder (`arch/`).
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -9,7 +10,8 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
-use super::{Arch, Config, Layer, Linear, Llama3Scaling, Model, Rope, RopeLayout};
+use super::arch::{self, Name, Weights};
+use super::{Arch, Config, Linear, Llama3Scaling, Model, Rope, RopeLayout, RuntimeFlags};
 use crate::{Error, Result};
 
 /// How GGUF weights are held in memory.
@@ -41,14 +43,17 @@ pub struct LoadOptions {
     /// Activation dtype (f32 on CPU; bf16 or f32 on CUDA).
     pub dtype: DType,
     pub weights: WeightMode,
+    pub flags: RuntimeFlags,
 }
 
 impl Default for LoadOptions {
+    /// CPU, f32, `--weights auto`, and the runtime switches the environment sets.
     fn default() -> Self {
         Self {
             device: Device::Cpu,
             dtype: DType::F32,
             weights: WeightMode::Auto,
+            flags: RuntimeFlags::from_env(),
         }
     }
 }
@@ -87,6 +92,7 @@ impl Model {
         let arch = match arch_name.as_str() {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
             other => return Err(Error::UnknownArch(other.to_string())),
         };
         let a = arch_name.as_str();
@@ -120,7 +126,7 @@ impl Model {
             ffn: get_u("feed_forward_length")?,
             vocab,
             rope_base: get_f("rope.freq_base", 10000.0),
-            // GGUF's llama conversion permutes Q/K rows for interleaved pairs; qwen2 does not.
+            // GGUF's llama conversion permutes Q/K rows for interleaved pairs; qwen2/3 do not.
             rope_layout: if arch == Arch::Llama {
                 RopeLayout::Interleaved
             } else {
@@ -130,97 +136,24 @@ impl Model {
             rms_eps: get_f("attention.layer_norm_rms_epsilon", 1e-5),
             max_context: get_u("context_length").unwrap_or(4096),
         };
-        let device = &opts.device;
-        let mut read = |name: &str| -> Result<QTensor> {
-            content.tensor(&mut file, name, device).map_err(|e| {
-                file_err(
-                    path,
-                    format!("tensor {name}: {e} (file truncated or corrupt? re-fetch it)"),
-                )
-            })
+        let mut src = Gguf {
+            path,
+            content: &content,
+            file,
+            opts,
+            embed: None,
         };
+        // Llama-3 GGUFs ship their RoPE scaling as per-frequency factors.
         let freq_factors = match content.tensor_infos.contains_key("rope_freqs.weight") {
             true => Some(
-                read("rope_freqs.weight")?
+                src.read("rope_freqs.weight")?
                     .dequantize(&Device::Cpu)?
                     .to_vec1::<f32>()?,
             ),
             false => None,
         };
-        let dt = opts.dtype;
-        let mode = opts.weights;
-        let dense = |q: &QTensor| -> Result<Tensor> { Ok(q.dequantize(device)?.to_dtype(dt)?) };
-        // Parts of one fused projection; float-typed weights (F32/F16) are only kept dense.
-        let linear = |parts: Vec<QTensor>, biases: Vec<Option<QTensor>>| -> Result<Linear> {
-            let is_float = parts
-                .iter()
-                .any(|q| matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16));
-            let keep_quant = mode != WeightMode::Dense && !is_float && dt == DType::F32;
-            let keep_dense = mode != WeightMode::Quantized || !keep_quant;
-            let biases = biases
-                .iter()
-                .map(|b| b.as_ref().map(&dense).transpose())
-                .collect::<Result<Vec<_>>>()?;
-            Linear::from_quantized(parts, biases, keep_dense.then_some(dt), keep_quant)
-        };
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
-            let p = format!("blk.{i}");
-            let mut opt_bias = |n: &str| -> Result<Option<QTensor>> {
-                let name = format!("{p}.{n}.bias");
-                if content.tensor_infos.contains_key(&name) {
-                    Ok(Some(read(&name)?))
-                } else {
-                    Ok(None)
-                }
-            };
-            let (bq, bk, bv) = (
-                opt_bias("attn_q")?,
-                opt_bias("attn_k")?,
-                opt_bias("attn_v")?,
-            );
-            let mut w = |n: &str| read(&format!("{p}.{n}.weight"));
-            let qkv = vec![w("attn_q")?, w("attn_k")?, w("attn_v")?];
-            let wo = w("attn_output")?;
-            let gate_up = vec![w("ffn_gate")?, w("ffn_up")?];
-            let down = w("ffn_down")?;
-            let (attn_norm, ffn_norm) = (w("attn_norm")?, w("ffn_norm")?);
-            layers.push(Layer {
-                attn_norm: dense(&attn_norm)?,
-                qkv: linear(qkv, vec![bq, bk, bv])?,
-                wo: linear(vec![wo], vec![None])?,
-                ffn_norm: dense(&ffn_norm)?,
-                gate_up: linear(gate_up, vec![None, None])?,
-                down: linear(vec![down], vec![None])?,
-            });
-        }
-        let embed_q = read("token_embd.weight")?;
-        let embed = dense(&embed_q)?;
-        let lm_head = if content.tensor_infos.contains_key("output.weight") {
-            linear(vec![read("output.weight")?], vec![None])?
-        } else {
-            linear(vec![embed_q], vec![None])? // tied embeddings
-        };
-        let norm = dense(&read("output_norm.weight")?)?;
         let fingerprint = file_fingerprint(path)?;
-        let rope = Rope::new(
-            cfg.head_dim,
-            cfg.rope_base,
-            cfg.rope_layout,
-            None,
-            freq_factors.as_deref(),
-        );
-        Ok(Model {
-            cfg,
-            fingerprint,
-            rope,
-            dtype: dt,
-            device: device.clone(),
-            embed,
-            layers,
-            norm,
-            lm_head,
-        })
+        Self::build(cfg, fingerprint, freq_factors, opts, &mut src)
     }
 
     pub fn load_hf(dir: &Path, opts: &LoadOptions) -> Result<Model> {
@@ -229,11 +162,16 @@ impl Model {
             std::fs::read_to_string(&cfg_path).map_err(|e| file_err(&cfg_path, e.to_string()))?;
         let hf: HfConfig =
             serde_json::from_str(&text).map_err(|e| file_err(&cfg_path, e.to_string()))?;
-        let arch = match hf.architectures.first().map(String::as_str) {
-            Some("LlamaForCausalLM" | "MistralForCausalLM") => Arch::Llama,
-            Some("Qwen2ForCausalLM") => Arch::Qwen2,
+        let named = hf.architectures.first().or(hf.model_type.as_ref());
+        let arch = match named.map(String::as_str) {
+            Some("LlamaForCausalLM" | "MistralForCausalLM" | "llama" | "mistral") => Arch::Llama,
+            Some("Qwen2ForCausalLM" | "qwen2") => Arch::Qwen2,
+            Some("Qwen3ForCausalLM" | "qwen3") => Arch::Qwen3,
             Some(other) => return Err(Error::UnknownArch(other.to_string())),
-            None => return Err(file_err(&cfg_path, "config.json has no `architectures`")),
+            None => {
+                let msg = "config.json has neither `architectures` nor `model_type`";
+                return Err(file_err(&cfg_path, msg));
+            }
         };
         let head_dim = hf
             .head_dim
@@ -284,74 +222,20 @@ impl Model {
                 .map_err(|e| file_err(f, e.to_string()))?;
             tensors.extend(t);
         }
-        let dt = opts.dtype;
-        let mut take = |name: &str| -> Result<Tensor> {
-            let t = tensors
-                .remove(name)
-                .ok_or_else(|| file_err(dir, format!("missing tensor {name}")))?;
-            Ok(t.to_dtype(dt)?)
-        };
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
-            let p = format!("model.layers.{i}");
-            let qb = arch == Arch::Qwen2;
-            let mut lin = |names: &[&str], bias: bool| -> Result<Linear> {
-                let mut ws = Vec::with_capacity(names.len());
-                let mut bs = Vec::with_capacity(names.len());
-                for n in names {
-                    ws.push(take(&format!("{p}.{n}.weight"))?);
-                    bs.push(if bias {
-                        Some(take(&format!("{p}.{n}.bias"))?)
-                    } else {
-                        None
-                    });
-                }
-                Linear::from_dense(&ws, bs)
-            };
-            layers.push(Layer {
-                qkv: lin(
-                    &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                    qb,
-                )?,
-                wo: lin(&["self_attn.o_proj"], false)?,
-                gate_up: lin(&["mlp.gate_proj", "mlp.up_proj"], false)?,
-                down: lin(&["mlp.down_proj"], false)?,
-                attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
-                ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
-            });
-        }
-        let embed = take("model.embed_tokens.weight")?;
-        let head = if hf.tie_word_embeddings.unwrap_or(false) {
-            embed.clone()
-        } else {
-            take("lm_head.weight")?
-        };
-        let lm_head = Linear::from_dense(&[head], vec![None])?;
-        let norm = take("model.norm.weight")?;
         let mut h = Sha256::new();
         h.update(text.as_bytes());
         for f in &files {
             h.update(file_fingerprint(f)?.as_bytes());
         }
         let fingerprint = hex::encode(h.finalize());
-        let rope = Rope::new(
-            cfg.head_dim,
-            cfg.rope_base,
-            cfg.rope_layout,
-            cfg.rope_scaling,
-            None,
-        );
-        Ok(Model {
-            cfg,
-            fingerprint,
-            rope,
-            dtype: dt,
-            device: opts.device.clone(),
-            embed,
-            layers,
-            norm,
-            lm_head,
-        })
+        let mut src = Hf {
+            dir,
+            tensors,
+            dtype: opts.dtype,
+            tied: hf.tie_word_embeddings.unwrap_or(false),
+            embed: None,
+        };
+        Self::build(cfg, fingerprint, None, opts, &mut src)
     }
 
     /// A model of the given shape with seeded random weights, for speed measurements at
@@ -362,51 +246,237 @@ impl Model {
         if !device.is_cpu() {
             device.set_seed(seed)?;
         }
-        let std = 0.02f32;
-        let rnd = |r: usize, c: usize| -> Result<Tensor> {
-            Ok(Tensor::randn(0f32, std, (r, c), device)?.to_dtype(dtype)?)
+        let fingerprint = format!("random-{seed}-{}x{}", cfg.n_layers, cfg.hidden);
+        let mut src = Random { dtype, device };
+        let opts = LoadOptions {
+            device: device.clone(),
+            dtype,
+            ..Default::default()
         };
-        let lin = |outs: &[usize], inp: usize| -> Result<Linear> {
-            let ws = outs
-                .iter()
-                .map(|&o| rnd(o, inp))
-                .collect::<Result<Vec<_>>>()?;
-            Linear::from_dense(&ws, vec![None; outs.len()])
-        };
-        let ones = Tensor::ones(cfg.hidden, dtype, device)?;
-        let (qd, kd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for _ in 0..cfg.n_layers {
-            layers.push(Layer {
-                attn_norm: ones.clone(),
-                qkv: lin(&[qd, kd, kd], cfg.hidden)?,
-                wo: lin(&[cfg.hidden], qd)?,
-                ffn_norm: ones.clone(),
-                gate_up: lin(&[cfg.ffn, cfg.ffn], cfg.hidden)?,
-                down: lin(&[cfg.hidden], cfg.ffn)?,
-            });
-        }
-        let embed = rnd(cfg.vocab, cfg.hidden)?;
-        let lm_head = lin(&[cfg.vocab], cfg.hidden)?;
+        Self::build(cfg, fingerprint, None, &opts, &mut src)
+    }
+
+    /// The model of `cfg` with weights from `src`.
+    fn build(
+        cfg: Config,
+        fingerprint: String,
+        freq_factors: Option<Vec<f32>>,
+        opts: &LoadOptions,
+        src: &mut dyn Weights,
+    ) -> Result<Model> {
         let rope = Rope::new(
             cfg.head_dim,
             cfg.rope_base,
             cfg.rope_layout,
             cfg.rope_scaling,
-            None,
+            freq_factors.as_deref(),
         );
-        let fingerprint = format!("random-{seed}-{}x{}", cfg.n_layers, cfg.hidden);
+        let arch = arch::build(&cfg, rope.clone(), src)?;
+        // The kernels are also reached from code that holds no model (the KV cache's row
+        // scatter, the loader's gather), so they read the switches the last load set.
+        #[cfg(feature = "cuda")]
+        super::cuda::configure(&opts.flags);
         Ok(Model {
             cfg,
             fingerprint,
             rope,
-            dtype,
-            device: device.clone(),
-            embed,
-            layers,
-            norm: ones,
-            lm_head,
+            dtype: opts.dtype,
+            device: opts.device.clone(),
+            flags: opts.flags,
+            arch,
         })
+    }
+}
+
+/// A tensor's shape against the one the config implies.
+fn check_shape(file: &Path, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got == want {
+        return Ok(());
+    }
+    Err(file_err(
+        file,
+        format!(
+            "tensor {name} has shape {got:?} but the model's config implies {want:?}; the \
+             weights do not match their config (re-fetch or re-convert the model)"
+        ),
+    ))
+}
+
+/// GGUF tensors, kept quantized, dense or both per [`WeightMode`].
+struct Gguf<'a> {
+    path: &'a Path,
+    content: &'a gguf_file::Content,
+    file: std::fs::File,
+    opts: &'a LoadOptions,
+    /// The embedding's quantized form, for an LM head tied to it.
+    embed: Option<QTensor>,
+}
+
+impl Gguf<'_> {
+    fn read(&mut self, name: &str) -> Result<QTensor> {
+        let dev = &self.opts.device;
+        self.content.tensor(&mut self.file, name, dev).map_err(|e| {
+            file_err(
+                self.path,
+                format!("tensor {name}: {e} (file truncated or corrupt? re-fetch it)"),
+            )
+        })
+    }
+
+    fn read_shaped(&mut self, name: &str, dims: &[usize]) -> Result<QTensor> {
+        let info = self.content.tensor_infos.get(name).ok_or_else(|| {
+            file_err(
+                self.path,
+                format!("GGUF has no tensor {name}; re-fetch or re-convert it"),
+            )
+        })?;
+        check_shape(self.path, name, info.shape.dims(), dims)?;
+        self.read(name)
+    }
+
+    fn dense(&self, q: &QTensor) -> Result<Tensor> {
+        Ok(q.dequantize(&self.opts.device)?.to_dtype(self.opts.dtype)?)
+    }
+
+    /// Parts of one fused projection; float-typed weights (F32/F16) are only kept dense.
+    fn fuse(&self, parts: Vec<QTensor>, biases: Vec<Option<QTensor>>) -> Result<Linear> {
+        let (dt, mode) = (self.opts.dtype, self.opts.weights);
+        let is_float = parts
+            .iter()
+            .any(|q| matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16));
+        let keep_quant = mode != WeightMode::Dense && !is_float && dt == DType::F32;
+        let keep_dense = mode != WeightMode::Quantized || !keep_quant;
+        let biases = biases
+            .iter()
+            .map(|b| b.as_ref().map(|b| self.dense(b)).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        Linear::from_quantized(parts, biases, keep_dense.then_some(dt), keep_quant)
+    }
+}
+
+impl Weights for Gguf<'_> {
+    fn vector(&mut self, name: Name, len: usize) -> Result<Tensor> {
+        let q = self.read_shaped(&format!("{}.weight", name.gguf()), &[len])?;
+        self.dense(&q)
+    }
+
+    fn linear(&mut self, parts: &[(Name, usize)], inp: usize) -> Result<Linear> {
+        let (mut ws, mut bs) = (Vec::new(), Vec::new());
+        for &(name, out) in parts {
+            let n = name.gguf();
+            ws.push(self.read_shaped(&format!("{n}.weight"), &[out, inp])?);
+            let bias = format!("{n}.bias");
+            bs.push(match self.content.tensor_infos.contains_key(&bias) {
+                true => Some(self.read_shaped(&bias, &[out])?),
+                false => None,
+            });
+        }
+        self.fuse(ws, bs)
+    }
+
+    fn embedding(&mut self, vocab: usize, hidden: usize) -> Result<Tensor> {
+        let q = self.read_shaped("token_embd.weight", &[vocab, hidden])?;
+        let t = self.dense(&q)?;
+        self.embed = Some(q);
+        Ok(t)
+    }
+
+    fn lm_head(&mut self, vocab: usize, hidden: usize) -> Result<Linear> {
+        match (
+            self.content.tensor_infos.contains_key("output.weight"),
+            self.embed.take(),
+        ) {
+            (false, Some(e)) => self.fuse(vec![e], vec![None]), // tied embeddings
+            _ => self.linear(&[(Name::LmHead, vocab)], hidden),
+        }
+    }
+}
+
+/// Tensors of a Hugging Face checkpoint, converted to the activation dtype as taken.
+struct Hf<'a> {
+    dir: &'a Path,
+    tensors: HashMap<String, Tensor>,
+    dtype: DType,
+    /// `tie_word_embeddings`: the LM head is the embedding.
+    tied: bool,
+    embed: Option<Tensor>,
+}
+
+impl Hf<'_> {
+    fn take(&mut self, name: &str, dims: &[usize]) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| file_err(self.dir, format!("missing tensor {name}")))?;
+        check_shape(self.dir, name, t.dims(), dims)?;
+        Ok(t.to_dtype(self.dtype)?)
+    }
+}
+
+impl Weights for Hf<'_> {
+    fn vector(&mut self, name: Name, len: usize) -> Result<Tensor> {
+        self.take(&format!("{}.weight", name.hf()), &[len])
+    }
+
+    fn linear(&mut self, parts: &[(Name, usize)], inp: usize) -> Result<Linear> {
+        let (mut ws, mut bs) = (Vec::new(), Vec::new());
+        for &(name, out) in parts {
+            let n = name.hf();
+            ws.push(self.take(&format!("{n}.weight"), &[out, inp])?);
+            let bias = format!("{n}.bias");
+            bs.push(match self.tensors.contains_key(&bias) {
+                true => Some(self.take(&bias, &[out])?),
+                false => None,
+            });
+        }
+        Linear::from_dense(&ws, bs)
+    }
+
+    fn embedding(&mut self, vocab: usize, hidden: usize) -> Result<Tensor> {
+        let t = self.take(&format!("{}.weight", Name::Embed.hf()), &[vocab, hidden])?;
+        self.embed = self.tied.then(|| t.clone());
+        Ok(t)
+    }
+
+    fn lm_head(&mut self, vocab: usize, hidden: usize) -> Result<Linear> {
+        match self.embed.take() {
+            Some(e) => Linear::from_dense(&[e], vec![None]),
+            None => self.linear(&[(Name::LmHead, vocab)], hidden),
+        }
+    }
+}
+
+/// Seeded random weights (std 0.02) and unit norms, no biases.
+struct Random<'a> {
+    dtype: DType,
+    device: &'a Device,
+}
+
+impl Random<'_> {
+    fn randn(&self, r: usize, c: usize) -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 0.02, (r, c), self.device)?.to_dtype(self.dtype)?)
+    }
+}
+
+impl Weights for Random<'_> {
+    fn vector(&mut self, _: Name, len: usize) -> Result<Tensor> {
+        Ok(Tensor::ones(len, self.dtype, self.device)?)
+    }
+
+    fn linear(&mut self, parts: &[(Name, usize)], inp: usize) -> Result<Linear> {
+        let ws = parts
+            .iter()
+            .map(|&(_, o)| self.randn(o, inp))
+            .collect::<Result<Vec<_>>>()?;
+        Linear::from_dense(&ws, vec![None; parts.len()])
+    }
+
+    fn embedding(&mut self, vocab: usize, hidden: usize) -> Result<Tensor> {
+        self.randn(vocab, hidden)
+    }
+
+    fn lm_head(&mut self, vocab: usize, hidden: usize) -> Result<Linear> {
+        self.linear(&[(Name::LmHead, vocab)], hidden)
     }
 }
 
@@ -414,6 +484,7 @@ impl Model {
 struct HfConfig {
     #[serde(default)]
     architectures: Vec<String>,
+    model_type: Option<String>,
     hidden_size: usize,
     intermediate_size: usize,
     num_hidden_layers: usize,

@@ -1,14 +1,19 @@
-//! The model runtime: Llama-family decoders (Llama 2/3, Mistral, SmolLM2, Qwen2/2.5) driven
-//! layer by layer so KV-reuse methods can choose which rows to recompute between layers.
+//! The model runtime: Llama-family decoders (Llama 2/3, Mistral, SmolLM2, Qwen2/2.5) and Qwen3,
+//! driven layer by layer so KV-reuse methods can choose which rows to recompute between layers.
+//! Each architecture is one file under `arch/`; the layer loop ([`Model::run_layers`]) is
+//! shared by prefill, batched decode and partial recompute, which differ only in their
+//! [`LayerStep`].
 //!
 //! Every token has an explicit position; the KV rows a token attends to are an explicit set
 //! (causal by position), held in a [`KvCache`] the caller owns.
 
+mod arch;
 mod attention;
 mod attn_cpu;
 mod batch;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod flags;
 mod fused;
 mod linear;
 mod load;
@@ -18,18 +23,21 @@ pub mod rope;
 use candle_core::{DType, Device, Tensor};
 
 pub use attention::{attend, attend_ops, causal_mask, mean_rows};
+pub use flags::RuntimeFlags;
 pub use linear::Linear;
 pub use load::{LoadOptions, WeightMode};
 pub use rope::{Llama3Scaling, Rope, RopeLayout};
 
 use crate::kv::{KvCache, LayerKv};
 use crate::{Error, Result};
+use arch::{Decoder, Stream};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     Llama,
     Qwen2,
+    Qwen3,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -47,17 +55,6 @@ pub struct Config {
     pub rope_scaling: Option<Llama3Scaling>,
     pub rms_eps: f64,
     pub max_context: usize,
-}
-
-struct Layer {
-    attn_norm: Tensor,
-    /// Q, K and V projections fused.
-    qkv: Linear,
-    wo: Linear,
-    ffn_norm: Tensor,
-    /// Gate and up projections fused.
-    gate_up: Linear,
-    down: Linear,
 }
 
 /// Per-layer query, key and value states of a set of tokens, already rotated to their positions.
@@ -80,10 +77,8 @@ pub struct Model {
     pub rope: Rope,
     dtype: DType,
     device: Device,
-    embed: Tensor,
-    layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: Linear,
+    flags: RuntimeFlags,
+    arch: Box<dyn Decoder>,
 }
 
 /// Which rows' logits a forward pass returns.
@@ -109,6 +104,11 @@ impl Model {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The runtime switches this model was loaded with.
+    pub fn flags(&self) -> &RuntimeFlags {
+        &self.flags
     }
 
     pub fn n_layers(&self) -> usize {
@@ -138,8 +138,7 @@ impl Model {
                 self.cfg.vocab
             )));
         }
-        let ids = Tensor::new(tokens, &self.device)?;
-        Ok(self.embed.index_select(&ids, 0)?)
+        self.arch.embed(tokens)
     }
 
     /// cos/sin tables for these positions, shared by all layers of one pass.
@@ -151,45 +150,7 @@ impl Model {
     /// Step 1 of a layer: normalize the residual stream x (T, hidden) and project it to
     /// rotated Q, K and V.
     pub fn layer_qkv(&self, l: usize, x: &Tensor, rope: &(Tensor, Tensor)) -> Result<Qkv> {
-        let eps = self.cfg.rms_eps as f32;
-        let h = candle_nn::ops::rms_norm(x, &self.layers[l].attn_norm, eps)?;
-        self.layer_qkv_normed(l, &h, rope)
-    }
-
-    /// [`Model::layer_qkv`] on the already normalized stream h.
-    fn layer_qkv_normed(&self, l: usize, h: &Tensor, rope: &(Tensor, Tensor)) -> Result<Qkv> {
-        let c = &self.cfg;
-        let layer = &self.layers[l];
-        let t = h.dim(0)?;
-        let y = layer.qkv.matmul_fused(h)?;
-        let fast = fused::qkv_rope(
-            &y,
-            layer.qkv.bias(),
-            &rope.0,
-            &rope.1,
-            self.rope.layout,
-            c.n_heads,
-            c.n_kv_heads,
-            c.head_dim,
-        )?;
-        if let Some((q, k, v)) = fast {
-            return Ok(Qkv { q, k, v });
-        }
-        let mut p = layer.qkv.forward_parts(h)?.into_iter();
-        let (q, k, v) = match (p.next(), p.next(), p.next()) {
-            (Some(q), Some(k), Some(v)) => (q, k, v),
-            _ => unreachable!("the fused QKV projection has three parts"),
-        };
-        let q = q.reshape((t, c.n_heads, c.head_dim))?.transpose(0, 1)?;
-        let k = k.reshape((t, c.n_kv_heads, c.head_dim))?.transpose(0, 1)?;
-        let v = v.reshape((t, c.n_kv_heads, c.head_dim))?.transpose(0, 1)?;
-        let q = self.rope.apply(&q, &rope.0, &rope.1)?;
-        let k = self.rope.apply(&k, &rope.0, &rope.1)?;
-        Ok(Qkv {
-            q,
-            k,
-            v: v.contiguous()?,
-        })
+        self.arch.layer_qkv(l, &Stream::new(x.clone()), rope)
     }
 
     /// Step 2 of a layer: attend with queries q (at `qpos`) over keys/values (at `kpos`,
@@ -206,32 +167,32 @@ impl Model {
         kpos: &[u32],
     ) -> Result<Tensor> {
         let a = attend(q, keys, values, qpos, kpos)?;
-        self.layer_after_attention(l, x, &a)
+        Ok(self.arch.layer_finish(l, x, &a, false)?.x)
     }
 
-    /// Output projection, residual and MLP on the attention output a (T, heads * head_dim).
-    fn layer_after_attention(&self, l: usize, x: &Tensor, a: &Tensor) -> Result<Tensor> {
-        let (x, m) = self.layer_mlp(l, x, a)?;
-        Ok((x + m)?)
-    }
-
-    /// [`Model::layer_after_attention`] short of its last residual add: returns the stream
-    /// after attention's residual and the MLP's output, so a caller can fuse that add with
-    /// the next layer's norm.
-    fn layer_mlp(&self, l: usize, x: &Tensor, a: &Tensor) -> Result<(Tensor, Tensor)> {
-        let layer = &self.layers[l];
-        let eps = self.cfg.rms_eps as f32;
-        let (x, h) = fused::add_rms_norm(x, &layer.wo.forward(a)?, &layer.ffn_norm, eps)?;
-        let gu = layer.gate_up.matmul_fused(&h)?;
-        let act = match fused::silu_mul(&gu)? {
-            Some(a) => a,
-            None => {
-                let f = gu.dim(1)? / 2;
-                (candle_nn::ops::silu(&gu.narrow(1, 0, f)?)? * gu.narrow(1, f, f)?)?
+    /// All layers over the stream x (T, hidden) at the positions of the tables `rope`: each
+    /// layer's Q/K/V go to `step`, which stores K/V and attends, and may narrow the rows
+    /// carried on. Prefill, batched decode and partial recompute are this loop. Returns the
+    /// final stream (before the final norm) of the rows carried through.
+    pub fn run_layers(
+        &self,
+        x: Tensor,
+        rope: (Tensor, Tensor),
+        step: &mut dyn LayerStep,
+    ) -> Result<Tensor> {
+        let (mut s, mut rope) = (Stream::new(x), rope);
+        let n = self.cfg.n_layers;
+        for l in 0..n {
+            let qkv = self.arch.layer_qkv(l, &s, &rope)?;
+            let a = step.attend(l, &qkv)?;
+            s = self.arch.layer_finish(l, &s.x, &a, l + 1 < n)?;
+            if let Some(keep) = step.carry(l, qkv)? {
+                let idx = Tensor::new(keep.as_slice(), &self.device)?;
+                s = s.select(&idx)?;
+                rope = (rope.0.index_select(&idx, 0)?, rope.1.index_select(&idx, 0)?);
             }
-        };
-        let m = layer.down.forward(&act)?;
-        Ok((x, m))
+        }
+        Ok(s.x)
     }
 
     /// Attention of one decoded token over a layer's cache, reading the cache's f16 copy
@@ -266,11 +227,7 @@ impl Model {
     /// from dense ones by ~0.1, enough to flip near-ties (SmolLM2's plain answer to "What is
     /// the capital of France?" started "L'Étoile" instead of "The capital ... Paris").
     pub fn logits_as(&self, x: &Tensor, pass_rows: usize) -> Result<Tensor> {
-        let h = candle_nn::ops::rms_norm(x, &self.norm, self.cfg.rms_eps as f32)?;
-        Ok(self
-            .lm_head
-            .forward_as(&h, pass_rows)?
-            .to_dtype(DType::F32)?)
+        self.arch.logits(x, pass_rows)
     }
 
     /// An ordinary forward pass: the new tokens' K/V are appended to `cache` and every new
@@ -321,35 +278,16 @@ impl Model {
         logits: Logits,
         capture_layers: &[usize],
     ) -> Result<ForwardOut> {
-        let rope = self.rope_tables(positions)?;
-        let mut x = self.embed(tokens)?;
-        let mut out = ForwardOut::default();
-        // The next layer's normalized stream, when the last residual add produced it.
-        let mut normed: Option<Tensor> = None;
-        for l in 0..self.cfg.n_layers {
-            let qkv = match normed.take() {
-                Some(h) => self.layer_qkv_normed(l, &h, &rope)?,
-                None => self.layer_qkv(l, &x, &rope)?,
-            };
-            let layer_kv = &mut cache.layers[l];
-            layer_kv.append(&qkv.k, &qkv.v, positions)?;
-            let a = self.decode_attention(&qkv.q, layer_kv, positions)?;
-            let (mid, m) = self.layer_mlp(l, &x, &a)?;
-            x = match self.layers.get(l + 1) {
-                // One pass for the residual add and the next layer's norm (on CUDA).
-                Some(next) => {
-                    let eps = self.cfg.rms_eps as f32;
-                    let (sum, h) = fused::add_rms_norm(&mid, &m, &next.attn_norm, eps)?;
-                    normed = Some(h);
-                    sum
-                }
-                None => (mid + m)?,
-            };
-            if capture_layers.contains(&l) {
-                out.queries.push((l, qkv.q));
-            }
-        }
-        out.logits = match logits {
+        let mut step = Append {
+            model: self,
+            cache,
+            positions,
+            capture_layers,
+            queries: Vec::new(),
+        };
+        let x = self.run_layers(self.embed(tokens)?, self.rope_tables(positions)?, &mut step)?;
+        let queries = step.queries;
+        let logits = match logits {
             Logits::None => None,
             Logits::Last => {
                 let rows = x.dim(0)?;
@@ -357,6 +295,44 @@ impl Model {
             }
             Logits::All => Some(self.logits(&x)?),
         };
-        Ok(out)
+        Ok(ForwardOut { logits, queries })
+    }
+}
+
+/// What a pass through [`Model::run_layers`] does at each layer between Q/K/V and the MLP.
+pub trait LayerStep {
+    /// Stores layer `l`'s fresh K/V and returns the attention output of its queries,
+    /// (rows, heads * head_dim).
+    fn attend(&mut self, l: usize, qkv: &Qkv) -> Result<Tensor>;
+
+    /// After layer `l`: the rows (indices into this layer's rows) to carry into the next
+    /// layer, None for all.
+    fn carry(&mut self, _l: usize, _qkv: Qkv) -> Result<Option<Vec<u32>>> {
+        Ok(None)
+    }
+}
+
+/// An ordinary pass: new K/V rows are appended to the cache and attend over all it holds.
+struct Append<'a> {
+    model: &'a Model,
+    cache: &'a mut KvCache,
+    positions: &'a [u32],
+    capture_layers: &'a [usize],
+    queries: Vec<(usize, Tensor)>,
+}
+
+impl LayerStep for Append<'_> {
+    fn attend(&mut self, l: usize, qkv: &Qkv) -> Result<Tensor> {
+        let layer_kv = &mut self.cache.layers[l];
+        layer_kv.append(&qkv.k, &qkv.v, self.positions)?;
+        self.model
+            .decode_attention(&qkv.q, layer_kv, self.positions)
+    }
+
+    fn carry(&mut self, l: usize, qkv: Qkv) -> Result<Option<Vec<u32>>> {
+        if self.capture_layers.contains(&l) {
+            self.queries.push((l, qkv.q));
+        }
+        Ok(None)
     }
 }

@@ -55,11 +55,12 @@ fn flash_ptx(wg: bool) -> candle_core::Result<&'static str> {
 }
 
 /// Whether attention runs on wgmma where the device has it (flash_sm90.cu: 1.9x the mma.sync
-/// form at 10k tokens on the H200, docs/PERFORMANCE.md). `SAMKV_WGMMA=0` turns it off;
-/// benchmarks and selfcheck switch it with `set_wgmma` to compare the two forms.
+/// form at 10k tokens on the H200, docs/PERFORMANCE.md). `RuntimeFlags::wgmma`
+/// (`SAMKV_WGMMA=0`) turns it off at load; benchmarks and selfcheck switch it with
+/// `set_wgmma` to compare the two forms.
 fn wgmma_flag() -> &'static AtomicBool {
-    static ON: OnceLock<AtomicBool> = OnceLock::new();
-    ON.get_or_init(|| AtomicBool::new(std::env::var("SAMKV_WGMMA").map_or(true, |v| v != "0")))
+    static ON: AtomicBool = AtomicBool::new(true);
+    &ON
 }
 
 /// Turns the wgmma attention on or off for this process (where the device has it).

@@ -5,10 +5,11 @@
 //! host-built mask that forced a host/device round trip per layer).
 //!
 //! Every entry point returns `Ok(None)` when its inputs are not what the kernel handles
-//! (dtype, head size, layout), and the caller takes candle's op-by-op path. Setting
-//! `SAMKV_CUDA_KERNELS=0` turns all of them off, for comparisons and as an escape hatch.
+//! (dtype, head size, layout), and the caller takes candle's op-by-op path.
+//! `RuntimeFlags::cuda_kernels` (`SAMKV_CUDA_KERNELS=0`) turns all of them off, for
+//! comparisons and as an escape hatch.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -30,10 +31,19 @@ pub use flash::{attend, attend_batch, attends, has_wgmma, set_wgmma, wgmma};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/samkv_kernels.ptx"));
 const MODULE: &str = "samkv_kernels";
 
-/// Whether samkv's kernels are on (`SAMKV_CUDA_KERNELS=0` turns them off).
+/// `RuntimeFlags::cuda_kernels` of the last model loaded (on until one is).
+static KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Whether samkv's kernels are on.
 pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SAMKV_CUDA_KERNELS").map_or(true, |v| v != "0"))
+    KERNELS.load(Ordering::Relaxed)
+}
+
+/// Installs the switches of a model being loaded: the kernels are also called from code that
+/// holds no model (KV cache scatter, the loader's gather).
+pub fn configure(flags: &crate::model::RuntimeFlags) {
+    KERNELS.store(flags.cuda_kernels, Ordering::Relaxed);
+    set_wgmma(flags.wgmma);
 }
 
 fn dtype_name(dt: DType) -> Option<&'static str> {
