@@ -1,6 +1,6 @@
-//! With the `cuda` feature, compiles samkv's own kernels (src/model/cuda/kernels.cu) to PTX
+//! With the `cuda` feature, compiles samkv's own kernels (src/cuda/kernels.cu) to PTX
 //! with nvcc, and for a Hopper target (CUDA_COMPUTE_CAP 90) also the wgmma attention
-//! (src/model/cuda/flash_sm90.cu, for compute_90a: other targets get an empty file and keep
+//! (src/cuda/flash_sm90.cu, for compute_90a: other targets get an empty file and keep
 //! the mma.sync attention); the CPU build needs nothing. scripts/build-cuda.sh sets up nvcc (NVCC or
 //! CUDA_ROOT) and the target GPU (CUDA_COMPUTE_CAP, default 90).
 
@@ -10,7 +10,7 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     for f in ["kernels.cu", "flash_sm90.cu", "flash.cuh", "common.cuh"] {
-        println!("cargo:rerun-if-changed=src/model/cuda/{f}");
+        println!("cargo:rerun-if-changed=src/cuda/{f}");
     }
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
@@ -29,12 +29,12 @@ fn main() {
             .arg(format!("-arch={arch}"))
             .arg("-o")
             .arg(out.join(ptx))
-            .arg(format!("src/model/cuda/{src}"))
+            .arg(format!("src/cuda/{src}"))
             .status()
             .unwrap_or_else(|e| {
                 panic!("cannot run nvcc (`{nvcc}`): {e}; use scripts/build-cuda.sh")
             });
-        assert!(status.success(), "nvcc failed on src/model/cuda/{src}");
+        assert!(status.success(), "nvcc failed on src/cuda/{src}");
     };
     compile("kernels.cu", &format!("compute_{cap}"), "samkv_kernels.ptx");
     if cap == "90" {

@@ -4,8 +4,12 @@
 //! Modules follow the data path: `model` (runtime) -> `tokenizer` -> `kv` (in-memory buffers)
 //! and `store` (persistent per-document caches) -> `methods` -> `engine` (assemble, decode)
 //! -> `eval` (data, metrics, plots) -> `bench`, `server`; the CLI is the binary's `cli/`.
+//! `cuda` (with the `cuda` feature) holds samkv's own kernels; it depends on candle only, and
+//! the model, the KV buffers and the loader call it.
 
 pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod eval;

@@ -182,7 +182,7 @@ pub fn run(args: &SelfcheckArgs, device: Device, models_dir: &Path) -> Result<()
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
         println!("# samkv's CUDA kernels vs candle's ops (f32) on random inputs");
-        for c in crate::model::cuda::check::check_kernels(&device) {
+        for c in crate::model::kernel_check::check_kernels(&device) {
             rep.check(&c.name, c.pass, &c.detail);
         }
     }

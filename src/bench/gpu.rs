@@ -241,11 +241,11 @@ pub fn mem_info(_: &Device) -> Option<(usize, usize)> {
     None
 }
 
-/// On a Hopper GPU, `time` run with the attention's other form (crate::model::cuda::set_wgmma),
+/// On a Hopper GPU, `time` run with the attention's other form (crate::cuda::set_wgmma),
 /// and whether the form the model runs is wgmma; None elsewhere.
 #[cfg(feature = "cuda")]
 fn time_other_form(dev: &Device, time: impl Fn() -> Result<f64>) -> Result<Option<(bool, f64)>> {
-    use crate::model::cuda;
+    use crate::cuda;
     let Device::Cuda(d) = dev else {
         return Ok(None);
     };

@@ -226,7 +226,7 @@ impl LayerKv {
         // On CUDA one thread per element (candle's scatter loops over the rows in each thread).
         #[cfg(feature = "cuda")]
         if self.k.device().is_cuda() {
-            use crate::model::cuda::gather::scatter_rows;
+            use crate::cuda::gather::scatter_rows;
             let idx = Tensor::new(r.as_slice(), self.k.device())?;
             // Row-packed views (a narrowed recompute) are taken as they are.
             let (k, v) = (k.to_dtype(self.k.dtype())?, v.to_dtype(self.v.dtype())?);

@@ -3,7 +3,7 @@
 //! in position order. Reuse, CacheBlend, EPIC and Multi-InfLLM start from every row at every
 //! layer ([`concat_caches`]); SamKV loads only the rows it reads ([`load_rows`]).
 //!
-//! On CUDA one kernel does it all (`model::cuda::gather`); elsewhere, and as its reference,
+//! On CUDA one kernel does it all (`crate::cuda::gather`); elsewhere, and as its reference,
 //! candle's ops per (layer, segment).
 
 use std::collections::HashMap;
@@ -204,7 +204,7 @@ fn gather_on_device(
     deltas: &[i64],
     cap: usize,
 ) -> Result<Option<KvCache>> {
-    use crate::model::cuda::gather::{gather_kv, GatherPlan};
+    use crate::cuda::gather::{gather_kv, GatherPlan};
     let cpu = candle_core::Device::Cpu;
     let (cos, sin) = model.rope.tables(deltas, candle_core::DType::F32, &cpu)?;
     let rope = Tensor::cat(&[cos, sin], 1)?
@@ -222,7 +222,7 @@ fn gather_on_device(
         ranges: &used_ranges,
         entries: &rows.entries,
         rope: &rope,
-        layout: model.rope.layout,
+        interleaved: model.rope.layout == crate::model::RopeLayout::Interleaved,
         cap,
     };
     let Some(all) = gather_kv(&plan)? else {

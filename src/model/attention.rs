@@ -19,7 +19,7 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, qpos: &[u32], kpos: &[u32]) ->
     // Tiny problems (short prompts, decode over a short cache) stay on candle's ops, which
     // match candle-transformers' attention bit for bit; larger ones take the blocked kernel.
     #[cfg(feature = "cuda")]
-    if let Some(out) = super::cuda::attend(q, k, v, qpos, kpos)? {
+    if let Some(out) = crate::cuda::attend(q, k, v, qpos, kpos)? {
         return Ok(out);
     }
     let tk = k.dim(1)?;

@@ -69,7 +69,7 @@ impl Model {
     fn attends_in_place(&self) -> bool {
         #[cfg(feature = "cuda")]
         if self.device.is_cuda() {
-            return super::cuda::attends(self.dtype, self.cfg.head_dim);
+            return crate::cuda::attends(self.dtype, self.cfg.head_dim);
         }
         false
     }
@@ -176,7 +176,7 @@ impl LayerStep for Batch<'_> {
                     Ok((layer.keys()?, layer.values()?, layer.positions()))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            if let Some(a) = super::cuda::attend_batch(&qkv.q, &kv, positions)? {
+            if let Some(a) = crate::cuda::attend_batch(&qkv.q, &kv, positions)? {
                 return Ok(a);
             }
         }

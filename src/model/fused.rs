@@ -30,7 +30,16 @@ pub(crate) fn qkv_rope(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if y.device().is_cuda() {
-        if let Some(out) = super::cuda::qkv_rope(y, bias, cos, sin, rope.layout, h, hkv, d)? {
+        if let Some(out) = crate::cuda::qkv_rope(
+            y,
+            bias,
+            cos,
+            sin,
+            rope.layout == RopeLayout::Interleaved,
+            h,
+            hkv,
+            d,
+        )? {
             return Ok(out);
         }
     }
@@ -197,7 +206,7 @@ impl SendPtr {
 pub(crate) fn silu_mul(y: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if y.device().is_cuda() {
-        if let Some(out) = super::cuda::silu_mul(y)? {
+        if let Some(out) = crate::cuda::silu_mul(y)? {
             return Ok(out);
         }
     }
@@ -243,7 +252,7 @@ fn silu_mul_cpu(y: &Tensor) -> Result<Option<Tensor>> {
 }
 
 /// The residual add and the RMS norm after it: `(x + a, rms_norm(x + a) * w)`. On CUDA one
-/// kernel reads x and a once (`super::cuda::add_rms_norm`); elsewhere candle's ops.
+/// kernel reads x and a once (`crate::cuda::add_rms_norm`); elsewhere candle's ops.
 pub(crate) fn add_rms_norm(
     x: &Tensor,
     a: &Tensor,
@@ -251,7 +260,7 @@ pub(crate) fn add_rms_norm(
     eps: f32,
 ) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if let Some(out) = super::cuda::add_rms_norm(x, a, w, eps)? {
+    if let Some(out) = crate::cuda::add_rms_norm(x, a, w, eps)? {
         return Ok(out);
     }
     let sum = (x + a)?;

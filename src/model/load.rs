@@ -275,7 +275,7 @@ impl Model {
         // The kernels are also reached from code that holds no model (the KV cache's row
         // scatter, the loader's gather), so they read the switches the last load set.
         #[cfg(feature = "cuda")]
-        super::cuda::configure(&opts.flags);
+        crate::cuda::configure(opts.flags.cuda_kernels, opts.flags.wgmma);
         Ok(Model {
             cfg,
             fingerprint,

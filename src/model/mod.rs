@@ -11,10 +11,10 @@ mod arch;
 mod attention;
 mod attn_cpu;
 mod batch;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 mod flags;
 mod fused;
+#[cfg(feature = "cuda")]
+pub mod kernel_check;
 mod linear;
 mod load;
 mod qmm;

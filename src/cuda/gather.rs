@@ -12,7 +12,6 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
 use super::{cuda_only, enabled, kv_table, packed, rows_packed, MODULE, PTX};
-use crate::model::rope::RopeLayout;
 use crate::Result;
 
 /// Where every output row comes from; see [`gather_kv`].
@@ -25,7 +24,8 @@ pub struct GatherPlan<'a> {
     pub entries: &'a [u32],
     /// Per segment: cos then sin (head_dim / 2 each) of its position delta.
     pub rope: &'a [f32],
-    pub layout: RopeLayout,
+    /// RoPE pairs (0,1), (2,3), ... rather than (i, i + d/2).
+    pub interleaved: bool,
     /// Rows of room per layer in the output.
     pub cap: usize,
 }
@@ -61,7 +61,7 @@ impl GatherKv<'_> {
         let entries = es.as_cuda_slice::<u32>()?.slice(el.start_offset()..);
         let out = dev.alloc_zeros::<T>(layers * 2 * self.h * p.cap * self.d)?;
         let (nseg_i, h_i, cap_i, d_i) = (nseg as i32, self.h as i32, p.cap as i32, self.d as i32);
-        let il = (p.layout == RopeLayout::Interleaved) as i32;
+        let il = p.interleaved as i32;
         let func = dev.get_or_load_custom_func(&format!("gather_kv_{name}"), MODULE, PTX)?;
         let mut b = func.builder();
         b.arg(&table)

@@ -4,7 +4,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::super::rope::{Rope, RopeLayout};
+use super::rope::{Rope, RopeLayout};
+use crate::cuda;
 use crate::Result;
 
 /// One kernel check: its name, whether it passed, and the numbers.
@@ -138,19 +139,19 @@ fn check_attention(dev: &Device, c: &AttnCase, hopper: bool) -> Result<Vec<Check
         v.to_dtype(c.dtype)?,
     );
     let f = |t: &Tensor| t.to_dtype(DType::F32);
-    let want = super::super::attend(&f(&q)?, &f(&k)?, &f(&v)?, &c.qpos, &c.kpos)?;
+    let want = super::attend(&f(&q)?, &f(&k)?, &f(&v)?, &c.qpos, &c.kpos)?;
     let name = format!("kernel attention: {}", c.name);
     if !hopper {
-        let got = super::attend(&q, &k, &v, &c.qpos, &c.kpos)?;
+        let got = cuda::attend(&q, &k, &v, &c.qpos, &c.kpos)?;
         let err = got.map(|g| rel_err(&want, &g)).transpose()?;
         return Ok(vec![verdict(name, err, c.dtype)]);
     }
-    let was = matches!(dev, Device::Cuda(d) if super::wgmma(d));
+    let was = matches!(dev, Device::Cuda(d) if cuda::wgmma(d));
     let mut forms = Vec::new();
     for wg in [true, false] {
-        super::set_wgmma(wg);
-        let got = super::attend(&q, &k, &v, &c.qpos, &c.kpos);
-        super::set_wgmma(was);
+        cuda::set_wgmma(wg);
+        let got = cuda::attend(&q, &k, &v, &c.qpos, &c.kpos);
+        cuda::set_wgmma(was);
         forms.push(got?);
     }
     let mut out = Vec::new();
@@ -194,7 +195,7 @@ fn check_attention_batch(dev: &Device, dt: DType) -> Result<Check> {
         .zip(&kpos)
         .map(|((k, v), p)| (k.clone(), v.clone(), p.as_slice()))
         .collect();
-    let got = super::attend_batch(&q, &args, &qpos)?;
+    let got = cuda::attend_batch(&q, &args, &qpos)?;
     let name = format!("kernel attention: batched decode, 3 caches of 41/700/5185 rows, {dt:?}")
         .to_lowercase();
     let Some(got) = got else {
@@ -204,7 +205,7 @@ fn check_attention_batch(dev: &Device, dt: DType) -> Result<Check> {
     for (i, ((k, v), p)) in kv.iter().zip(&kpos).enumerate() {
         let f = |t: &Tensor| t.to_dtype(DType::F32);
         let qi = q.narrow(1, i, 1)?;
-        let want = super::super::attend_ops(&f(&qi)?, &f(k)?, &f(v)?, &qpos[i..i + 1], p)?;
+        let want = super::attend_ops(&f(&qi)?, &f(k)?, &f(v)?, &qpos[i..i + 1], p)?;
         worst = worst.max(rel_err(&want, &got.narrow(0, i, 1)?)?);
     }
     Ok(verdict(name, Some(worst), dt))
@@ -218,7 +219,16 @@ fn check_qkv_rope(dev: &Device, layout: RopeLayout, dt: DType, bias: bool) -> Re
     let rope = Rope::new(d, 10000.0, layout, None, None);
     let pos: Vec<i64> = (0..t as i64).map(|p| p * 7 + 3).collect();
     let (cos, sin) = rope.tables(&pos, dt, dev)?;
-    let got = super::qkv_rope(&y, bias.then_some(&b), &cos, &sin, layout, h, hkv, d)?;
+    let got = cuda::qkv_rope(
+        &y,
+        bias.then_some(&b),
+        &cos,
+        &sin,
+        layout == RopeLayout::Interleaved,
+        h,
+        hkv,
+        d,
+    )?;
     // Reference: candle's ops in f32.
     let yf = if bias {
         y.to_dtype(DType::F32)?
@@ -259,7 +269,7 @@ fn check_silu_mul(dev: &Device, dt: DType) -> Result<Check> {
     let g = gu.narrow(1, 0, 96)?.to_dtype(DType::F32)?;
     let u = gu.narrow(1, 96, 96)?.to_dtype(DType::F32)?;
     let want = (candle_nn::ops::silu(&g)? * u)?;
-    let got = super::silu_mul(&gu)?;
+    let got = cuda::silu_mul(&gu)?;
     let err = got.map(|g| rel_err(&want, &g)).transpose()?;
     Ok(verdict(
         format!("kernel silu*up: {dt:?}").to_lowercase(),
@@ -276,7 +286,7 @@ fn check_add_rms_norm(dev: &Device, dt: DType) -> Result<Check> {
     let f = |t: &Tensor| t.to_dtype(DType::F32);
     let want_sum = (f(&x)? + f(&a)?)?;
     let want = candle_nn::ops::rms_norm(&want_sum, &f(&w)?, 1e-5)?;
-    let got = super::add_rms_norm(&x, &a, &w, 1e-5)?;
+    let got = cuda::add_rms_norm(&x, &a, &w, 1e-5)?;
     let err = match got {
         Some((sum, h)) => Some(rel_err(&want_sum, &sum)?.max(rel_err(&want, &h)?)),
         None => None,
@@ -289,7 +299,7 @@ fn check_add_rms_norm(dev: &Device, dt: DType) -> Result<Check> {
 }
 
 fn check_gather_kv(dev: &Device, layout: RopeLayout, dt: DType) -> Result<Check> {
-    use super::gather::{gather_kv, GatherPlan};
+    use cuda::gather::{gather_kv, GatherPlan};
     let (h, d, lens) = (3, 64, [7usize, 12, 5]);
     let rope = Rope::new(d, 10000.0, layout, None, None);
     let deltas = [0i64, 7, 19];
@@ -320,7 +330,7 @@ fn check_gather_kv(dev: &Device, layout: RopeLayout, dt: DType) -> Result<Check>
         ranges: &ranges,
         entries: &entries,
         rope: &tables,
-        layout,
+        interleaved: layout == RopeLayout::Interleaved,
         cap: 40,
     };
     let got = gather_kv(&plan)?;
@@ -371,7 +381,7 @@ fn check_scatter_rows(dev: &Device, dt: DType) -> Result<Check> {
         .broadcast_as((h, n, d))?
         .contiguous()?;
     want.scatter_set(&idx, &src, 1)?;
-    let done = super::gather::scatter_rows(&dst, &src, &Tensor::new(rows.as_slice(), dev)?)?;
+    let done = cuda::gather::scatter_rows(&dst, &src, &Tensor::new(rows.as_slice(), dev)?)?;
     let err = done.then(|| rel_err(&want, &dst)).transpose()?;
     Ok(verdict(
         format!("kernel scatter rows: {dt:?}").to_lowercase(),
@@ -391,7 +401,7 @@ pub fn check_kernels(dev: &Device) -> Vec<Check> {
         }))
     };
     // On a Hopper GPU both forms of the attention are checked: mma.sync and wgmma.
-    let hopper = matches!(dev, Device::Cuda(d) if super::has_wgmma(d));
+    let hopper = matches!(dev, Device::Cuda(d) if cuda::has_wgmma(d));
     for c in attn_cases() {
         match check_attention(dev, &c, hopper) {
             Ok(checks) => checks.into_iter().for_each(|k| push(c.name, Ok(k))),

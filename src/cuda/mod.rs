@@ -19,10 +19,8 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
-use super::rope::RopeLayout;
 use crate::Result;
 
-pub mod check;
 mod flash;
 pub mod gather;
 
@@ -41,9 +39,9 @@ pub fn enabled() -> bool {
 
 /// Installs the switches of a model being loaded: the kernels are also called from code that
 /// holds no model (KV cache scatter, the loader's gather).
-pub fn configure(flags: &crate::model::RuntimeFlags) {
-    KERNELS.store(flags.cuda_kernels, Ordering::Relaxed);
-    set_wgmma(flags.wgmma);
+pub fn configure(kernels: bool, wgmma: bool) {
+    KERNELS.store(kernels, Ordering::Relaxed);
+    set_wgmma(wgmma);
 }
 
 fn dtype_name(dt: DType) -> Option<&'static str> {
@@ -239,7 +237,7 @@ pub fn qkv_rope(
     bias: Option<&Tensor>,
     cos: &Tensor,
     sin: &Tensor,
-    layout: RopeLayout,
+    interleaved: bool,
     h: usize,
     hkv: usize,
     d: usize,
@@ -266,7 +264,7 @@ pub fn qkv_rope(
         h,
         hkv,
         d,
-        interleaved: layout == RopeLayout::Interleaved,
+        interleaved,
     };
     let all = y.apply_op1_no_bwd(&op)?;
     Ok(Some((
