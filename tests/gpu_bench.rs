@@ -82,3 +82,73 @@ fn deep_copies_share_no_storage_with_the_original() {
         assert_eq!(sum(c.values().unwrap().narrow(1, 0, 3).unwrap()), 48.0);
     }
 }
+
+/// The whole command on the CPU at SmolLM2's shape, tiny: the printed tables and the JSON
+/// report are rendered from the same rows (one renderer), a spec that does not build is a
+/// row saying so, and decoding runs over Recompute's and SamKV's caches.
+#[test]
+fn tables_and_json_report_come_from_the_same_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report.json");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_samkv"))
+        .args([
+            "bench-gpu",
+            "--device",
+            "cpu",
+            "--shape",
+            "smollm2-135m",
+            "--doc-len",
+            "8",
+            "--docs",
+            "2",
+            "--question-len",
+            "4",
+            "--preamble-len",
+            "4",
+            "--reps",
+            "1",
+            "--decode-steps",
+            "1",
+            "--batch-steps",
+            "1",
+            "--max-batch",
+            "1",
+            "--methods",
+            "recompute,samkv,bogus",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let methods = report["runs"][0]["methods"].as_array().unwrap();
+    assert_eq!(methods.len(), 3);
+    for m in &methods[..2] {
+        // The table's TTFT cell is the JSON's median, as printed.
+        let name = m["name"].as_str().unwrap();
+        let ttft = format!("{:.1}", m["ttft_ms_median"].as_f64().unwrap());
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} ")))
+            .unwrap_or_else(|| panic!("no table row for {name} in\n{stdout}"));
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        assert_eq!(cells[2], ttft, "{line}");
+    }
+    assert_eq!(methods[2]["available"], false);
+    assert!(methods[2]["error"]
+        .as_str()
+        .unwrap()
+        .contains("unknown method"));
+    assert!(stdout.contains("| bogus ") && stdout.contains("not available"));
+    let decode = report["runs"][0]["decode"].as_array().unwrap();
+    let kvs: Vec<&str> = decode.iter().map(|d| d["kv"].as_str().unwrap()).collect();
+    assert_eq!(kvs, ["full KV", "SamKV KV"]);
+    assert!(decode[0]["batches"][0]["tok_s"].as_f64().unwrap() > 0.0);
+}

@@ -14,3 +14,31 @@ pub mod report;
 pub mod reuse;
 pub mod speed;
 pub mod sweep;
+
+/// A benchmark's result row: serialized whole into its JSON report and shown as one row of a
+/// Markdown table by [`table`], so the two never disagree.
+pub trait Row: serde::Serialize {
+    /// Column headers, one per cell.
+    fn columns() -> &'static [&'static str];
+    fn cells(&self) -> Vec<String>;
+}
+
+impl<R: Row> Row for &R {
+    fn columns() -> &'static [&'static str] {
+        R::columns()
+    }
+    fn cells(&self) -> Vec<String> {
+        (*self).cells()
+    }
+}
+
+/// The one renderer: rows as a Markdown table under their columns.
+pub fn table<R: Row>(rows: &[R]) -> String {
+    let cells: Vec<Vec<String>> = rows.iter().map(Row::cells).collect();
+    crate::eval::plot::markdown_table(R::columns(), &cells)
+}
+
+/// `x` with `p` decimals, "-" when absent.
+pub fn num(x: Option<f64>, p: usize) -> String {
+    x.map_or("-".into(), |x| format!("{x:.p$}"))
+}

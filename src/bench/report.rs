@@ -47,6 +47,48 @@ pub struct MethodSummary {
     pub peak_rss_bytes: u64,
 }
 
+impl super::Row for MethodSummary {
+    fn columns() -> &'static [&'static str] {
+        &[
+            "method",
+            "n",
+            "F1",
+            "EM %",
+            "agree %",
+            "mean KL",
+            "median ttft ms",
+            "ttft speedup",
+            "median decode tok/s",
+            "KV kept %",
+            "recomputed tokens",
+            "KV MiB",
+            "peak RSS MiB",
+        ]
+    }
+    fn cells(&self) -> Vec<String> {
+        let fmt = |v: Option<f64>, scale: f64, digits: usize| match v {
+            Some(v) if v.is_finite() => format!("{:.*}", digits, v * scale),
+            Some(v) => format!("{v}"),
+            None => "-".into(),
+        };
+        vec![
+            self.method.clone(),
+            format!("{}/{}", self.examples, self.examples + self.errors),
+            fmt(self.f1, 100.0, 2),
+            fmt(self.em, 100.0, 1),
+            fmt(self.agreement, 100.0, 1),
+            fmt(self.kl_mean, 1.0, 4),
+            fmt(self.ttft_ms_median, 1.0, 1),
+            fmt(self.ttft_speedup, 1.0, 2),
+            fmt(self.decode_tok_s_median, 1.0, 1),
+            fmt(self.kept_fraction, 100.0, 1),
+            fmt(self.recomputed_tokens, 1.0, 1),
+            fmt(self.kv_bytes_kept, 1.0 / (1 << 20) as f64, 1),
+            format!("{:.0}", self.peak_rss_bytes as f64 / (1 << 20) as f64),
+        ]
+    }
+}
+
 /// What `run` leaves behind.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Summary {
@@ -127,50 +169,7 @@ pub fn summarize(records: &[Record], specs: &[MethodSpec], examples: usize) -> S
 
 /// The summary as Markdown: a table with a line per method setting and notes on the columns.
 pub fn summary_markdown(s: &Summary, args: &BenchArgs) -> String {
-    let fmt = |v: Option<f64>, scale: f64, digits: usize| match v {
-        Some(v) if v.is_finite() => format!("{:.*}", digits, v * scale),
-        Some(v) => format!("{v}"),
-        None => "-".into(),
-    };
-    let rows: Vec<Vec<String>> = s
-        .methods
-        .iter()
-        .map(|m| {
-            vec![
-                m.method.clone(),
-                format!("{}/{}", m.examples, m.examples + m.errors),
-                fmt(m.f1, 100.0, 2),
-                fmt(m.em, 100.0, 1),
-                fmt(m.agreement, 100.0, 1),
-                fmt(m.kl_mean, 1.0, 4),
-                fmt(m.ttft_ms_median, 1.0, 1),
-                fmt(m.ttft_speedup, 1.0, 2),
-                fmt(m.decode_tok_s_median, 1.0, 1),
-                fmt(m.kept_fraction, 100.0, 1),
-                fmt(m.recomputed_tokens, 1.0, 1),
-                fmt(m.kv_bytes_kept, 1.0 / (1 << 20) as f64, 1),
-                format!("{:.0}", m.peak_rss_bytes as f64 / (1 << 20) as f64),
-            ]
-        })
-        .collect();
-    let table = markdown_table(
-        &[
-            "method",
-            "n",
-            "F1",
-            "EM %",
-            "agree %",
-            "mean KL",
-            "median ttft ms",
-            "ttft speedup",
-            "median decode tok/s",
-            "KV kept %",
-            "recomputed tokens",
-            "KV MiB",
-            "peak RSS MiB",
-        ],
-        &rows,
-    );
+    let table = super::table(&s.methods);
     format!(
         "# Benchmark: {data}\n\n{n} examples, at most {mt} new tokens, greedy, LongBench prompt{trunc}.\n\
          Ingestion (documents into the store, before any method): mean {ing} ms per example, \
@@ -189,7 +188,7 @@ pub fn summary_markdown(s: &Summary, args: &BenchArgs) -> String {
             .max_doc_tokens
             .map(|n| format!(", documents cut to {n} tokens"))
             .unwrap_or_default(),
-        ing = fmt(s.ingest_ms_mean, 1.0, 0),
+        ing = super::num(s.ingest_ms_mean, 0),
         dc = s.docs_computed,
         rule = s.agreement_rule,
     )

@@ -14,17 +14,20 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
-use serde_json::{json, Value};
 
+use super::table;
 use crate::engine::{Engine, Tokenized};
 use crate::eval::metrics::median;
-use crate::eval::plot::markdown_table;
 use crate::kv::{KvCache, LayerKv};
 use crate::methods::{Assembled, MethodConfig, MethodSettings, Stats};
 use crate::model::{Arch, Config, Llama3Scaling, Logits, Model, RopeLayout};
 use crate::store::MemoryTier;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
+
+mod rows;
+
+pub use rows::{AttentionRow, BatchRow, DecodeRow, LengthRun, MethodRow, MethodTiming, Report};
 
 pub const LABEL: &str = "shape-only (random weights)";
 
@@ -135,12 +138,16 @@ pub fn method_config(spec: &str) -> Result<MethodSettings> {
 /// kernel against candle's op-by-op attention (skipped where it would take long), with the
 /// kernel's throughput (4 T^2 d h / 2 FLOPs: the causal half of QK^T and PV). On a Hopper GPU
 /// the kernel is the wgmma one, and its mma.sync form is timed beside it.
+/// Attention alone, one layer, causal prefill of each request's length: the attention
+/// kernel against candle's op-by-op attention (skipped where it would take long), with the
+/// kernel's throughput (4 T^2 d h / 2 FLOPs: the causal half of QK^T and PV). On a Hopper GPU
+/// the kernel is the wgmma one, and its mma.sync form is timed beside it.
 fn attention_table(
     cfg: &Config,
     dtype: DType,
     dev: &Device,
     args: &BenchGpuArgs,
-) -> Result<Option<Value>> {
+) -> Result<Option<Vec<AttentionRow>>> {
     if !dev.is_cuda() {
         return Ok(None);
     }
@@ -158,7 +165,6 @@ fn attention_table(
         Ok(median(&ms).unwrap_or_default())
     };
     let mut rows = Vec::new();
-    let mut out = Vec::new();
     for &len in &args.doc_len {
         let t = args.docs * len + args.preamble_len + args.question_len;
         let q = Tensor::randn(0f32, 1f32, (h, t, d), dev)?.to_dtype(dtype)?;
@@ -180,46 +186,26 @@ fn attention_table(
         } else {
             None
         };
-        let tflops = 2.0 * (t as f64).powi(2) * (d * h) as f64 / (kernel * 1e-3) / 1e12;
-        rows.push(vec![
-            t.to_string(),
-            format!("{kernel:.2}"),
-            format!("{tflops:.0}"),
-            mma.map_or("-".into(), |m| format!("{m:.2}")),
-            wg.map_or("-".into(), |m| format!("{m:.2}")),
-            ops.map_or("-".into(), |o| format!("{o:.2}")),
-            ops.map_or("-".into(), |o| format!("{:.1}x", o / kernel)),
-        ]);
-        out.push(json!({
-            "tokens": t, "attend_ms": kernel, "tflops": tflops, "mma_sync_ms": mma, "wgmma_ms": wg,
-            "ops_ms": ops
-        }));
+        rows.push(AttentionRow {
+            tokens: t,
+            attend_ms: kernel,
+            tflops: 2.0 * (t as f64).powi(2) * (d * h) as f64 / (kernel * 1e-3) / 1e12,
+            mma_sync_ms: mma,
+            wgmma_ms: wg,
+            ops_ms: ops,
+        });
     }
     println!(
         "\n## Attention alone: one layer, causal prefill ({h} heads, {hkv} KV heads, d {d})\n"
     );
-    println!(
-        "{}",
-        markdown_table(
-            &[
-                "tokens",
-                "attend ms",
-                "TFLOP/s",
-                "mma.sync ms",
-                "wgmma ms",
-                "candle ops ms",
-                "ops / attend"
-            ],
-            &rows
-        )
-    );
+    println!("{}", table(&rows));
     println!(
         "attend: what the model runs (samkv's kernel where it applies; SAMKV_CUDA_KERNELS=0 turns \
          it off); mma.sync, wgmma: the kernel's two forms, timed on a Hopper GPU (the model runs the \
          wgmma one there; SAMKV_WGMMA=0 turns it off); candle ops: matmul, host-built mask, softmax, \
          matmul per 512 queries. Median of 5 after a warm-up."
     );
-    Ok(Some(json!(out)))
+    Ok(Some(rows))
 }
 
 /// Waits for the device's queued work, so the clock reads what it did.
@@ -371,20 +357,25 @@ pub fn run(args: &BenchGpuArgs, device: Device) -> Result<()> {
     let base_used = mem.sample();
     println!("# samkv bench-gpu: {} ({LABEL})", args.shape);
     let name = device_name(&device);
-    let mut report = json!({
-        "label": LABEL,
-        "shape": args.shape,
-        "config": cfg,
-        "device": name,
-        "dtype": format!("{dtype:?}").to_lowercase(),
-        "store_dtype": format!("{store_dtype:?}").to_lowercase(),
-        "seed": args.seed,
-        "reps": args.reps,
-        "runs": [],
-    });
-    let save = |report: &Value| -> Result<()> {
+    let mut report = Report {
+        label: LABEL,
+        shape: args.shape.clone(),
+        config: cfg.clone(),
+        device: name.clone(),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        store_dtype: format!("{store_dtype:?}").to_lowercase(),
+        seed: args.seed,
+        reps: args.reps,
+        model_init_s: None,
+        attention: None,
+        runs: Vec::new(),
+        peak_mem_gib_sampled: None,
+    };
+    let save = |report: &Report| -> Result<()> {
         if let Some(p) = &args.out {
-            std::fs::write(p, serde_json::to_string_pretty(report).unwrap_or_default())?;
+            let json = serde_json::to_string_pretty(report)
+                .map_err(|e| Error::Internal(format!("bench-gpu report: {e}")))?;
+            std::fs::write(p, json)?;
         }
         Ok(())
     };
@@ -405,32 +396,24 @@ pub fn run(args: &BenchGpuArgs, device: Device) -> Result<()> {
                 _ => String::new(),
             }
         );
-        report["model_init_s"] = json!(init_s);
+        report.model_init_s = Some(init_s);
         let store = Arc::new(MemoryTier::new(usize::MAX, None));
         let mut engine = Engine::new(model, placeholder_tokenizer()?, store);
         engine.chat = false;
         engine.store_dtype = store_dtype;
         Some(engine)
     };
-    if let Some(t) = attention_table(&cfg, dtype, &device, args)? {
-        report["attention"] = t;
-    }
+    report.attention = attention_table(&cfg, dtype, &device, args)?;
     let Some(engine) = engine else {
         return save(&report);
     };
     for &len in &args.doc_len {
-        let run = match bench_length(&engine, args, len, &mut mem) {
-            Ok(r) => r,
-            Err(e) => {
-                println!("\ndocument length {len}: failed: {e}");
-                json!({"doc_len": len, "error": e.to_string()})
-            }
-        };
-        report["runs"]
-            .as_array_mut()
-            .expect("runs is an array")
-            .push(run);
-        report["peak_mem_gib_sampled"] = mem_json(&mem);
+        let run = bench_length(&engine, args, len, &mut mem).unwrap_or_else(|e| {
+            println!("\ndocument length {len}: failed: {e}");
+            LengthRun::failed(len, e.to_string())
+        });
+        report.runs.push(run);
+        report.peak_mem_gib_sampled = mem_info(&device).map(|_| mem.peak as f64 / GIB);
         save(&report)?;
     }
     match mem_info(&device) {
@@ -443,20 +426,13 @@ pub fn run(args: &BenchGpuArgs, device: Device) -> Result<()> {
     Ok(())
 }
 
-fn mem_json(mem: &MemWatch) -> Value {
-    match mem_info(&mem.dev) {
-        Some(_) => json!(mem.peak as f64 / GIB),
-        None => Value::Null,
-    }
-}
-
 /// One request shape: preamble, `args.docs` documents of `len` tokens, question.
 fn bench_length(
     engine: &Engine,
     args: &BenchGpuArgs,
     len: usize,
     mem: &mut MemWatch,
-) -> Result<Value> {
+) -> Result<LengthRun> {
     let model = &engine.model;
     let dev = model.device().clone();
     let vocab = model.cfg.vocab;
@@ -515,80 +491,50 @@ fn bench_length(
     );
 
     // Time to first token per method.
-    let mut rows = Vec::new();
-    let mut methods_json = Vec::new();
+    let mut methods = Vec::new();
     let mut full: Option<Assembled> = None;
     let mut sparse: Vec<(String, Assembled)> = Vec::new();
     for spec in &args.methods {
-        let built = method_config(spec).and_then(|c| c.build());
-        let method = match built {
+        let mut row = MethodRow {
+            spec: spec.clone(),
+            name: None,
+            available: false,
+            error: None,
+            timing: None,
+        };
+        let method = match method_config(spec).and_then(|c| c.build()) {
             Ok(m) => m,
             Err(e) => {
-                rows.push(vec![spec.clone(), "not available".into()]);
-                methods_json
-                    .push(json!({"spec": spec, "available": false, "error": e.to_string()}));
+                row.error = Some(e.to_string());
+                methods.push(row);
                 continue;
             }
         };
+        row.name = Some(method.name());
+        row.available = true;
         match time_method(engine, &t, method.as_ref(), args.reps, mem) {
             Ok((times, stats, last)) => {
                 let s = |f: fn(&Stats) -> f64| med(&stats.iter().map(f).collect::<Vec<_>>());
-                let st = &stats[0];
-                let ttft = med(&times);
-                rows.push(vec![
-                    method.name(),
-                    format!("{ttft:.1}"),
-                    format!("{:.1}", s(|x| x.load_ms)),
-                    format!("{:.1}", s(|x| x.reposition_ms)),
-                    format!("{:.1}", s(|x| x.select_ms)),
-                    format!("{:.1}", s(|x| x.recompute_ms)),
-                    format!("{:.0}", st.recomputed_tokens),
-                    format!("{:.0} / {}", st.kv_tokens_kept, st.context_tokens),
-                    format!("{:.1}", 100.0 * st.kept_fraction),
-                    format!("{:.1}", st.kv_bytes_kept as f64 / (1 << 20) as f64),
-                ]);
-                methods_json.push(json!({
-                    "spec": spec,
-                    "name": method.name(),
-                    "available": true,
-                    "ttft_ms_median": ttft,
-                    "ttft_ms_all": times,
-                    "load_ms_median": s(|x| x.load_ms),
-                    "reposition_ms_median": s(|x| x.reposition_ms),
-                    "select_ms_median": s(|x| x.select_ms),
-                    "recompute_ms_median": s(|x| x.recompute_ms),
-                    "stats": st,
-                }));
+                row.timing = Some(MethodTiming {
+                    ttft_ms_median: med(&times),
+                    load_ms_median: s(|x| x.load_ms),
+                    reposition_ms_median: s(|x| x.reposition_ms),
+                    select_ms_median: s(|x| x.select_ms),
+                    recompute_ms_median: s(|x| x.recompute_ms),
+                    ttft_ms_all: times,
+                    stats: stats[0].clone(),
+                });
                 if cfg_method(spec) == "recompute" {
                     full = Some(last);
                 } else if cfg_method(spec) == "samkv" {
                     sparse.push((method.name(), last));
                 }
             }
-            Err(e) => {
-                rows.push(vec![method.name(), format!("failed: {e}")]);
-                methods_json.push(json!({"spec": spec, "name": method.name(), "available": true, "error": e.to_string()}));
-            }
+            Err(e) => row.error = Some(e.to_string()),
         }
+        methods.push(row);
     }
-    println!(
-        "{}",
-        markdown_table(
-            &[
-                "method",
-                "TTFT ms",
-                "load",
-                "re-position",
-                "select",
-                "recompute",
-                "tokens recomputed",
-                "KV tokens kept",
-                "kept %",
-                "KV MiB",
-            ],
-            &rows
-        )
-    );
+    println!("{}", table(&methods));
     println!(
         "TTFT: median of {} after 1 warm-up, device synchronized; load..recompute: medians of \
          the methods' own clocks (host-side; on CUDA work still queued is charged to the phase \
@@ -597,9 +543,7 @@ fn bench_length(
     );
 
     // Decoding: full KV (Recompute's cache) against SamKV's retained KV.
-    let mut decode_json = Vec::new();
-    let mut drows = Vec::new();
-    let mut batch_rows = Vec::new();
+    let mut decode = Vec::new();
     let mut caches: Vec<(String, String, Assembled)> = Vec::new();
     if let Some(a) = full {
         caches.push(("full KV".into(), "recompute".into(), a));
@@ -615,7 +559,7 @@ fn bench_length(
     if caches.is_empty() {
         println!("decode: skipped (neither recompute nor samkv ran)");
     }
-    for (label, method, a) in caches {
+    for (kv, method, a) in caches {
         let Assembled {
             mut cache, logits, ..
         } = a;
@@ -625,95 +569,25 @@ fn bench_length(
         let step_ms = decode_single(model, &mut cache, &logits, args.decode_steps)?;
         drop(cache);
         mem.sample();
-        let one = med(&step_ms);
-        let batches = decode_batches(model, &base, args, mem)?;
-        let best = batches
-            .iter()
-            .filter_map(|b| {
-                b.get("tok_s")
-                    .and_then(Value::as_f64)
-                    .map(|t| (b["batch"].clone(), t))
-            })
-            .max_by(|x, y| x.1.total_cmp(&y.1));
-        drows.push(vec![
-            label.clone(),
-            kv_tokens.to_string(),
-            format!("{:.1}", base.bytes() as f64 / (1 << 20) as f64),
-            format!("{one:.2}"),
-            format!("{:.1}", 1e3 / one),
-            best.as_ref().map_or("-".into(), |b| b.0.to_string()),
-            best.as_ref().map_or("-".into(), |b| format!("{:.0}", b.1)),
-        ]);
-        batch_rows.extend(batches.iter().map(|b| {
-            let f = |k: &str, p: usize| {
-                b.get(k)
-                    .and_then(Value::as_f64)
-                    .map_or(String::new(), |x| format!("{x:.p$}"))
-            };
-            let note = ["skipped", "failed"]
-                .iter()
-                .find_map(|k| {
-                    b.get(*k)
-                        .and_then(Value::as_str)
-                        .map(|s| format!("{k}: {s}"))
-                })
-                .unwrap_or_default();
-            vec![
-                label.clone(),
-                b["batch"].to_string(),
-                f("step_ms_median", 1),
-                f("tok_s", 0),
-                f("mem_used_gib", 1),
-                note,
-            ]
-        }));
-        decode_json.push(json!({
-            "kv": label,
-            "method": method,
-            "kv_tokens": kv_tokens,
-            "kv_bytes": base.bytes(),
-            "step_ms_batch1_median": one,
-            "step_ms_batch1_all": step_ms,
-            "batches": batches,
-        }));
+        let batches = decode_batches(model, &base, &kv, args, mem)?;
+        decode.push(DecodeRow {
+            kv,
+            method,
+            kv_tokens,
+            kv_bytes: base.bytes(),
+            step_ms_batch1_median: med(&step_ms),
+            step_ms_batch1_all: step_ms,
+            batches,
+        });
     }
-    if !drows.is_empty() {
-        println!(
-            "\n{}",
-            markdown_table(
-                &[
-                    "decode over",
-                    "KV tokens",
-                    "KV MiB",
-                    "step ms (batch 1)",
-                    "tok/s (batch 1)",
-                    "best batch",
-                    "tok/s (best batch)",
-                ],
-                &drows
-            )
-        );
-        println!(
-            "\n{}",
-            markdown_table(
-                &[
-                    "decode over",
-                    "batch",
-                    "step ms",
-                    "tok/s",
-                    "device GiB in use",
-                    "note"
-                ],
-                &batch_rows
-            )
-        );
-        let kept: Vec<String> = decode_json
+    if !decode.is_empty() {
+        println!("\n{}", table(&decode));
+        let batches: Vec<&BatchRow> = decode.iter().flat_map(|d| &d.batches).collect();
+        println!("\n{}", table(&batches));
+        let kept: Vec<String> = decode
             .iter()
-            .skip_while(|d| d["kv"] == "full KV")
-            .map(|d| {
-                let s = |k: &str| d[k].as_str().unwrap_or_default().to_string();
-                format!("{}: what {} kept", s("kv"), s("method"))
-            })
+            .filter(|d| d.kv != "full KV")
+            .map(|d| format!("{}: what {} kept", d.kv, d.method))
             .collect();
         println!(
             "full KV: Recompute's cache; {}. step ms: median of {} steps at batch 1 (forward + \
@@ -724,19 +598,20 @@ fn bench_length(
             args.batch_steps
         );
     }
-    Ok(json!({
-        "doc_len": len,
-        "docs": args.docs,
-        "preamble_tokens": t.prefix.len(),
-        "question_tokens": t.question.len(),
-        "total_tokens": total,
-        "ingest_ms_per_doc_median": med(&ingest_ms),
-        "ingest_ms_all": ingest_ms,
-        "stored_bytes_per_doc": doc_bytes,
-        "methods": methods_json,
-        "decode": decode_json,
-        "mem_used_gib_after": mem.sample().map(|u| u as f64 / GIB),
-    }))
+    Ok(LengthRun {
+        doc_len: len,
+        error: None,
+        docs: args.docs,
+        preamble_tokens: t.prefix.len(),
+        question_tokens: t.question.len(),
+        total_tokens: total,
+        ingest_ms_per_doc_median: median(&ingest_ms),
+        ingest_ms_all: ingest_ms,
+        stored_bytes_per_doc: doc_bytes,
+        methods,
+        decode,
+        mem_used_gib_after: mem.sample().map(|u| u as f64 / GIB),
+    })
 }
 
 fn cfg_method(spec: &str) -> &str {
@@ -820,9 +695,10 @@ fn decode_single(
 fn decode_batches(
     model: &Model,
     base: &KvCache,
+    kv: &str,
     args: &BenchGpuArgs,
     mem: &mut MemWatch,
-) -> Result<Vec<Value>> {
+) -> Result<Vec<BatchRow>> {
     let dev = model.device().clone();
     let c = &model.cfg;
     let mut sizes = vec![1usize, 8, 32];
@@ -838,10 +714,15 @@ fn decode_batches(
         let t = base.len() + args.batch_steps + 2;
         let stacked = 2 * b * t * c.n_kv_heads * c.head_dim * model.dtype().size_in_bytes();
         let need = 2 * b * base.bytes() + 2 * stacked + (1usize << 30);
+        let mut row = BatchRow::not_run(kv, b);
         if let Some((free, _)) = mem_info(&dev) {
             if need > free {
-                out.push(json!({"batch": b, "skipped": format!(
-                    "would need ~{:.1} GiB, {:.1} GiB free", need as f64 / GIB, free as f64 / GIB)}));
+                row.skipped = Some(format!(
+                    "would need ~{:.1} GiB, {:.1} GiB free",
+                    need as f64 / GIB,
+                    free as f64 / GIB
+                ));
+                out.push(row);
                 break;
             }
         }
@@ -849,25 +730,27 @@ fn decode_batches(
             time_batch(model, base, b, args.batch_steps, args.seed, mem)
         }));
         let _ = sync(&dev);
-        match attempt {
+        let failed = match attempt {
             Ok(Ok((steps, used))) => {
                 let m = med(&steps);
-                out.push(json!({
-                    "batch": b,
-                    "step_ms_median": m,
-                    "tok_s": b as f64 * 1e3 / m,
-                    "step_ms_all": steps,
-                    "mem_used_gib": used.map(|u| u as f64 / GIB),
-                }));
+                row.step_ms_median = Some(m);
+                row.tok_s = Some(b as f64 * 1e3 / m);
+                row.step_ms_all = steps;
+                row.mem_used_gib = used.map(|u| u as f64 / GIB);
+                false
             }
             Ok(Err(e)) => {
-                out.push(json!({"batch": b, "failed": e.to_string()}));
-                break;
+                row.failed = Some(e.to_string());
+                true
             }
             Err(_) => {
-                out.push(json!({"batch": b, "failed": "panicked (see stderr)"}));
-                break;
+                row.failed = Some("panicked (see stderr)".into());
+                true
             }
+        };
+        out.push(row);
+        if failed {
+            break;
         }
     }
     Ok(out)
