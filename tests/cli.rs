@@ -343,3 +343,40 @@ fn ingest_skips_non_utf8_and_store_ls_names_sources() {
         "{listing}"
     );
 }
+
+/// `--shape`: random weights at a known shape with the tokenizer of `--model` run the whole
+/// RAG path (ingest, SamKV, decode); an unknown shape is a clear error.
+#[test]
+fn shape_only_model_runs_rag_with_the_models_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let doc = tmp.path().join("doc.txt");
+    std::fs::write(&doc, "The Louvre is a museum in Paris. It opened in 1793.").unwrap();
+    let model = model_path(SMOLLM2);
+    let model = model.to_str().unwrap();
+    let doc = doc.to_str().unwrap();
+    let args = |shape: &'static str| {
+        vec![
+            "ask",
+            "--model",
+            model,
+            "--shape",
+            shape,
+            "--method",
+            "samkv",
+            "--doc",
+            doc,
+            "--max-tokens",
+            "3",
+            "When did it open?",
+        ]
+    };
+    let out = samkv(&args("smollm2-135m"), &tmp.path().join("store"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("shape-only model: smollm2-135m"), "{err}");
+    assert!(err.contains("samkv"), "no stats line: {err}");
+    fails_with(
+        &samkv(&args("gpt-17"), &tmp.path().join("store")),
+        "unknown shape `gpt-17`",
+    );
+}

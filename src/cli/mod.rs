@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context as _, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
-use samkv::engine::{load_model, Engine};
+use samkv::engine::{load_model, load_tokenizer, Engine};
 use samkv::fetch;
 use samkv::model::{LoadOptions, RuntimeFlags, WeightMode};
 use samkv::store::{self as kvstore, KvStore};
@@ -62,6 +62,11 @@ pub struct ModelArgs {
     /// Do not wrap prompts in the model's chat template.
     #[arg(long)]
     pub no_chat: bool,
+    /// Shape-only: seeded random weights at a known model's shape (llama-3.1-8b,
+    /// smollm2-135m) with the tokenizer of --model and its vocabulary size. For speed and
+    /// memory runs on hardware the real weights cannot reach; the answers are noise.
+    #[arg(long, value_name = "SHAPE")]
+    pub shape: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -162,8 +167,24 @@ pub fn engine(cli: &Cli, models_dir: &std::path::Path, m: &ModelArgs) -> Result<
         weights: m.weights,
         flags: RuntimeFlags::from_env(),
     };
-    let (model, tokenizer) =
-        load_model(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
+    let (model, tokenizer) = match &m.shape {
+        None => load_model(&path, &opts).with_context(|| format!("loading {}", path.display()))?,
+        Some(shape) => {
+            let tokenizer = load_tokenizer(&path)
+                .with_context(|| format!("loading the tokenizer of {}", path.display()))?;
+            let mut cfg = samkv::bench::gpu::shape_config(shape)?;
+            // Every id the model can emit must decode to text, or streams lose tokens.
+            cfg.vocab = tokenizer.vocab_size();
+            tracing::warn!(
+                "shape-only model: {shape} with random weights and a {}-token vocabulary \
+                 (the tokenizer of {}); answers are noise",
+                cfg.vocab,
+                path.display()
+            );
+            let model = samkv::model::Model::random(cfg, 0, opts.dtype, &opts.device)?;
+            (model, tokenizer)
+        }
+    };
     let mut e = Engine::new(model, tokenizer, open_store(cli)?);
     e.chat = !m.no_chat;
     e.store_dtype = kvstore::parse_dtype(&m.store_dtype)?;

@@ -589,7 +589,12 @@ pub fn load_model(
     opts: &crate::model::LoadOptions,
 ) -> Result<(Model, Tokenizer)> {
     let model = Model::load(path, opts)?;
-    let tokenizer = if path.is_dir() {
+    Ok((model, load_tokenizer(path)?))
+}
+
+/// Loads the tokenizer (and chat template) of a model file or directory, without its weights.
+pub fn load_tokenizer(path: &std::path::Path) -> Result<Tokenizer> {
+    Ok(if path.is_dir() {
         Tokenizer::from_hf_dir(path)?
     } else {
         let mut f = std::fs::File::open(path)?;
@@ -600,6 +605,5 @@ pub fn load_model(
             }
         })?;
         Tokenizer::from_gguf(&content)?
-    };
-    Ok((model, tokenizer))
+    })
 }
