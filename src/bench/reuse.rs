@@ -5,13 +5,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::DType;
-
 use crate::engine::{Engine, Prompt};
 use crate::eval::{kl_divergence, load_examples, markdown_table, median};
 use crate::methods::{Method, Recompute, Reuse};
 use crate::model::Logits;
-use crate::store::{DiskStore, KvStore, MemoryTier};
+use crate::store::{DiskStore, KvStore, MemoryTier, StoreDtype};
 use crate::{Error, Result};
 
 pub struct ReuseBenchArgs {
@@ -108,7 +106,12 @@ pub fn run(engine: &mut Engine, args: &ReuseBenchArgs) -> Result<ReuseBench> {
 
     let mut rows = Vec::new();
     let mut f32_logits: Option<Vec<f32>> = None;
-    for dt in [DType::F32, DType::F16, DType::BF16] {
+    for dt in [
+        StoreDtype::F32,
+        StoreDtype::F16,
+        StoreDtype::BF16,
+        StoreDtype::Q8,
+    ] {
         let dir = tempfile::tempdir()?;
         let disk: Arc<dyn KvStore> = Arc::new(DiskStore::open(dir.path())?);
         engine.store_dtype = dt;
@@ -144,7 +147,7 @@ pub fn run(engine: &mut Engine, args: &ReuseBenchArgs) -> Result<ReuseBench> {
                 .fold(0.0, f32::max),
         };
         rows.push(DtypeRow {
-            dtype: crate::store::dtype_name(dt).unwrap_or("?").into(),
+            dtype: dt.name().into(),
             bytes_per_token: bytes as f64 / context_tokens as f64,
             ingest_ms_per_doc: ingest_ms,
             reuse_ttft_memory_ms: median(&mem_ttft).unwrap_or(f64::NAN),
@@ -154,7 +157,7 @@ pub fn run(engine: &mut Engine, args: &ReuseBenchArgs) -> Result<ReuseBench> {
             kl_vs_recompute: kl_divergence(&rec_logits, &logits),
             max_logit_diff_vs_f32: max_diff,
         });
-        if dt == DType::F32 {
+        if dt == StoreDtype::F32 {
             f32_logits = Some(logits);
         }
     }
