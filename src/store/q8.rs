@@ -4,8 +4,10 @@
 //! Why blocks along head_dim rather than one scale per (head, token) row: keys carry a few
 //! outlier channels (RoPE pairs with large magnitude) whose size would set the scale of the whole
 //! row and leave the other channels with a handful of levels; a 32-channel block confines an
-//! outlier to its block. Measured on SmolLM2 (docs/RESULTS.md, "8-bit storage"), per-row scales
-//! had a larger logit error at nearly the same size (+3% instead of +6% bytes over int8 alone).
+//! outlier to its block. Measured on SmolLM2, 3 MuSiQue prompts of ~6k tokens (docs/RESULTS.md,
+//! "8-bit storage"; `q8_block_size_measurement` in tests/engine.rs): one scale per 64-channel
+//! row gave a 1.2-2.3x larger first-token KL against the f32 store than 32-channel blocks, for
+//! 3% fewer bytes (scales cost 1/16 of the data with blocks of 32, 1/32 with whole rows).
 //! Why per token row rather than per channel across tokens (KIVI): a row's scales travel with
 //! the row, so SamKV's row selection and a partial load pick data and scales with the same
 //! index, and a document's rows never depend on each other.
