@@ -30,7 +30,7 @@ const MIN_SCALE: f64 = 6.103_515_625e-5;
 /// The block size used for a head of `head_dim` channels: [`BLOCK`] if it divides head_dim,
 /// else the whole row.
 pub fn block_for(head_dim: usize) -> usize {
-    if head_dim % BLOCK == 0 {
+    if head_dim.is_multiple_of(BLOCK) {
         BLOCK
     } else {
         head_dim
@@ -41,7 +41,7 @@ pub fn block_for(head_dim: usize) -> usize {
 /// `block` channels; returns (data u8, scales f16) on x's device.
 pub fn quantize(x: &Tensor, block: usize) -> Result<(Tensor, Tensor)> {
     let (h, t, d) = x.dims3()?;
-    if block == 0 || d % block != 0 {
+    if block == 0 || !d.is_multiple_of(block) {
         return Err(Error::InvalidInput(format!(
             "q8 block of {block} channels does not divide head_dim {d}"
         )));
@@ -82,7 +82,9 @@ pub fn dequantize(q: &Tensor, scale: &Tensor, dt: DType) -> Result<Tensor> {
 /// Whether data of shape `q` and scales of shape `s` belong together; the message says why not.
 pub fn check_shapes(q: &[usize], s: &[usize]) -> std::result::Result<(), String> {
     match (q, s) {
-        ([h, t, d], [sh, st, nb]) if h == sh && t == st && *nb > 0 && d % nb == 0 => Ok(()),
+        ([h, t, d], [sh, st, nb]) if h == sh && t == st && *nb > 0 && d.is_multiple_of(*nb) => {
+            Ok(())
+        }
         _ => Err(format!(
             "q8 scales of shape {s:?} do not fit data of shape {q:?} (need (n_kv_heads, T, \
              head_dim / block) with a block that divides head_dim)"
