@@ -62,6 +62,8 @@ fn assert_same_doc(a: &StoredDoc, b: &StoredDoc) {
     let named = |d: &StoredDoc| {
         d.k.iter()
             .chain(&d.v)
+            .chain(&d.k_scale)
+            .chain(&d.v_scale)
             .chain(d.side.values())
             .map(|t| (t.dtype(), t.dims().to_vec(), tensor_bytes(t)))
             .collect::<Vec<_>>()

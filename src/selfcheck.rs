@@ -228,7 +228,7 @@ pub fn run(args: &SelfcheckArgs, device: Device, models_dir: &Path) -> Result<()
         let mut e = Engine::new(model, tok, Arc::new(MemoryTier::new(usize::MAX, None)));
         // Stored K/V in the activation dtype: the invariants are about the methods, not
         // about storage rounding.
-        e.store_dtype = dt;
+        e.store_dtype = crate::store::StoreDtype::from_float(dt).unwrap_or_default();
         Ok(e)
     };
 
@@ -250,7 +250,7 @@ pub fn run(args: &SelfcheckArgs, device: Device, models_dir: &Path) -> Result<()
     println!("prompt: {} tokens", tokens.len());
     drop(cpu);
     for dts in &args.dtypes {
-        let dt = crate::store::parse_dtype(dts)?;
+        let dt = crate::store::parse_compute_dtype(dts)?;
         let engine = load(&device, dt)?;
         let name = format!("{dts} logits vs cpu f32");
         match last_logits(&engine.model) {

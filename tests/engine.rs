@@ -179,7 +179,7 @@ fn engine(dir: &std::path::Path) -> Engine {
     let (model, tok) = load_model(&model_path(SMOLLM2), &dense()).unwrap();
     let store: Arc<dyn KvStore> = Arc::new(DiskStore::open(dir).unwrap());
     let mut e = Engine::new(model, tok, store);
-    e.store_dtype = DType::F32;
+    e.store_dtype = samkv::store::StoreDtype::F32;
     e
 }
 
@@ -298,4 +298,104 @@ fn methods_reject_empty_question() {
         .expect("an empty question must fail");
     assert!(err.to_string().contains("question is empty"), "{err}");
     let _ = Recompute.name();
+}
+
+/// q8-stored documents answer as f16-stored ones: Reuse over entries read back from disk (the
+/// second request) gives the same greedy answer, and first-token logits within a tolerance about
+/// twice what was measured (0.18 max |dlogit|, KL 2e-4; docs/RESULTS.md, "8-bit storage"), so a
+/// broken scale or block layout, which moves logits by whole units, fails it.
+#[test]
+fn q8_store_answers_as_f16_store() {
+    use samkv::store::StoreDtype;
+    let p = Prompt {
+        preamble: "Answer briefly.\n".into(),
+        documents: vec![
+            "The Eiffel Tower was designed by the company of Gustave Eiffel and finished in 1889.\n"
+                .into(),
+            "Gustave Eiffel was born in Dijon, France, in 1832.\n".into(),
+        ],
+        question: "In which city was the designer of the Eiffel Tower born?".into(),
+        ..Default::default()
+    };
+    let run = |dt: StoreDtype| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = engine(dir.path());
+        e.store_dtype = dt;
+        // K/V only: the side data is the same for both and would hide the ratio.
+        e.side_data = Vec::new();
+        e.assemble(&p, &Reuse).unwrap(); // computes and stores
+        let (a, prep) = e.assemble(&p, &Reuse).unwrap();
+        assert!(prep.sources.iter().all(|s| *s == Source::Store));
+        let bytes: u64 = walk(dir.path())
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok().map(|m| m.len()))
+            .sum();
+        let (g, _) = e
+            .answer(&p, &Reuse, &Sampling::default(), &mut |_| true)
+            .unwrap();
+        (flat(&a.logits), g.text, bytes)
+    };
+    let (l16, a16, b16) = run(StoreDtype::F16);
+    let (l8, a8, b8) = run(StoreDtype::Q8);
+    let d = max_abs_diff(&l16, &l8);
+    let kl = samkv::eval::kl_divergence(&l16, &l8);
+    eprintln!("f16 {a16:?} ({b16} B), q8 {a8:?} ({b8} B): max |dlogit| {d}, KL {kl:e}");
+    assert_eq!(a8, a16, "q8 storage changed the greedy answer");
+    assert!(d < 0.4, "q8 logits differ from f16 by {d}");
+    assert!(kl < 1e-3, "KL(f16 || q8) = {kl}");
+    assert!((b8 as f64) < 0.6 * b16 as f64, "q8 {b8} B vs f16 {b16} B");
+}
+
+/// The measurement behind q8's block of 32 channels (docs/RESULTS.md, "8-bit storage"): Reuse's
+/// first-token logits over documents quantized with 32-channel blocks and with one scale per
+/// head row (64 channels, SmolLM2's head_dim), against the f32 store, on real MuSiQue prompts.
+///
+///     cargo test --release --test engine -- --ignored q8_block_size --nocapture
+#[test]
+#[ignore = "a measurement (minutes); run by hand"]
+fn q8_block_size_measurement() {
+    use samkv::store::{q8, MemoryTier, StoreDtype, StoredDoc};
+    let ex = samkv::eval::load_examples(&shared_data("musique_s.jsonl")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = engine(dir.path());
+    e.side_data = Vec::new();
+    for x in ex.iter().take(3) {
+        let texts: Vec<String> = x.documents.iter().map(|d| d.text.clone()).collect();
+        let p = Prompt::for_question(&texts, &x.question);
+        e.store = Arc::new(MemoryTier::new(usize::MAX, None));
+        let (a, prep) = e.assemble(&p, &Reuse).unwrap();
+        let reference = flat(&a.logits);
+        let f32_docs: Vec<Arc<StoredDoc>> = prep.segments.iter().map(|s| s.kv.clone()).collect();
+        for block in [32, 64] {
+            let store = Arc::new(MemoryTier::new(usize::MAX, None));
+            for d in &f32_docs {
+                let (mut k, mut v, mut ks, mut vs) = (vec![], vec![], vec![], vec![]);
+                for l in 0..d.k.len() {
+                    let (a, sa) = q8::quantize(&d.k[l], block).unwrap();
+                    let (b, sb) = q8::quantize(&d.v[l], block).unwrap();
+                    k.push(a);
+                    v.push(b);
+                    ks.push(sa);
+                    vs.push(sb);
+                }
+                let mut meta = d.meta.clone();
+                meta.dtype = "q8".into();
+                meta.format_version = StoreDtype::Q8.format_version();
+                let q = StoredDoc::with_scales(meta, k, v, ks, vs, d.side.clone()).unwrap();
+                store.put(&q).unwrap();
+            }
+            e.store = store;
+            let (b, prep) = e.assemble(&p, &Reuse).unwrap();
+            assert!(prep.sources.iter().all(|s| *s == Source::Store));
+            let l = flat(&b.logits);
+            eprintln!(
+                "example {} ({} context tokens), block {block}: max |dlogit| vs f32 {:.4}, KL {:.2e}, same argmax {}",
+                x.id,
+                prep.segments.iter().map(|s| s.len()).sum::<usize>(),
+                max_abs_diff(&reference, &l),
+                samkv::eval::kl_divergence(&reference, &l),
+                argmax(&reference) == argmax(&l)
+            );
+        }
+    }
 }

@@ -10,7 +10,7 @@ mod common;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use common::*;
 use samkv::engine::{load_model, Engine, Prompt};
 use samkv::eval::{load_examples, longbench_prompt};
@@ -50,7 +50,7 @@ fn engine() -> &'static Engine {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(DiskStore::open(dir.path()).unwrap());
         let mut engine = Engine::new(model, tok, store);
-        engine.store_dtype = DType::F32;
+        engine.store_dtype = samkv::store::StoreDtype::F32;
         Setup { engine, _dir: dir }
     })
     .engine

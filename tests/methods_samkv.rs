@@ -10,7 +10,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
-use candle_core::DType;
 use common::*;
 use samkv::engine::{load_model, Engine, Prompt};
 use samkv::eval::{load_examples, longbench_prompt};
@@ -43,7 +42,7 @@ fn fixture() -> &'static Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path()).unwrap();
         let mut engine = Engine::new(model, tok, Arc::new(store));
-        engine.store_dtype = DType::F32;
+        engine.store_dtype = samkv::store::StoreDtype::F32;
         let mut ex = load_examples(&shared_data("musique_s.jsonl"))
             .unwrap()
             .swap_remove(0);

@@ -56,7 +56,8 @@ pub struct ModelArgs {
     /// Activation dtype: f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Storage dtype of cached K/V: f32, f16 or bf16.
+    /// Storage dtype of cached K/V: f32, f16, bf16 or q8 (int8 with an f16 scale per 32
+    /// channels; about half of f16's bytes).
     #[arg(long, default_value = "f16")]
     pub store_dtype: String,
     /// Do not wrap prompts in the model's chat template.
@@ -157,7 +158,7 @@ pub fn engine(cli: &Cli, models_dir: &std::path::Path, m: &ModelArgs) -> Result<
     let path = fetch::resolve_model(&m.model, models_dir, true)?;
     let device = device(&cli.device)?;
     let dtype = match &m.dtype {
-        Some(d) => kvstore::parse_dtype(d)?,
+        Some(d) => kvstore::parse_compute_dtype(d)?,
         None if device.is_cuda() => DType::BF16,
         None => DType::F32,
     };

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 pub use generate::{generate, FinishReason, Generation, Sampling, Step, TextDecoder};
 pub use prompt::Prompt;
@@ -16,7 +16,7 @@ pub use prompt::Prompt;
 use crate::methods::{Assembled, Context, Method, Recompute, Segment, SideData};
 use crate::model::{mean_rows, Logits, Model};
 use crate::store::{
-    doc_id, now_unix, prefix_hash, DocId, DocMeta, KvStore, StoredDoc, FORMAT_VERSION,
+    doc_id, now_unix, prefix_hash, DocId, DocMeta, KvStore, StoreDtype, StoredDoc, FORMAT_VERSION,
 };
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -74,7 +74,7 @@ pub struct Engine {
     /// Wrap prompts in the model's chat template.
     pub chat: bool,
     /// Dtype K/V are stored in.
-    pub store_dtype: DType,
+    pub store_dtype: StoreDtype,
     /// Side data computed with every newly prefilled document: what the methods this engine
     /// runs declare ([`Method::side_data`]). Default: every method's with its default
     /// settings, for a store that requests of any method share.
@@ -128,7 +128,7 @@ impl Engine {
             tokenizer,
             store,
             chat: true,
-            store_dtype: DType::F16,
+            store_dtype: StoreDtype::F16,
             side_data: SideData::for_default_methods(),
         }
     }
@@ -357,8 +357,7 @@ impl Engine {
         let mut cache = m.new_cache()?;
         if let Some(p) = prefix_kv {
             for (l, layer) in cache.layers.iter_mut().enumerate() {
-                let k = p.k[l].to_device(m.device())?.to_dtype(m.dtype())?;
-                let v = p.v[l].to_device(m.device())?.to_dtype(m.dtype())?;
+                let (k, v) = p.layer_kv(l, None, m.device(), m.dtype())?;
                 layer.append(&k, &v, &p.meta.positions)?;
             }
         }
@@ -380,6 +379,9 @@ impl Engine {
             };
             side.insert(d.key(), t);
         }
+        // q8 is quantized from the compute dtype's values, not from a rounded float copy.
+        let float = self.store_dtype.float().unwrap_or(m.dtype());
+        let float_name = crate::store::dtype_name(float).unwrap_or("f32");
         let (mut ks, mut vs) = (Vec::new(), Vec::new());
         let skip = prefix_kv.map_or(0, |p| p.meta.positions.len());
         for layer in &cache.layers {
@@ -387,14 +389,14 @@ impl Engine {
                 layer
                     .keys()?
                     .narrow(1, skip, tokens.len())?
-                    .to_dtype(self.store_dtype)?
+                    .to_dtype(float)?
                     .contiguous()?,
             );
             vs.push(
                 layer
                     .values()?
                     .narrow(1, skip, tokens.len())?
-                    .to_dtype(self.store_dtype)?
+                    .to_dtype(float)?
                     .contiguous()?,
             );
         }
@@ -408,9 +410,7 @@ impl Engine {
             n_layers: c.n_layers,
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
-            dtype: crate::store::dtype_name(self.store_dtype)
-                .unwrap_or("f32")
-                .to_string(),
+            dtype: float_name.to_string(),
             rope_layout: c.rope_layout.as_str().to_string(),
             rope_base: c.rope_base,
             keys_post_rope: true,
@@ -419,7 +419,11 @@ impl Engine {
             created_unix: now_unix(),
             source: None,
         };
-        StoredDoc::new(meta, ks, vs, side)
+        let doc = StoredDoc::new(meta, ks, vs, side)?;
+        match self.store_dtype {
+            StoreDtype::Q8 => doc.to_dtype(StoreDtype::Q8),
+            _ => Ok(doc),
+        }
     }
 
     /// Loads or computes the KV of every segment of a tokenized request.

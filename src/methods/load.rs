@@ -173,20 +173,15 @@ fn sources(
             let range = rows.range(l);
             let seg = ctx.segments.iter().enumerate();
             seg.map(|(i, s)| {
-                let (k, v) = (&s.kv.k[l], &s.kv.v[l]);
-                let (k, v) = match picks.get(&range).map(|p| p[i].as_slice()) {
+                match picks.get(&range).map(|p| p[i].as_slice()) {
                     // Every row (in order: entries are sorted) moves as it is. Row 0 where
                     // this layer reads none of it: the kernel's table wants an entry.
                     Some(p) if away[i] && p.len() < s.len() => {
                         let idx = cpu(if p.is_empty() { &[0] } else { p })?;
-                        (k.index_select(&idx, 1)?, v.index_select(&idx, 1)?)
+                        s.kv.layer_kv(l, Some(&idx), dev, dt)
                     }
-                    _ => (k.clone(), v.clone()),
-                };
-                Ok((
-                    k.to_device(dev)?.to_dtype(dt)?,
-                    v.to_device(dev)?.to_dtype(dt)?,
-                ))
+                    _ => s.kv.layer_kv(l, None, dev, dt),
+                }
             })
             .collect::<Result<Vec<_>>>()
         })

@@ -471,8 +471,7 @@ fn recompute_local_summary(
                 ))
             })?;
         for (l, layer) in cache.layers.iter_mut().enumerate() {
-            let k = pre.kv.k[l].to_device(m.device())?.to_dtype(m.dtype())?;
-            let v = pre.kv.v[l].to_device(m.device())?.to_dtype(m.dtype())?;
+            let (k, v) = pre.kv.layer_kv(l, None, m.device(), m.dtype())?;
             layer.append(&k, &v, &pre.kv.meta.positions)?;
         }
     }

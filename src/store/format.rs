@@ -1,13 +1,14 @@
 //! On-disk format of one stored document: a safetensors file.
 //!
-//! Tensors `k.{layer}`, `v.{layer}` (shape (n_kv_heads, T, head_dim)) and `side.{name}`.
+//! Tensors `k.{layer}`, `v.{layer}` (shape (n_kv_heads, T, head_dim)), for q8 entries (format
+//! version 2) also `k_scale.{layer}`, `v_scale.{layer}` (see [`super::q8`]), and `side.{name}`.
 //! `__metadata__` holds `samkv.meta` (the [`DocMeta`] as JSON) and `samkv.checksum`: sha256 hex
 //! over the meta JSON string and then every tensor's name, dtype, shape and raw bytes in sorted
 //! name order. Covering the meta too means a corrupted field such as `keys_post_rope`, which no
 //! shape check could notice, is still detected. Being safetensors, entries open in any
 //! safetensors tool.
 
-use super::{DocId, DocMeta, StoredDoc, FORMAT_VERSION};
+use super::{DocId, DocMeta, StoredDoc, FORMAT_VERSION, FORMAT_VERSION_Q8};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
@@ -61,6 +62,10 @@ pub fn encode(doc: &StoredDoc) -> Result<Vec<u8>> {
         named.insert(format!("k.{l}"), k);
         named.insert(format!("v.{l}"), v);
     }
+    for (l, (k, v)) in doc.k_scale.iter().zip(&doc.v_scale).enumerate() {
+        named.insert(format!("k_scale.{l}"), k);
+        named.insert(format!("v_scale.{l}"), v);
+    }
     for (n, t) in &doc.side {
         named.insert(format!("side.{n}"), t);
     }
@@ -102,15 +107,17 @@ fn check_version(meta: &str) -> Result<()> {
         .get("format_version")
         .and_then(|x| x.as_u64())
         .ok_or_else(|| store_err("samkv.meta has no format_version; re-ingest the document"))?;
-    if version != u64::from(FORMAT_VERSION) {
-        let who = if version > u64::from(FORMAT_VERSION) {
+    // Version 2 only adds q8 tensors to version 1: this samkv reads both (and [`StoredDoc::
+    // validate`] checks that the version fits the entry's dtype).
+    if !(u64::from(FORMAT_VERSION)..=u64::from(FORMAT_VERSION_Q8)).contains(&version) {
+        let who = if version > u64::from(FORMAT_VERSION_Q8) {
             "a newer"
         } else {
             "an older"
         };
         return Err(store_err(format!(
-            "entry has format version {version}, written by {who} samkv; this samkv reads version \
-             {FORMAT_VERSION} only; remove the entry and re-ingest the document"
+            "entry has format version {version}, written by {who} samkv; this samkv reads versions \
+             {FORMAT_VERSION} to {FORMAT_VERSION_Q8}; remove the entry and re-ingest the document"
         )));
     }
     Ok(())
@@ -170,6 +177,8 @@ pub fn decode_on(bytes: &[u8], expected: Option<&DocId>, device: &Device) -> Res
     }
     let mut k: Vec<Option<Tensor>> = vec![None; meta.n_layers];
     let mut v: Vec<Option<Tensor>> = vec![None; meta.n_layers];
+    let mut ks: Vec<Option<Tensor>> = vec![None; meta.n_layers];
+    let mut vs: Vec<Option<Tensor>> = vec![None; meta.n_layers];
     let mut side = BTreeMap::new();
     for (name, &view) in &views {
         let name = name.as_str();
@@ -180,6 +189,8 @@ pub fn decode_on(bytes: &[u8], expected: Option<&DocId>, device: &Device) -> Res
         let (slot, layer) = match name.split_once('.') {
             Some(("k", l)) => (&mut k, l),
             Some(("v", l)) => (&mut v, l),
+            Some(("k_scale", l)) => (&mut ks, l),
+            Some(("v_scale", l)) => (&mut vs, l),
             _ => return Err(store_err(format!("unexpected tensor `{name}` in entry"))),
         };
         let l: usize = layer
@@ -206,13 +217,25 @@ pub fn decode_on(bytes: &[u8], expected: Option<&DocId>, device: &Device) -> Res
             })
             .collect()
     };
+    // Scales: all layers (q8) or none (floats); validate says which the dtype wants.
+    let scales = |kind: &str, ts: Vec<Option<Tensor>>| -> Result<Vec<Tensor>> {
+        if ts.iter().all(Option::is_none) {
+            Ok(Vec::new())
+        } else {
+            collect(kind, ts)
+        }
+    };
     let k = collect("k", k)?;
     let v = collect("v", v)?;
+    let k_scale = scales("k_scale", ks)?;
+    let v_scale = scales("v_scale", vs)?;
     let doc = StoredDoc {
         id: meta.id(),
         meta,
         k,
         v,
+        k_scale,
+        v_scale,
         side,
     };
     doc.validate()
@@ -316,6 +339,115 @@ mod tests {
             // safetensors keeps metadata in a HashMap).
             assert_same(&d, &decode(&encode(&back)?, Some(&d.id))?);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn q8_round_trip_keeps_shapes_positions_and_bounds_the_error() -> Result<()> {
+        use super::super::StoreDtype;
+        // head_dim 64: two 32-channel blocks per row; 8: one block per row.
+        for hd in [64, 8] {
+            let f = make_doc(2, 3, 5, hd, DType::F32, 4);
+            let q = f.to_dtype(StoreDtype::Q8)?;
+            let bytes = encode(&q)?;
+            let back = decode(&bytes, Some(&q.id))?;
+            assert_same(&q, &back);
+            assert_eq!(back.meta.positions, f.meta.positions);
+            assert_eq!(
+                (back.meta.dtype.as_str(), back.meta.format_version),
+                ("q8", 2)
+            );
+            let block = if hd == 64 { 32 } else { 8 };
+            for l in 0..2 {
+                let (k, v) = back.layer_kv(l, None, &Device::Cpu, DType::F32)?;
+                let pairs = [
+                    (&f.k[l], &k, &back.k_scale[l]),
+                    (&f.v[l], &v, &back.v_scale[l]),
+                ];
+                for (want, got, scale) in pairs {
+                    assert_eq!(got.dims(), &[3, 5, hd]);
+                    let (w, g) = (want.to_vec3::<f32>()?, got.to_vec3::<f32>()?);
+                    let sc = scale.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+                    for ((h, t), c) in (0..3)
+                        .flat_map(|h| (0..5).map(move |t| (h, t)))
+                        .flat_map(|ht| (0..hd).map(move |c| (ht, c)))
+                    {
+                        let err = (w[h][t][c] - g[h][t][c]).abs();
+                        let half = sc[h][t][c / block] / 2.0;
+                        assert!(err <= half + 1e-7, "hd {hd} ({h},{t},{c}): {err} > {half}");
+                    }
+                }
+            }
+            // Row selection picks data and scales together.
+            let rows = Tensor::new(&[4u32, 1][..], &Device::Cpu)?;
+            let (k2, _) = back.layer_kv(1, Some(&rows), &Device::Cpu, DType::F32)?;
+            let (k, _) = back.layer_kv(1, None, &Device::Cpu, DType::F32)?;
+            let want = k.index_select(&rows, 1)?;
+            assert_eq!(k2.to_vec3::<f32>()?, want.to_vec3::<f32>()?);
+            // Half of f16's bytes, plus the scales.
+            let f16 = f.to_dtype(StoreDtype::F16)?;
+            assert!(encode(&q)?.len() < encode(&f16)?.len());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn q8_corrupt_scale_or_data_is_detected() -> Result<()> {
+        use super::super::StoreDtype;
+        let q = make_doc(2, 2, 4, 32, DType::F32, 6).to_dtype(StoreDtype::Q8)?;
+        let bytes = encode(&q)?;
+        let (n, header) = SafeTensors::read_metadata(&bytes).expect("header");
+        for name in ["k_scale.1", "v_scale.0", "k.0", "v.1"] {
+            let info = header.info(name).expect("tensor in entry");
+            let mut bad = bytes.clone();
+            bad[8 + n + info.data_offsets.0 + 1] ^= 0x04;
+            let e = err_of(decode(&bad, Some(&q.id)));
+            assert!(e.contains("checksum mismatch"), "{name}: {e}");
+        }
+        // A q8 meta over float tensors, or scales without a q8 meta, disagree.
+        let f = make_doc(2, 2, 4, 32, DType::F16, 6);
+        let bad = rewrite_meta(&encode(&f)?, |m| {
+            m["dtype"] = "q8".into();
+            m["format_version"] = 2.into();
+        });
+        let e = err_of(decode(&bad, None));
+        assert!(e.contains("meta says dtype q8"), "{e}");
+        let bad = rewrite_meta(&bytes, |m| {
+            m["dtype"] = "f16".into();
+            m["format_version"] = 1.into();
+        });
+        let e = err_of(decode(&bad, None));
+        assert!(e.contains("meta says dtype f16"), "{e}");
+        // A q8 entry must say version 2.
+        let bad = rewrite_meta(&bytes, |m| m["format_version"] = 1.into());
+        let e = err_of(decode(&bad, None));
+        assert!(e.contains("format version 1") && e.contains("q8"), "{e}");
+        Ok(())
+    }
+
+    /// Entries written before q8 existed (the valid ones of the fuzz corpus, all version 1)
+    /// still read, and re-encode to what they were.
+    #[test]
+    fn entries_from_before_q8_still_read() -> Result<()> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/store_decode");
+        let mut read = std::collections::BTreeSet::new();
+        for f in std::fs::read_dir(dir)? {
+            let Ok(d) = decode(&std::fs::read(f?.path())?, None) else {
+                continue; // a fuzz input, not an entry
+            };
+            assert_eq!(d.meta.format_version, 1);
+            assert!(!d.is_q8());
+            read.insert(d.meta.dtype.clone());
+            let (k, _) = d.layer_kv(0, None, &Device::Cpu, DType::F32)?;
+            assert_eq!(k.dims(), d.k[0].dims());
+            assert_same(&d, &decode(&encode(&d)?, Some(&d.id))?);
+        }
+        let want: std::collections::BTreeSet<String> =
+            ["bf16", "f16", "f32"].map(String::from).into();
+        assert_eq!(
+            read, want,
+            "the corpus should hold valid f16, f32 and bf16 entries"
+        );
         Ok(())
     }
 

@@ -8,23 +8,31 @@
 //! (atomic, multi-process safe directory), [`memory::MemoryTier`] (byte-budgeted LRU in front).
 
 pub mod disk;
+mod doc;
 pub mod format;
 pub mod memory;
+pub mod q8;
 pub mod redis;
 
 pub use self::redis::RedisStore;
 pub use disk::{CorruptEntry, DiskStore, GcReport, VerifyReport};
+pub use doc::StoredDoc;
 pub use memory::MemoryTier;
 
 use crate::error::{Error, Result};
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// Version of the on-disk entry layout; bump when the meaning of a field or tensor changes.
+/// Version of the on-disk entry layout of f32, f16 and bf16 entries; bump when the meaning of a
+/// field or tensor changes.
 pub const FORMAT_VERSION: u32 = 1;
+
+/// Version of q8 entries: version 1 plus the `k_scale.{l}` / `v_scale.{l}` tensors. Float
+/// entries keep writing version 1, so a samkv from before q8 still reads them; a q8 entry is one
+/// it refuses as written by a newer samkv rather than as an unknown dtype.
+pub const FORMAT_VERSION_Q8: u32 = 2;
 
 /// Everything needed to check that a stored cache fits the request that wants to use it.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -40,7 +48,7 @@ pub struct DocMeta {
     pub n_layers: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
-    /// Storage dtype of k and v: "f32" | "f16" | "bf16".
+    /// Storage dtype of k and v: "f32" | "f16" | "bf16" | "q8" ([`StoreDtype`]).
     pub dtype: String,
     /// "interleaved" | "split_half".
     pub rope_layout: String,
@@ -73,9 +81,9 @@ impl DocMeta {
         )
     }
 
-    /// The candle dtype named by `dtype`.
-    pub fn storage_dtype(&self) -> Result<DType> {
-        parse_storage_dtype(&self.dtype)
+    /// The storage dtype named by `dtype`.
+    pub fn storage_dtype(&self) -> Result<StoreDtype> {
+        parse_dtype(&self.dtype)
     }
 }
 
@@ -170,202 +178,96 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// A dtype from its name (`f32`, `f16`, `bf16`): for weights and activations (`--dtype`) and
-/// for stored K/V (`--store-dtype`); the inverse of [`dtype_name`].
-pub fn parse_dtype(s: &str) -> Result<DType> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        other => Err(Error::InvalidInput(format!(
-            "unknown dtype `{other}`: use f32, f16 or bf16"
-        ))),
+/// A dtype word: the floats, for weights, activations and stored K/V, and `q8`, for stored
+/// K/V only ([`q8`]: int8 with an f16 scale per 32 channels of a token row).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum StoreDtype {
+    F32,
+    /// The default storage dtype (docs/RESULTS.md, "8-bit storage", says why not q8).
+    #[default]
+    F16,
+    BF16,
+    Q8,
+}
+
+/// Every dtype word, in the order messages list them.
+const DTYPE_WORDS: [(&str, StoreDtype); 4] = [
+    ("f32", StoreDtype::F32),
+    ("f16", StoreDtype::F16),
+    ("bf16", StoreDtype::BF16),
+    ("q8", StoreDtype::Q8),
+];
+
+impl StoreDtype {
+    /// The word [`parse_dtype`] reads and [`DocMeta::dtype`] holds.
+    pub fn name(self) -> &'static str {
+        DTYPE_WORDS
+            .iter()
+            .find(|(_, d)| *d == self)
+            .map_or("?", |(n, _)| n)
+    }
+
+    /// The candle dtype of a float; None for q8, which has no candle dtype of its own.
+    pub fn float(self) -> Option<DType> {
+        match self {
+            StoreDtype::F32 => Some(DType::F32),
+            StoreDtype::F16 => Some(DType::F16),
+            StoreDtype::BF16 => Some(DType::BF16),
+            StoreDtype::Q8 => None,
+        }
+    }
+
+    /// The float dtype `dt` as a storage dtype, if it is one.
+    pub fn from_float(dt: DType) -> Option<StoreDtype> {
+        DTYPE_WORDS
+            .iter()
+            .map(|(_, d)| *d)
+            .find(|d| d.float() == Some(dt))
+    }
+
+    /// Entry format version of entries of this dtype.
+    pub fn format_version(self) -> u32 {
+        match self {
+            StoreDtype::Q8 => FORMAT_VERSION_Q8,
+            _ => FORMAT_VERSION,
+        }
     }
 }
 
-/// Name used in [`DocMeta::dtype`] for a KV storage dtype, if it is one.
-pub fn dtype_name(dt: DType) -> Option<&'static str> {
-    match dt {
-        DType::F32 => Some("f32"),
-        DType::F16 => Some("f16"),
-        DType::BF16 => Some("bf16"),
-        _ => None,
+impl std::fmt::Display for StoreDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
-/// Parses a KV storage dtype name ("f32" | "f16" | "bf16").
-pub fn parse_storage_dtype(s: &str) -> Result<DType> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        _ => Err(Error::InvalidInput(format!(
-            "unknown KV storage dtype `{s}` (expected f32, f16 or bf16)"
-        ))),
-    }
-}
-
-fn tensor_bytes(t: &Tensor) -> usize {
-    t.elem_count() * t.dtype().size_in_bytes()
-}
-
-/// One document's KV cache plus per-document side data.
-#[derive(Clone, Debug)]
-pub struct StoredDoc {
-    pub id: DocId,
-    pub meta: DocMeta,
-    /// Per layer, shape (n_kv_heads, T, head_dim).
-    pub k: Vec<Tensor>,
-    pub v: Vec<Tensor>,
-    /// Per-document side data for methods (e.g. "samkv.qloc.{layer}"), any dtype/shape.
-    pub side: BTreeMap<String, Tensor>,
-}
-
-impl StoredDoc {
-    /// Builds a document with its id computed from `meta`, checking shapes against `meta`.
-    pub fn new(
-        meta: DocMeta,
-        k: Vec<Tensor>,
-        v: Vec<Tensor>,
-        side: BTreeMap<String, Tensor>,
-    ) -> Result<StoredDoc> {
-        let doc = StoredDoc {
-            id: meta.id(),
-            meta,
-            k,
-            v,
-            side,
-        };
-        doc.validate().map_err(Error::InvalidInput)?;
-        Ok(doc)
-    }
-
-    /// Bytes of k and v.
-    pub fn kv_bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(tensor_bytes).sum()
-    }
-
-    /// Bytes of the side tensors.
-    pub fn side_bytes(&self) -> usize {
-        self.side.values().map(tensor_bytes).sum()
-    }
-
-    /// kv_bytes + side_bytes: what the memory tier charges against its budget.
-    pub fn total_bytes(&self) -> usize {
-        self.kv_bytes() + self.side_bytes()
-    }
-
-    /// Number of document tokens (T).
-    pub fn len(&self) -> usize {
-        self.meta.n_tokens()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// A copy with k and v in `dt` (f32, f16 or bf16). Side tensors keep their dtype: methods
-    /// choose their own precision for them.
-    pub fn to_dtype(&self, dt: DType) -> Result<StoredDoc> {
-        let name = dtype_name(dt).ok_or_else(|| {
-            Error::InvalidInput(format!("KV can be stored as f32, f16 or bf16, not {dt:?}"))
-        })?;
-        let conv = |ts: &[Tensor]| -> Result<Vec<Tensor>> {
-            ts.iter().map(|t| Ok(t.to_dtype(dt)?)).collect()
-        };
-        let mut meta = self.meta.clone();
-        meta.dtype = name.to_string();
-        Ok(StoredDoc {
-            id: self.id.clone(),
-            meta,
-            k: conv(&self.k)?,
-            v: conv(&self.v)?,
-            side: self.side.clone(),
+/// The one dtype word parser: `f32`, `f16`, `bf16` or `q8`, for stored K/V (`--store-dtype`,
+/// the server's options, entry metas); the inverse of [`StoreDtype::name`]. Activations and
+/// weights take [`parse_compute_dtype`], which refuses `q8`.
+pub fn parse_dtype(s: &str) -> Result<StoreDtype> {
+    DTYPE_WORDS
+        .iter()
+        .find(|(n, _)| *n == s)
+        .map(|(_, d)| *d)
+        .ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "unknown dtype `{s}`: use f32, f16, bf16 or (stored K/V only) q8"
+            ))
         })
-    }
+}
 
-    /// Checks meta against itself and the tensors; the message says what is inconsistent.
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        let m = &self.meta;
-        if m.format_version != FORMAT_VERSION {
-            return Err(format!(
-                "format version {} is not the one this samkv writes ({FORMAT_VERSION})",
-                m.format_version
-            ));
-        }
-        let dt = m.storage_dtype().map_err(|e| e.to_string())?;
-        if m.rope_layout != "interleaved" && m.rope_layout != "split_half" {
-            return Err(format!(
-                "rope_layout `{}` is not `interleaved` or `split_half`",
-                m.rope_layout
-            ));
-        }
-        if !(m.rope_base.is_finite() && m.rope_base > 0.0) {
-            return Err(format!(
-                "rope_base {} is not a positive number",
-                m.rope_base
-            ));
-        }
-        if m.n_layers == 0 || m.n_kv_heads == 0 || m.head_dim == 0 {
-            return Err(format!(
-                "n_layers {}, n_kv_heads {}, head_dim {} must all be positive",
-                m.n_layers, m.n_kv_heads, m.head_dim
-            ));
-        }
-        let t = m.n_tokens();
-        if t == 0 {
-            return Err("document has no tokens".to_string());
-        }
-        if m.positions.len() != t {
-            return Err(format!(
-                "{} positions for {t} tokens (need one per token)",
-                m.positions.len()
-            ));
-        }
-        let valid_hash = DocId(m.prefix_hash.clone()).is_valid();
-        if (m.prefix_len == 0) != m.prefix_hash.is_empty() || (m.prefix_len > 0 && !valid_hash) {
-            return Err(format!(
-                "prefix_len {} does not fit prefix_hash `{}` (use prefix_hash() of the prefix ids, \"\" for none)",
-                m.prefix_len, m.prefix_hash
-            ));
-        }
-        for (kind, ts) in [("k", &self.k), ("v", &self.v)] {
-            if ts.len() != m.n_layers {
-                return Err(format!(
-                    "meta says n_layers={} but there are {} `{kind}` tensors",
-                    m.n_layers,
-                    ts.len()
-                ));
-            }
-            let want = [m.n_kv_heads, t, m.head_dim];
-            for (l, x) in ts.iter().enumerate() {
-                if x.dims() != want {
-                    return Err(format!(
-                        "{kind}.{l} has shape {:?} but meta says (n_kv_heads, T, head_dim) = {want:?}",
-                        x.dims()
-                    ));
-                }
-                if x.dtype() != dt {
-                    return Err(format!(
-                        "{kind}.{l} is {:?} but meta says dtype {}",
-                        x.dtype(),
-                        m.dtype
-                    ));
-                }
-            }
-        }
-        if self.side.keys().any(|k| k.is_empty()) {
-            return Err("side tensor with an empty name".to_string());
-        }
-        let id = m.id();
-        if id != self.id {
-            return Err(format!(
-                "id {} does not match the id {id} computed from its meta",
-                self.id
-            ));
-        }
-        Ok(())
-    }
+/// A dtype for weights and activations (`--dtype`): a [`parse_dtype`] word that is a float.
+pub fn parse_compute_dtype(s: &str) -> Result<DType> {
+    parse_dtype(s)?.float().ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "`{s}` is a storage dtype for cached K/V only (--store-dtype); weights and \
+             activations use f32, f16 or bf16"
+        ))
+    })
+}
+
+/// Name used in [`DocMeta::dtype`] for a float dtype, if it is a storage dtype.
+pub fn dtype_name(dt: DType) -> Option<&'static str> {
+    StoreDtype::from_float(dt).map(StoreDtype::name)
 }
 
 /// One row of [`KvStore::list`].
@@ -542,7 +444,8 @@ pub fn default_store_dir() -> PathBuf {
 #[cfg(test)]
 pub(crate) mod test_util {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Tensor};
+    use std::collections::BTreeMap;
 
     /// A small document with random k/v in `dt`, random f32 and fixed u32 side tensors.
     /// `seed` picks the token ids (and thus the id).
@@ -606,7 +509,11 @@ pub(crate) mod test_util {
         assert_eq!(a.id, b.id);
         assert_eq!(a.meta, b.meta);
         assert_eq!(a.k.len(), b.k.len());
-        for (x, y) in a.k.iter().zip(&b.k).chain(a.v.iter().zip(&b.v)) {
+        assert_eq!(a.k_scale.len(), b.k_scale.len());
+        assert_eq!(a.v_scale.len(), b.v_scale.len());
+        let pairs = a.k.iter().zip(&b.k).chain(a.v.iter().zip(&b.v));
+        let scales = a.k_scale.iter().zip(&b.k_scale);
+        for (x, y) in pairs.chain(scales).chain(a.v_scale.iter().zip(&b.v_scale)) {
             assert_eq!(x.dims(), y.dims());
             assert_eq!(x.dtype(), y.dtype());
             assert_eq!(raw(x), raw(y));
@@ -668,15 +575,53 @@ mod tests {
         assert_eq!(d.kv_bytes(), 2 * 2 * 3 * 5 * 4 * 4);
         assert_eq!(d.side_bytes(), 9 * 4 * 4 + 3 * 4);
         assert_eq!(d.total_bytes(), d.kv_bytes() + d.side_bytes());
-        let h = d.to_dtype(DType::BF16)?;
+        let h = d.to_dtype(StoreDtype::BF16)?;
         assert_eq!(h.meta.dtype, "bf16");
         assert_eq!(h.id, d.id);
         assert!(h.k.iter().chain(&h.v).all(|t| t.dtype() == DType::BF16));
         assert_eq!(h.side["samkv.qloc.1"].dtype(), DType::F32);
         assert_eq!(h.kv_bytes() * 2, d.kv_bytes());
         h.validate().map_err(Error::Store)?;
-        assert!(d.to_dtype(DType::U8).is_err());
+        // q8: one byte per element plus one f16 scale per 32 channels (hd 4: one per row).
+        let q = d.to_dtype(StoreDtype::Q8)?;
+        assert_eq!((q.meta.dtype.as_str(), q.meta.format_version), ("q8", 2));
+        assert_eq!(q.kv_bytes(), 2 * 2 * 3 * 5 * (4 + 2));
+        assert!(q.is_q8() && !d.is_q8());
+        q.validate().map_err(Error::Store)?;
+        // Back to a float: the float entry version again.
+        let f = q.to_dtype(StoreDtype::F32)?;
+        assert_eq!((f.meta.dtype.as_str(), f.meta.format_version), ("f32", 1));
+        assert!(f.k_scale.is_empty());
         Ok(())
+    }
+
+    #[test]
+    fn dtype_words_parse_and_refuse() {
+        for (w, d) in [
+            ("f32", StoreDtype::F32),
+            ("f16", StoreDtype::F16),
+            ("bf16", StoreDtype::BF16),
+            ("q8", StoreDtype::Q8),
+        ] {
+            assert_eq!(parse_dtype(w).ok(), Some(d));
+            assert_eq!(d.name(), w);
+            assert_eq!(d.to_string(), w);
+        }
+        for bad in ["Q8", "int8", "q4", "", "f64", "fp16"] {
+            let e = parse_dtype(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{bad}`")) && e.contains("q8"), "{e}");
+        }
+        // Weights and activations take the floats only, and say where q8 belongs.
+        assert_eq!(parse_compute_dtype("bf16").ok(), Some(DType::BF16));
+        let e = parse_compute_dtype("q8").unwrap_err().to_string();
+        assert!(
+            e.contains("--store-dtype") && e.contains("f32, f16 or bf16"),
+            "{e}"
+        );
+        assert!(parse_compute_dtype("x").is_err());
+        assert_eq!(dtype_name(DType::U8), None);
+        assert_eq!(StoreDtype::from_float(DType::F16), Some(StoreDtype::F16));
+        assert_eq!(StoreDtype::default(), StoreDtype::F16);
     }
 
     #[test]

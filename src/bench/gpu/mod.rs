@@ -337,13 +337,13 @@ fn med(xs: &[f64]) -> f64 {
 pub fn run(args: &BenchGpuArgs, device: Device) -> Result<()> {
     let cfg = shape_config(&args.shape)?;
     let dtype = match &args.dtype {
-        Some(s) => crate::store::parse_dtype(s)?,
+        Some(s) => crate::store::parse_compute_dtype(s)?,
         None if device.is_cuda() => DType::BF16,
         None => DType::F32,
     };
     let store_dtype = match &args.store_dtype {
         Some(s) => crate::store::parse_dtype(s)?,
-        None => dtype,
+        None => crate::store::StoreDtype::from_float(dtype).unwrap_or_default(),
     };
     if args.docs == 0 || args.question_len == 0 || args.reps == 0 {
         return Err(Error::InvalidInput(
