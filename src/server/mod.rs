@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod openai;
 pub mod registry;
 mod routes;
+pub mod scheduler;
 pub mod worker;
 
 use std::path::{Path, PathBuf};
