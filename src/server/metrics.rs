@@ -80,6 +80,14 @@ pub struct Metrics {
     pub active_sequences: AtomicU64,
     pub queued: AtomicU64,
     pub documents: AtomicU64,
+    /// The KV budget (`--kv-budget`) and what admitted requests reserve of it.
+    pub kv_budget_bytes: AtomicU64,
+    pub kv_reserved_bytes: AtomicU64,
+    /// Requests tokenized and waiting for KV room.
+    pub waiting_for_kv: AtomicU64,
+    pub kv_refused: AtomicU64,
+    pub assembly_steps: AtomicU64,
+    pub decode_retries: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -101,6 +109,12 @@ impl Default for Metrics {
             active_sequences: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             documents: AtomicU64::new(0),
+            kv_budget_bytes: AtomicU64::new(0),
+            kv_reserved_bytes: AtomicU64::new(0),
+            waiting_for_kv: AtomicU64::new(0),
+            kv_refused: AtomicU64::new(0),
+            assembly_steps: AtomicU64::new(0),
+            decode_retries: AtomicU64::new(0),
         }
     }
 }
@@ -160,7 +174,7 @@ impl Metrics {
             "samkv_queue_wait_seconds",
             "Time a request waited before the worker started it.",
         );
-        let counters: [(&str, &str, &AtomicU64); 9] = [
+        let counters: [(&str, &str, &AtomicU64); 12] = [
             ("samkv_cache_hits_total", "Document KV caches loaded from the store.", &self.cache_hits),
             ("samkv_cache_misses_total", "Document KV caches computed because the store did not have them.", &self.cache_misses),
             ("samkv_store_errors_total", "Failed store or document registry operations (the request recomputed or went on without it).", &self.store_errors),
@@ -170,6 +184,9 @@ impl Metrics {
             ("samkv_completion_tokens_total", "Generated tokens.", &self.completion_tokens),
             ("samkv_cached_tokens_total", "Prompt tokens whose KV came from the store.", &self.cached_tokens),
             ("samkv_documents_uploaded_total", "Documents uploaded through /v1/documents.", &self.documents),
+            ("samkv_requests_kv_refused_total", "Requests refused because their KV reservation exceeds the whole --kv-budget.", &self.kv_refused),
+            ("samkv_assembly_steps_total", "Assembly steps run between decode steps (tokenized requests' segment loads or prefills, and method assemblies).", &self.assembly_steps),
+            ("samkv_decode_retries_total", "Batched decode steps that failed and were retried one sequence at a time.", &self.decode_retries),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(
@@ -193,6 +210,21 @@ impl Metrics {
                 "samkv_queue_depth",
                 "Requests admitted and not finished (queued or running).",
                 self.queued.load(Relaxed),
+            ),
+            (
+                "samkv_kv_budget_bytes",
+                "KV bytes admitted requests may reserve together (--kv-budget).",
+                self.kv_budget_bytes.load(Relaxed),
+            ),
+            (
+                "samkv_kv_reserved_bytes",
+                "KV bytes reserved by admitted requests: (context + max_tokens) x bytes per token each.",
+                self.kv_reserved_bytes.load(Relaxed),
+            ),
+            (
+                "samkv_requests_waiting_for_kv",
+                "Requests tokenized and waiting for room in the KV budget.",
+                self.waiting_for_kv.load(Relaxed),
             ),
         ];
         if let Some(s) = store {
