@@ -6,7 +6,7 @@ request with 10 documents it has never seen (docs/PERFORMANCE.md, "stall").
         --model models/SmolLM2-135M-Instruct.Q4_1.gguf [--doc-words 150] [-- serve flags]
 
 Starts the server on a fresh store (loopback, any port), streams request A (one short
-document, 300 tokens, ignore_eos), and once A runs sends B (10 new documents, 4 tokens).
+document, --a-tokens tokens, ignore_eos), and once A runs sends B (10 new documents, 4 tokens).
 Prints A's largest gap between two chunks while B was assembled (from B's submission to its
 first chunk), A's median gap outside that window, and B's time to first chunk. Standard
 library only.
@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--bin", required=True)
     ap.add_argument("--model", required=True)
     ap.add_argument("--doc-words", type=int, default=150)
+    ap.add_argument("--a-tokens", type=int, default=120)
     ap.add_argument("serve_args", nargs="*")
     a = ap.parse_args()
     store = tempfile.mkdtemp(prefix="samkv-stall-")
@@ -65,7 +66,7 @@ def main():
         assert port, "the server did not start"
         a_times = []
         body_a = {"messages": [{"role": "user", "content": "Tell a long story."}],
-                  "documents": [{"text": doc(1, 40)}], "max_tokens": 300, "ignore_eos": True,
+                  "documents": [{"text": doc(1, 40)}], "max_tokens": a.a_tokens, "ignore_eos": True,
                   "temperature": 0, "stream": True}
         t = threading.Thread(target=stream, args=(port, body_a, a_times.append))
         t.start()

@@ -16,6 +16,7 @@ mod fields;
 mod guard;
 pub mod metrics;
 pub mod openai;
+pub mod prefetch;
 pub mod registry;
 mod routes;
 pub mod scheduler;
@@ -67,6 +68,10 @@ pub struct ServeOptions {
     /// on CPU half of the available RAM (4 GiB where that cannot be read).
     #[arg(long, value_parser = scheduler::parse_bytes)]
     pub kv_budget: Option<u64>,
+    /// Host memory for documents read ahead from the store (disk or Redis) for requests
+    /// waiting to be admitted, so the model thread does not wait on I/O (0: no prefetch).
+    #[arg(long, default_value = "256MiB", value_parser = scheduler::parse_bytes_or_zero)]
+    pub prefetch_bytes: u64,
     /// Most documents in one chat request (given and retrieved together).
     #[arg(long, default_value_t = 16)]
     pub max_documents: usize,
@@ -206,6 +211,9 @@ impl AppState {
             bytes: s.bytes,
             memory_bytes: s.memory_bytes,
             memory_budget: s.memory_budget,
+            memory_hits: s.memory_hits,
+            backend_hits: s.disk_hits,
+            misses: s.misses,
         })?;
         *self.store_sample.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((Instant::now(), s.clone()));
@@ -241,6 +249,17 @@ pub fn serve(
         ));
     }
     let metrics = Arc::new(Metrics::default());
+    let prefetcher = if opts.prefetch_bytes > 0 {
+        let buf = prefetch::PrefetchBuffer::new(opts.prefetch_bytes as usize, metrics.clone());
+        let p = prefetch::Prefetcher::spawn(engine.store.clone(), buf.clone())?;
+        engine.store = Arc::new(prefetch::PrefetchStore {
+            inner: engine.store.clone(),
+            buf,
+        });
+        Some(p)
+    } else {
+        None
+    };
     engine.store = Arc::new(ObservedStore {
         inner: engine.store.clone(),
         metrics: metrics.clone(),
@@ -275,6 +294,7 @@ pub fn serve(
             kv_bytes_per_token,
         },
         metrics.clone(),
+        prefetcher,
     )?;
     let state = Arc::new(AppState {
         jobs: Mutex::new(jobs),

@@ -188,9 +188,10 @@ pub trait BatchStep {
 /// Runs the batched step; if it fails, rolls every sequence back and runs each alone, so only
 /// a sequence that fails alone gets an error. Returns one result per sequence.
 pub fn decode_isolated<B: BatchStep>(b: &mut B, n: usize) -> Vec<Result<B::Out, B::Err>> {
-    match b.all() {
-        Ok(v) if v.len() == n => return v.into_iter().map(Ok).collect(),
-        _ => {}
+    if let Ok(v) = b.all() {
+        if v.len() == n {
+            return v.into_iter().map(Ok).collect();
+        }
     }
     (0..n)
         .map(|i| {
@@ -236,6 +237,14 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         return Err(format!("`{s}` is not a positive size"));
     }
     Ok(v as u64)
+}
+
+/// [`parse_bytes`], also accepting 0 (a feature turned off).
+pub fn parse_bytes_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    parse_bytes(s)
 }
 
 /// `1.5 GiB`, `512.0 MiB`, `300 B`.

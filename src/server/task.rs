@@ -217,9 +217,7 @@ impl Worker {
             },
             Stage::Plain { w, decoder, tokens } => match self.engine.assemble_plain(&w.prompt) {
                 Ok(a) => {
-                    self.metrics
-                        .prompt_tokens
-                        .fetch_add(tokens as u64, Relaxed);
+                    self.metrics.prompt_tokens.fetch_add(tokens as u64, Relaxed);
                     let usage = Usage {
                         prompt_tokens: tokens,
                         ..Default::default()
@@ -270,9 +268,7 @@ impl Worker {
         t: &Tokenized,
         prepared: &Prepared,
     ) -> Result<(Assembled, Usage), ApiError> {
-        let a = self
-            .engine
-            .assemble_prepared(prepared, w.method.as_ref())?;
+        let a = self.engine.assemble_prepared(prepared, w.method.as_ref())?;
         let mut cached = 0;
         for (s, src) in prepared.segments.iter().zip(&prepared.sources) {
             if *src == Source::Store {

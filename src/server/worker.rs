@@ -31,6 +31,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
 use super::openai::{ApiError, Usage};
+use super::prefetch::Prefetcher;
 use super::scheduler::{decode_isolated, BatchStep, Budgets, ReqId, Scheduler};
 use super::task::{Outcome, Task};
 use crate::engine::generate::{Step, TextDecoder};
@@ -144,11 +145,12 @@ pub fn spawn(
     engine: Engine,
     cfg: WorkerConfig,
     metrics: Arc<Metrics>,
+    prefetch: Option<Prefetcher>,
 ) -> std::io::Result<(Sender<Job>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::channel();
     let h = std::thread::Builder::new()
         .name("samkv-model".into())
-        .spawn(move || Worker::new(engine, cfg, metrics).run(rx))?;
+        .spawn(move || Worker::new(engine, cfg, metrics, prefetch).run(rx))?;
     Ok((tx, h))
 }
 
@@ -239,6 +241,7 @@ pub(crate) struct Worker {
     pub(crate) cfg: WorkerConfig,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) chat: bool,
+    prefetch: Option<Prefetcher>,
     sched: Scheduler,
     next_id: ReqId,
 }
@@ -291,6 +294,7 @@ impl Worker {
         engine: Engine,
         cfg: WorkerConfig,
         metrics: Arc<Metrics>,
+        prefetch: Option<Prefetcher>,
     ) -> Worker {
         let chat = engine.chat;
         let sched = Scheduler::new(Budgets {
@@ -305,6 +309,7 @@ impl Worker {
             cfg,
             metrics,
             chat,
+            prefetch,
             sched,
             next_id: 0,
         }
@@ -316,6 +321,7 @@ impl Worker {
         let mut tasks: HashMap<ReqId, Task> = HashMap::new();
         let mut assembling: Vec<ReqId> = Vec::new();
         let mut running: Vec<Seq> = Vec::new();
+        let mut fresh: Vec<ReqId> = Vec::new();
         loop {
             if running.is_empty() && assembling.is_empty() {
                 let got = if tasks.is_empty() {
@@ -325,16 +331,26 @@ impl Worker {
                     rx.recv_timeout(Duration::from_millis(20))
                 };
                 match got {
-                    Ok(j) => self.intake(j, &mut tasks),
+                    Ok(j) => fresh.extend(self.intake(j, &mut tasks)),
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
             while let Ok(j) = rx.try_recv() {
-                self.intake(j, &mut tasks);
+                fresh.extend(self.intake(j, &mut tasks));
             }
             self.drop_cancelled(&mut tasks, &mut assembling);
-            for id in self.sched.admit() {
+            let admitted = self.sched.admit();
+            // New requests that must wait: read their stored documents meanwhile.
+            if let Some(p) = &self.prefetch {
+                for id in fresh.drain(..).filter(|id| !admitted.contains(id)) {
+                    if let Some(t) = tasks.get(&id) {
+                        p.request(t.document_ids(&self.engine));
+                    }
+                }
+            }
+            fresh.clear();
+            for id in admitted {
                 if let Some(t) = tasks.get(&id) {
                     self.metrics
                         .queue_wait
@@ -351,8 +367,8 @@ impl Worker {
                     continue;
                 };
                 let events = task.events.clone();
-                let out = catch_unwind(AssertUnwindSafe(|| self.step(&mut task)))
-                    .unwrap_or_else(|p| {
+                let out =
+                    catch_unwind(AssertUnwindSafe(|| self.step(&mut task))).unwrap_or_else(|p| {
                         Outcome::Failed(ApiError::internal(format!(
                             "the request failed with a panic: {}",
                             panic_message(p)
@@ -365,7 +381,7 @@ impl Worker {
                         continue;
                     }
                     Outcome::Decode(seq) => running.push(*seq),
-                    Outcome::Answered => {}
+                    Outcome::Answered => self.sched.release(id),
                     Outcome::Failed(e) => {
                         drop(task);
                         let _ = events.send(Event::Failed(e));
@@ -383,38 +399,39 @@ impl Worker {
 
     /// The first step of every request: tokenize and check it, and queue it for admission
     /// under the KV budget (or refuse it at once when it could never fit).
-    fn intake(&mut self, job: Job, tasks: &mut HashMap<ReqId, Task>) {
+    fn intake(&mut self, job: Job, tasks: &mut HashMap<ReqId, Task>) -> Option<ReqId> {
         if job.events.is_closed() {
             self.metrics.cancelled.fetch_add(1, Relaxed);
-            return;
+            return None;
         }
         let id = self.next_id;
         self.next_id += 1;
         let events = job.events.clone();
-        let r = catch_unwind(AssertUnwindSafe(|| Task::new(self, id, job)))
-            .unwrap_or_else(|p| {
-                Err(ApiError::internal(format!(
-                    "the request failed with a panic: {}",
-                    panic_message(p)
-                )))
-            });
+        let r = catch_unwind(AssertUnwindSafe(|| Task::new(self, id, job))).unwrap_or_else(|p| {
+            Err(ApiError::internal(format!(
+                "the request failed with a panic: {}",
+                panic_message(p)
+            )))
+        });
         let task = match r {
             Ok(t) => t,
             Err(e) => {
                 let _ = events.send(Event::Failed(e));
-                return;
+                return None;
             }
         };
-        let bytes = task.reserve_tokens(self.engine.model.cfg.max_context) as u64 * self.cfg.kv_bytes_per_token;
+        let bytes = task.reserve_tokens(self.engine.model.cfg.max_context) as u64
+            * self.cfg.kv_bytes_per_token;
         if let Err(refusal) = self.sched.submit(id, bytes) {
             self.metrics.kv_refused.fetch_add(1, Relaxed);
             let (ctx, out) = task.token_counts();
             let _ = events.send(Event::Failed(
                 ApiError::invalid(refusal.message(ctx, out)).code("kv_budget_exceeded"),
             ));
-            return;
+            return None;
         }
         tasks.insert(id, task);
+        Some(id)
     }
 
     /// Drops requests whose client went away before they decode.
