@@ -30,23 +30,24 @@ pub(crate) enum Outcome {
 
 enum Stage {
     /// Segments being read or prefilled.
+    // Boxed parts keep the variants close in size (clippy::large_enum_variant).
     Documents {
         w: Box<GenerateWork>,
-        decoder: TextDecoder,
+        decoder: Box<TextDecoder>,
         t: Tokenized,
-        b: PrepareBuilder,
+        b: Box<PrepareBuilder>,
     },
     /// Every segment is ready: the method runs next.
     Method {
         w: Box<GenerateWork>,
-        decoder: TextDecoder,
+        decoder: Box<TextDecoder>,
         t: Tokenized,
-        prepared: Prepared,
+        prepared: Box<Prepared>,
     },
     /// A request without documents: one prefill.
     Plain {
         w: Box<GenerateWork>,
-        decoder: TextDecoder,
+        decoder: Box<TextDecoder>,
         tokens: usize,
     },
     /// An upload: prefill and store one document.
@@ -85,7 +86,11 @@ impl Task {
             }
             Work::Generate(g) => {
                 // Checks the sampling knobs before any model work.
-                let decoder = TextDecoder::new(&w.engine.tokenizer, &g.sampling, g.ignore_eos)?;
+                let decoder = Box::new(TextDecoder::new(
+                    &w.engine.tokenizer,
+                    &g.sampling,
+                    g.ignore_eos,
+                )?);
                 w.set_chat(g.raw);
                 let max_tokens = g.sampling.max_new_tokens;
                 if g.prompt.documents.is_empty() {
@@ -105,7 +110,7 @@ impl Task {
                         + t.documents.iter().map(Vec::len).sum::<usize>()
                         + t.question.len();
                     w.check_context(n)?;
-                    let b = PrepareBuilder::new(&t, &[]);
+                    let b = Box::new(PrepareBuilder::new(&t, &[]));
                     let raw = g.raw;
                     let stage = Stage::Documents {
                         w: g,
@@ -194,7 +199,7 @@ impl Worker {
                                 w,
                                 decoder,
                                 t,
-                                prepared: b.finish(),
+                                prepared: Box::new((*b).finish()),
                             };
                             return Outcome::Continue;
                         }
@@ -212,7 +217,7 @@ impl Worker {
                 t,
                 prepared,
             } => match self.assemble_rag(&w, &t, &prepared) {
-                Ok((a, usage)) => self.ready(task, a, usage, w.method.name(), decoder),
+                Ok((a, usage)) => self.ready(task, a, usage, w.method.name(), *decoder),
                 Err(e) => Outcome::Failed(e),
             },
             Stage::Plain { w, decoder, tokens } => match self.engine.assemble_plain(&w.prompt) {
@@ -223,7 +228,7 @@ impl Worker {
                         ..Default::default()
                     };
                     let method = a.stats.method.clone();
-                    self.ready(task, a, usage, method, decoder)
+                    self.ready(task, a, usage, method, *decoder)
                 }
                 Err(e) => Outcome::Failed(e.into()),
             },

@@ -393,7 +393,7 @@ impl Worker {
             for id in self.decode_step(&mut running) {
                 self.sched.release(id);
             }
-            self.publish(&running, tasks.len() - assembling.len());
+            self.publish(&running, tasks.len().saturating_sub(assembling.len()));
         }
     }
 
