@@ -5,6 +5,7 @@
 //!   `headline` (`samkv bench-report`) joins several runs into one table.
 //! - `reuse` (`samkv bench-reuse`): Reuse against Recompute, store load cost, dtype fidelity.
 //! - `speed` (`samkv bench-speed`): CPU prefill and decode against llama.cpp.
+//! - `serve` (`samkv bench-serve`): a loopback load generator for `samkv serve`.
 //! - `gpu` (`samkv bench-gpu`): shape-only CUDA runs against Hugging Face transformers.
 
 pub mod gpu;
@@ -12,6 +13,7 @@ pub mod headline;
 pub mod qa;
 pub mod report;
 pub mod reuse;
+pub mod serve;
 pub mod speed;
 pub mod sweep;
 

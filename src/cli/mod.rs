@@ -90,6 +90,9 @@ pub enum Cmd {
     /// Prefill and decode tokens/s at several prompt lengths, next to llama.cpp (through
     /// llama-cpp-python, when installed) on the same GGUF file.
     BenchSpeed(bench::BenchSpeedArgs),
+    /// Load-test a `samkv serve` on loopback: clients x methods over a stored corpus, each
+    /// request 10 Zipf-drawn documents; requests/s, TTFT and inter-token latency p50/p99.
+    BenchServe(Box<samkv::bench::serve::BenchServeArgs>),
     /// Inspect and manage the KV store.
     Store {
         #[command(subcommand)]
@@ -116,6 +119,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(a) => bench::run(&cli, dir, a),
         Cmd::BenchSpeed(a) => bench::speed(dir, a),
         Cmd::BenchReuse(a) => bench::reuse(&cli, dir, a),
+        Cmd::BenchServe(a) => {
+            samkv::bench::serve::run(a, &store_spec(&cli))?;
+            Ok(())
+        }
         Cmd::BenchReport(a) => {
             print!("{}", samkv::bench::headline::run(a)?);
             Ok(())

@@ -121,6 +121,60 @@ impl Prepared {
     }
 }
 
+/// A [`Prepared`] built one segment at a time by [`Engine::prepare_next`].
+pub struct PrepareBuilder {
+    t: Tokenized,
+    names: Vec<String>,
+    prefix_kv: Option<Arc<StoredDoc>>,
+    /// Position of the next segment's first token.
+    start: u32,
+    out: Prepared,
+}
+
+impl PrepareBuilder {
+    /// A request's segments, none ready yet; `names[i]` is recorded with document i if it
+    /// is computed.
+    pub fn new(t: &Tokenized, names: &[String]) -> PrepareBuilder {
+        PrepareBuilder {
+            t: t.clone(),
+            names: names.to_vec(),
+            prefix_kv: None,
+            start: 0,
+            out: Prepared {
+                segments: Vec::with_capacity(t.documents.len() + 1),
+                question: t.question.clone(),
+                sources: Vec::with_capacity(t.documents.len() + 1),
+                load_ms: 0.0,
+                compute_ms: 0.0,
+                unstored: Vec::new(),
+            },
+        }
+    }
+
+    /// Tokens of the next segment to prepare (what its prefill costs if it is not stored),
+    /// None when all are ready.
+    pub fn next_tokens(&self) -> Option<usize> {
+        let has_prefix = !self.t.prefix.is_empty();
+        let i = self.out.segments.len();
+        if has_prefix && i == 0 {
+            return Some(self.t.prefix.len());
+        }
+        self.t
+            .documents
+            .get(i - usize::from(has_prefix))
+            .map(Vec::len)
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.next_tokens().is_none()
+    }
+
+    /// The segments ready so far (all of them once [`PrepareBuilder::is_done`]).
+    pub fn finish(self) -> Prepared {
+        self.out
+    }
+}
+
 impl Engine {
     pub fn new(model: Model, tokenizer: Tokenizer, store: Arc<dyn KvStore>) -> Self {
         Self {
@@ -439,51 +493,40 @@ impl Engine {
         names: &[String],
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Prepared> {
-        let mut segments = Vec::with_capacity(t.documents.len() + 1);
-        let mut sources = Vec::with_capacity(t.documents.len() + 1);
-        let (mut load_ms, mut compute_ms) = (0.0, 0.0);
-        let mut unstored = Vec::new();
-        let mut segment = 0;
-        let mut timed = |prefix: &[u32],
-                         pkv: Option<&StoredDoc>,
-                         toks: &[u32],
-                         name: Option<&str>,
-                         on_prefill: &mut dyn FnMut()|
-         -> Result<(Arc<StoredDoc>, Source, f64)> {
-            let t0 = Instant::now();
-            let r = self.document_kv_with(prefix, pkv, toks, name, on_prefill)?;
-            let el = t0.elapsed().as_secs_f64() * 1e3;
-            match r.1 {
-                Source::Store => load_ms += el,
-                Source::Computed => compute_ms += el,
-            }
-            if let Some(e) = r.2 {
-                unstored.push((segment, e));
-            }
-            segment += 1;
-            Ok((r.0, r.1, el))
-        };
-        let prefix_kv = if t.prefix.is_empty() {
-            None
+        let mut b = PrepareBuilder::new(t, names);
+        while self.prepare_next(&mut b, progress)?.is_some() {}
+        Ok(b.finish())
+    }
+
+    /// Loads or computes the next segment of `b` (the preamble, then each document in
+    /// order): what [`Engine::prepare_with`] does for all of them, one at a time, so that the
+    /// server can decode running streams between two documents' prefills. Returns where the
+    /// segment came from, or None once every segment is ready.
+    pub fn prepare_next(
+        &self,
+        b: &mut PrepareBuilder,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Option<Source>> {
+        let t = &b.t;
+        let has_prefix = !t.prefix.is_empty();
+        let segment = b.out.segments.len();
+        let t0 = Instant::now();
+        let (kv, src, unstored, tokens, is_preamble, index) = if has_prefix && segment == 0 {
+            let (kv, src, e) =
+                self.document_kv_with(&[], None, &t.prefix, Some("(preamble)"), &mut || {})?;
+            b.prefix_kv = Some(kv.clone());
+            (kv, src, e, t.prefix.clone(), true, None)
         } else {
-            let (kv, src, _) = timed(&[], None, &t.prefix, Some("(preamble)"), &mut || {})?;
-            segments.push(Segment {
-                tokens: t.prefix.clone(),
-                start: 0,
-                kv: kv.clone(),
-                is_preamble: true,
-            });
-            sources.push(src);
-            Some(kv)
-        };
-        let mut start = t.prefix.len() as u32;
-        let of = t.documents.len();
-        for (index, d) in t.documents.iter().enumerate() {
-            let (kv, src, ms) = timed(
+            let index = segment - usize::from(has_prefix);
+            let Some(d) = t.documents.get(index) else {
+                return Ok(None);
+            };
+            let of = t.documents.len();
+            let (kv, src, e) = self.document_kv_with(
                 &t.prefix,
-                prefix_kv.as_deref(),
+                b.prefix_kv.as_deref(),
                 d,
-                names.get(index).map(String::as_str),
+                b.names.get(index).map(String::as_str),
                 &mut || {
                     progress(Progress::Prefilling {
                         index,
@@ -492,29 +535,34 @@ impl Engine {
                     })
                 },
             )?;
+            (kv, src, e, d.clone(), false, Some(index))
+        };
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        match src {
+            Source::Store => b.out.load_ms += ms,
+            Source::Computed => b.out.compute_ms += ms,
+        }
+        if let Some(e) = unstored {
+            b.out.unstored.push((segment, e));
+        }
+        if let Some(index) = index {
             progress(Progress::Ready {
                 index,
-                of,
+                of: b.t.documents.len(),
                 source: src,
                 ms,
             });
-            segments.push(Segment {
-                tokens: d.clone(),
-                start,
-                kv,
-                is_preamble: false,
-            });
-            sources.push(src);
-            start += d.len() as u32;
         }
-        Ok(Prepared {
-            segments,
-            question: t.question.clone(),
-            sources,
-            load_ms,
-            compute_ms,
-            unstored,
-        })
+        let start = b.start;
+        b.start += tokens.len() as u32;
+        b.out.segments.push(Segment {
+            tokens,
+            start,
+            kv,
+            is_preamble,
+        });
+        b.out.sources.push(src);
+        Ok(Some(src))
     }
 
     /// Tokenizes, prepares and assembles a request with `method`. The returned stats count

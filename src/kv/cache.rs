@@ -129,6 +129,17 @@ impl LayerKv {
         2 * h * d * self.len() * self.k.dtype().size_in_bytes()
     }
 
+    /// Keeps the first `len` rows, dropping rows appended since (the buffer keeps its
+    /// capacity): undoes a decode step that failed after appending to some layers.
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.pos.len() {
+            self.pos.truncate(len);
+            if let Some(h) = &mut self.half {
+                h.len = h.len.min(len);
+            }
+        }
+    }
+
     /// Appends rows; decoding appends one at a time, so capacity grows geometrically and rows
     /// are written in place instead of re-concatenating the whole buffer each step.
     pub fn append(&mut self, k: &Tensor, v: &Tensor, pos: &[u32]) -> Result<()> {
@@ -364,6 +375,18 @@ impl KvCache {
         self.layers.iter().map(|l| l.bytes()).sum()
     }
 
+    /// Rows of each layer, to restore with [`KvCache::truncate_to`].
+    pub fn layer_lens(&self) -> Vec<usize> {
+        self.layers.iter().map(LayerKv::len).collect()
+    }
+
+    /// Truncates each layer to its length in `lens` (from [`KvCache::layer_lens`]).
+    pub fn truncate_to(&mut self, lens: &[usize]) {
+        for (l, &n) in self.layers.iter_mut().zip(lens) {
+            l.truncate(n);
+        }
+    }
+
     /// The next free position (one past the largest held).
     pub fn next_position(&self) -> u32 {
         self.layers
@@ -394,6 +417,30 @@ mod tests {
 
     fn flat(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn truncate_undoes_an_append_and_the_f16_copy_follows() {
+        let mut c = KvCache {
+            layers: vec![LayerKv::empty(1, 2, DType::F32, &Device::Cpu).unwrap(); 2],
+        };
+        let (k, v) = rows(&[0, 1, 2]);
+        for l in c.layers.iter_mut() {
+            l.append(&k, &v, &[0, 1, 2]).unwrap();
+            assert_eq!(l.half().unwrap().unwrap().len, 3);
+        }
+        let before = c.layer_lens();
+        // A failed step appended to the first layer only.
+        let (k1, v1) = rows(&[3]);
+        c.layers[0].append(&k1, &v1, &[3]).unwrap();
+        let _ = c.layers[0].half().unwrap();
+        c.truncate_to(&before);
+        assert_eq!(c.layer_lens(), vec![3, 3]);
+        assert_eq!(c.next_position(), 3);
+        assert_eq!(c.layers[0].half().unwrap().unwrap().len, 3);
+        // The retried step appends at the same place.
+        c.layers[0].append(&k1, &v1, &[3]).unwrap();
+        assert_eq!(flat(&c.layers[0].keys().unwrap())[6..], [3.0, 13.0]);
     }
 
     #[test]

@@ -80,6 +80,20 @@ pub struct Metrics {
     pub active_sequences: AtomicU64,
     pub queued: AtomicU64,
     pub documents: AtomicU64,
+    /// The KV budget (`--kv-budget`) and what admitted requests reserve of it.
+    pub kv_budget_bytes: AtomicU64,
+    pub kv_reserved_bytes: AtomicU64,
+    /// Requests tokenized and waiting for KV room.
+    pub waiting_for_kv: AtomicU64,
+    pub kv_refused: AtomicU64,
+    pub assembly_steps: AtomicU64,
+    pub decode_retries: AtomicU64,
+    /// Prefetch ([`super::prefetch`]): entries read ahead, used from the buffer, requested
+    /// but read by the model thread first, and bytes held now.
+    pub prefetch_reads: AtomicU64,
+    pub prefetch_hits: AtomicU64,
+    pub prefetch_late: AtomicU64,
+    pub prefetch_bytes: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -101,6 +115,16 @@ impl Default for Metrics {
             active_sequences: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             documents: AtomicU64::new(0),
+            kv_budget_bytes: AtomicU64::new(0),
+            kv_reserved_bytes: AtomicU64::new(0),
+            waiting_for_kv: AtomicU64::new(0),
+            kv_refused: AtomicU64::new(0),
+            assembly_steps: AtomicU64::new(0),
+            decode_retries: AtomicU64::new(0),
+            prefetch_reads: AtomicU64::new(0),
+            prefetch_hits: AtomicU64::new(0),
+            prefetch_late: AtomicU64::new(0),
+            prefetch_bytes: AtomicU64::new(0),
         }
     }
 }
@@ -112,6 +136,11 @@ pub struct StoreSample {
     pub bytes: u64,
     pub memory_bytes: usize,
     pub memory_budget: usize,
+    /// Reads the memory tier answered, reads of the backend (disk or Redis) that found the
+    /// entry, and reads that found it nowhere.
+    pub memory_hits: u64,
+    pub backend_hits: u64,
+    pub misses: u64,
 }
 
 impl Metrics {
@@ -160,7 +189,7 @@ impl Metrics {
             "samkv_queue_wait_seconds",
             "Time a request waited before the worker started it.",
         );
-        let counters: [(&str, &str, &AtomicU64); 9] = [
+        let counters: [(&str, &str, &AtomicU64); 15] = [
             ("samkv_cache_hits_total", "Document KV caches loaded from the store.", &self.cache_hits),
             ("samkv_cache_misses_total", "Document KV caches computed because the store did not have them.", &self.cache_misses),
             ("samkv_store_errors_total", "Failed store or document registry operations (the request recomputed or went on without it).", &self.store_errors),
@@ -170,6 +199,12 @@ impl Metrics {
             ("samkv_completion_tokens_total", "Generated tokens.", &self.completion_tokens),
             ("samkv_cached_tokens_total", "Prompt tokens whose KV came from the store.", &self.cached_tokens),
             ("samkv_documents_uploaded_total", "Documents uploaded through /v1/documents.", &self.documents),
+            ("samkv_requests_kv_refused_total", "Requests refused because their KV reservation exceeds the whole --kv-budget.", &self.kv_refused),
+            ("samkv_assembly_steps_total", "Assembly steps run between decode steps (tokenized requests' segment loads or prefills, and method assemblies).", &self.assembly_steps),
+            ("samkv_decode_retries_total", "Batched decode steps that failed and were retried one sequence at a time.", &self.decode_retries),
+            ("samkv_prefetch_reads_total", "Store entries read ahead for waiting requests.", &self.prefetch_reads),
+            ("samkv_prefetch_hits_total", "Store reads of the model thread answered by the prefetch buffer.", &self.prefetch_hits),
+            ("samkv_prefetch_late_total", "Prefetches the model thread overtook (it read the entry itself).", &self.prefetch_late),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(
@@ -193,6 +228,26 @@ impl Metrics {
                 "samkv_queue_depth",
                 "Requests admitted and not finished (queued or running).",
                 self.queued.load(Relaxed),
+            ),
+            (
+                "samkv_kv_budget_bytes",
+                "KV bytes admitted requests may reserve together (--kv-budget).",
+                self.kv_budget_bytes.load(Relaxed),
+            ),
+            (
+                "samkv_kv_reserved_bytes",
+                "KV bytes reserved by admitted requests: (context + max_tokens) x bytes per token each.",
+                self.kv_reserved_bytes.load(Relaxed),
+            ),
+            (
+                "samkv_prefetch_bytes",
+                "Bytes held in the prefetch buffer (--prefetch-bytes).",
+                self.prefetch_bytes.load(Relaxed),
+            ),
+            (
+                "samkv_requests_waiting_for_kv",
+                "Requests tokenized and waiting for room in the KV budget.",
+                self.waiting_for_kv.load(Relaxed),
             ),
         ];
         if let Some(s) = store {
@@ -220,7 +275,46 @@ impl Metrics {
         for (name, help, v) in gauges {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
+        if let Some(s) = store {
+            self.render_tiers(&mut o, s);
+        }
         o
+    }
+
+    /// Per-tier reads and hit rates: the memory tier, the backend store (disk or Redis),
+    /// the prefetch buffer in front of both.
+    fn render_tiers(&self, o: &mut String, s: &StoreSample) {
+        let reads = s.memory_hits + s.backend_hits + s.misses;
+        let prefetch = self.prefetch_hits.load(Relaxed);
+        let counters = [
+            (
+                "samkv_store_memory_hits_total",
+                "Store reads answered by the memory tier.",
+                s.memory_hits,
+            ),
+            (
+                "samkv_store_backend_hits_total",
+                "Store reads answered by the backend (disk or Redis) after a memory-tier miss.",
+                s.backend_hits,
+            ),
+            (
+                "samkv_store_misses_total",
+                "Store reads that found no entry.",
+                s.misses,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        let ratio = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };
+        let rates = [
+            ("samkv_store_memory_hit_ratio", "Share of store reads answered by the memory tier.", ratio(s.memory_hits, reads)),
+            ("samkv_store_backend_hit_ratio", "Share of store reads answered by the backend.", ratio(s.backend_hits, reads)),
+            ("samkv_prefetch_hit_ratio", "Prefetch hits over prefetch hits plus store reads (the prefetch thread's own reads of the memory tier and the backend included).", ratio(prefetch, prefetch + reads)),
+        ];
+        for (name, help, v) in rates {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
     }
 }
 

@@ -16,8 +16,11 @@ mod fields;
 mod guard;
 pub mod metrics;
 pub mod openai;
+pub mod prefetch;
 pub mod registry;
 mod routes;
+pub mod scheduler;
+mod task;
 pub mod worker;
 
 use std::path::{Path, PathBuf};
@@ -48,9 +51,27 @@ pub struct ServeOptions {
     /// Requests admitted at once, running or waiting; more are refused with 429.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
-    /// Requests decoded at once, in one batched forward per token on the model thread.
+    /// Requests admitted at once (assembling or decoding); decoding ones advance in one
+    /// batched forward per token on the model thread.
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
+    /// Tokens the model thread processes per round: one per decoding request plus the
+    /// prefill of the assembly steps it takes (at least one step per round). Smaller keeps
+    /// running streams smoother while documents are prefilled. Default: 512 on CPU, 2048 on
+    /// a GPU.
+    #[arg(long)]
+    pub step_tokens: Option<usize>,
+    /// KV bytes admitted requests may reserve together (e.g. 20GiB, 512MiB); each reserves
+    /// (context tokens + max_tokens) x the model's KV bytes per token while it runs. Requests
+    /// that do not fit wait; one larger than the whole budget is refused. Default: on CUDA
+    /// 90% of the device memory free after loading the weights, less 1 GiB for activations;
+    /// on CPU half of the available RAM (4 GiB where that cannot be read).
+    #[arg(long, value_parser = scheduler::parse_bytes)]
+    pub kv_budget: Option<u64>,
+    /// Host memory for documents read ahead from the store (disk or Redis) for requests
+    /// waiting to be admitted, so the model thread does not wait on I/O (0: no prefetch).
+    #[arg(long, default_value = "256MiB", value_parser = scheduler::parse_bytes_or_zero)]
+    pub prefetch_bytes: u64,
     /// Most documents in one chat request (given and retrieved together).
     #[arg(long, default_value_t = 16)]
     pub max_documents: usize,
@@ -190,6 +211,9 @@ impl AppState {
             bytes: s.bytes,
             memory_bytes: s.memory_bytes,
             memory_budget: s.memory_budget,
+            memory_hits: s.memory_hits,
+            backend_hits: s.disk_hits,
+            misses: s.misses,
         })?;
         *self.store_sample.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((Instant::now(), s.clone()));
@@ -225,6 +249,17 @@ pub fn serve(
         ));
     }
     let metrics = Arc::new(Metrics::default());
+    let prefetcher = if opts.prefetch_bytes > 0 {
+        let buf = prefetch::PrefetchBuffer::new(opts.prefetch_bytes as usize, metrics.clone());
+        let p = prefetch::Prefetcher::spawn(engine.store.clone(), buf.clone())?;
+        engine.store = Arc::new(prefetch::PrefetchStore {
+            inner: engine.store.clone(),
+            buf,
+        });
+        Some(p)
+    } else {
+        None
+    };
     engine.store = Arc::new(ObservedStore {
         inner: engine.store.clone(),
         metrics: metrics.clone(),
@@ -241,14 +276,25 @@ pub fn serve(
     };
     let store = engine.store.clone();
     let max_context = engine.model.cfg.max_context;
+    let (kv_budget, step_tokens) = budgets(&engine, &opts)?;
+    let kv_bytes_per_token = kv_bytes_per_token(&engine.model);
+    tracing::info!(
+        "KV budget {} ({} tokens at {kv_bytes_per_token} bytes per token), {step_tokens} tokens per step",
+        scheduler::human_bytes(kv_budget),
+        kv_budget / kv_bytes_per_token.max(1)
+    );
     let (jobs, worker) = worker::spawn(
         engine,
         WorkerConfig {
             max_batch: opts.max_batch,
             max_document_tokens: opts.max_document_tokens,
             max_context_tokens: opts.max_context_tokens.unwrap_or(max_context),
+            step_tokens,
+            kv_budget,
+            kv_bytes_per_token,
         },
         metrics.clone(),
+        prefetcher,
     )?;
     let state = Arc::new(AppState {
         jobs: Mutex::new(jobs),
@@ -302,6 +348,49 @@ pub fn serve(
     // The runtime is gone, so every job sender is dropped and the worker ends.
     let _ = worker.join();
     Ok(())
+}
+
+/// KV bytes one token takes in a request's cache: layers x KV heads x head_dim x (K and V) x
+/// the model's compute dtype.
+pub fn kv_bytes_per_token(m: &crate::model::Model) -> u64 {
+    let c = &m.cfg;
+    (c.n_layers * c.n_kv_heads * c.head_dim * 2 * m.dtype().size_in_bytes()) as u64
+}
+
+/// The KV budget and tokens per step: the flags, else defaults from the device.
+fn budgets(engine: &Engine, opts: &ServeOptions) -> Result<(u64, usize)> {
+    let dev = engine.model.device();
+    let step = opts
+        .step_tokens
+        .unwrap_or(if dev.is_cpu() { 512 } else { 2048 });
+    if step == 0 || opts.max_batch == 0 {
+        return Err(Error::InvalidInput(
+            "--step-tokens and --max-batch must be at least 1".into(),
+        ));
+    }
+    let budget = match opts.kv_budget {
+        Some(b) => b,
+        None => match crate::bench::gpu::mem_info(dev) {
+            // The weights are loaded by now, so free memory is what the caches can use.
+            Some((free, _)) => ((free as f64 * 0.9) as u64).saturating_sub(1 << 30),
+            None => available_ram().map_or(4 << 30, |b| b / 2),
+        },
+    };
+    if budget < kv_bytes_per_token(&engine.model) {
+        return Err(Error::InvalidInput(format!(
+            "the KV budget ({}) holds not even one token; give a larger --kv-budget",
+            scheduler::human_bytes(budget)
+        )));
+    }
+    Ok((budget, step))
+}
+
+/// MemAvailable from /proc/meminfo (Linux), bytes.
+fn available_ram() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 #[cfg(test)]

@@ -1,32 +1,44 @@
 //! The model worker: one thread owns the engine and runs every model computation, so candle's
 //! blocking CPU work never runs on the async reactor.
 //!
-//! Scheduling. Requests wait in a FIFO. Each round the worker starts (assembles) at most one
-//! waiting request, then advances every running request by one decode step, all of them in one
-//! batched forward (`Model::decode_batch`: the weights are read once per step for the whole
-//! batch). New requests get their first token without waiting for long generations to end,
-//! and every running stream keeps moving.
+//! Scheduling ([`super::scheduler`] decides, this thread does). A request arriving is
+//! tokenized and checked, and reserves its KV bytes (context + max_tokens) when the
+//! scheduler admits it; it waits while they do not fit (`--kv-budget`). Its assembly is then
+//! a series of steps ([`super::task`]): each missing document's prefill, one per step, then
+//! the method over the prepared documents. Each round the worker takes the assembly steps
+//! the scheduler picks under the token budget (`--step-tokens`) and then advances every
+//! running request by one decode step, all of them in one batched forward
+//! (`Model::decode_batch`: the weights are read once per step for the whole batch). So a
+//! 10-document request costs running streams one document's prefill per token, not ten.
+//!
+//! A batched step that fails is undone (each cache truncated to its length before the step)
+//! and retried one sequence at a time: only the sequence that fails alone ends. A failed
+//! assembly step (out of memory, a bad document) fails its request only.
 //!
 //! Admission is bounded by [`Gate`]: a request holds a [`Permit`] from arrival to completion,
 //! and the HTTP layer answers 429 when none is left. A request whose client went away (its
-//! event channel is closed) is dropped before it starts, or stopped at its next token.
+//! event channel is closed) is dropped before its next step, or stopped at its next token.
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
 use super::openai::{ApiError, Usage};
+use super::prefetch::Prefetcher;
+use super::scheduler::{decode_isolated, BatchStep, Budgets, ReqId, Scheduler};
+use super::task::{Outcome, Task};
 use crate::engine::generate::{Step, TextDecoder};
-use crate::engine::{Engine, FinishReason, Prompt, Sampling, Source};
+use crate::engine::{Engine, FinishReason, Prompt, Sampling};
 use crate::kv::KvCache;
 use crate::methods::Method;
+use crate::model::Model;
 use crate::Result;
 
 /// Bounds the requests admitted at once (waiting or running).
@@ -117,33 +129,44 @@ pub struct WorkerConfig {
     pub max_document_tokens: usize,
     /// Most context tokens (everything before the answer) in one request.
     pub max_context_tokens: usize,
+    /// Tokens per round (decode + assembly steps), `--step-tokens`.
+    pub step_tokens: usize,
+    /// KV bytes all admitted requests may reserve, `--kv-budget`.
+    pub kv_budget: u64,
+    /// KV bytes of one token in a request's cache (all layers, K and V).
+    pub kv_bytes_per_token: u64,
 }
+
+/// How often later requests may be admitted past a request waiting for KV room.
+const MAX_OVERTAKE: usize = 8;
 
 /// Starts the worker thread; it ends when every sender is dropped.
 pub fn spawn(
     engine: Engine,
     cfg: WorkerConfig,
     metrics: Arc<Metrics>,
+    prefetch: Option<Prefetcher>,
 ) -> std::io::Result<(Sender<Job>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::channel();
     let h = std::thread::Builder::new()
         .name("samkv-model".into())
-        .spawn(move || Worker::new(engine, cfg, metrics).run(rx))?;
+        .spawn(move || Worker::new(engine, cfg, metrics, prefetch).run(rx))?;
     Ok((tx, h))
 }
 
 /// One running generation.
-struct Seq {
-    events: UnboundedSender<Event>,
+pub(crate) struct Seq {
+    pub(crate) id: ReqId,
+    pub(crate) events: UnboundedSender<Event>,
     /// Released before the final event, so a client that sends its next request as soon as
     /// it has the answer finds the slot free.
-    permit: Option<Permit>,
-    received: Instant,
-    cache: KvCache,
-    logits: Tensor,
-    decoder: TextDecoder,
-    pos: u32,
-    last_token: Option<Instant>,
+    pub(crate) permit: Option<Permit>,
+    pub(crate) received: Instant,
+    pub(crate) cache: KvCache,
+    pub(crate) logits: Tensor,
+    pub(crate) decoder: TextDecoder,
+    pub(crate) pos: u32,
+    pub(crate) last_token: Option<Instant>,
 }
 
 impl Seq {
@@ -202,180 +225,309 @@ impl Seq {
     }
 }
 
-fn internal(p: Box<dyn std::any::Any + Send>) -> crate::Error {
+pub(crate) fn internal(p: Box<dyn std::any::Any + Send>) -> crate::Error {
     crate::Error::Internal(format!("panic: {}", panic_message(p)))
 }
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-struct Worker {
-    engine: Engine,
-    cfg: WorkerConfig,
-    metrics: Arc<Metrics>,
-    chat: bool,
+pub(crate) struct Worker {
+    pub(crate) engine: Engine,
+    pub(crate) cfg: WorkerConfig,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) chat: bool,
+    prefetch: Option<Prefetcher>,
+    sched: Scheduler,
+    next_id: ReqId,
+}
+
+/// One batched decode step over the running sequences, for [`decode_isolated`].
+struct Batch<'a> {
+    model: &'a Model,
+    feed: &'a [u32],
+    positions: &'a [u32],
+    caches: &'a mut [KvCache],
+    /// Each cache's layer lengths before the step.
+    before: Vec<Vec<usize>>,
+    /// The batched pass failed and sequences were run one by one.
+    retried: bool,
+}
+
+impl BatchStep for Batch<'_> {
+    type Out = Tensor;
+    type Err = crate::Error;
+
+    fn all(&mut self) -> Result<Vec<Tensor>> {
+        let (m, f, p, n) = (self.model, self.feed, self.positions, self.feed.len());
+        let caches = &mut *self.caches;
+        catch_unwind(AssertUnwindSafe(|| {
+            let logits = m.decode_batch(f, p, caches)?;
+            (0..n)
+                .map(|i| Ok(logits.get(i)?))
+                .collect::<Result<Vec<Tensor>>>()
+        }))
+        .unwrap_or_else(|p| Err(internal(p)))
+    }
+
+    fn one(&mut self, i: usize) -> Result<Tensor> {
+        self.retried = true;
+        let (m, f, p) = (self.model, self.feed, self.positions);
+        let cache = &mut self.caches[i..i + 1];
+        catch_unwind(AssertUnwindSafe(|| {
+            Ok(m.decode_batch(&f[i..i + 1], &p[i..i + 1], cache)?.get(0)?)
+        }))
+        .unwrap_or_else(|p| Err(internal(p)))
+    }
+
+    fn rollback(&mut self, i: usize) {
+        self.caches[i].truncate_to(&self.before[i]);
+    }
 }
 
 impl Worker {
-    fn new(engine: Engine, cfg: WorkerConfig, metrics: Arc<Metrics>) -> Worker {
+    fn new(
+        engine: Engine,
+        cfg: WorkerConfig,
+        metrics: Arc<Metrics>,
+        prefetch: Option<Prefetcher>,
+    ) -> Worker {
         let chat = engine.chat;
+        let sched = Scheduler::new(Budgets {
+            step_tokens: cfg.step_tokens,
+            kv_bytes: cfg.kv_budget,
+            max_running: cfg.max_batch,
+            max_overtake: MAX_OVERTAKE,
+        });
+        metrics.kv_budget_bytes.store(cfg.kv_budget, Relaxed);
         Worker {
             engine,
             cfg,
             metrics,
             chat,
+            prefetch,
+            sched,
+            next_id: 0,
         }
     }
 
     fn run(mut self, rx: Receiver<Job>) {
-        let mut waiting: VecDeque<Job> = VecDeque::new();
+        // Requests tokenized and not finished assembling, by id; `assembling` holds the
+        // admitted ones in admission order.
+        let mut tasks: HashMap<ReqId, Task> = HashMap::new();
+        let mut assembling: Vec<ReqId> = Vec::new();
         let mut running: Vec<Seq> = Vec::new();
+        let mut fresh: Vec<ReqId> = Vec::new();
         loop {
-            if running.is_empty() && waiting.is_empty() {
-                match rx.recv() {
-                    Ok(j) => waiting.push_back(j),
-                    Err(_) => return,
+            if running.is_empty() && assembling.is_empty() {
+                let got = if tasks.is_empty() {
+                    rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                } else {
+                    // Only waiting requests: they are admitted below (or cancelled).
+                    rx.recv_timeout(Duration::from_millis(20))
+                };
+                match got {
+                    Ok(j) => fresh.extend(self.intake(j, &mut tasks)),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
             while let Ok(j) = rx.try_recv() {
-                waiting.push_back(j);
+                fresh.extend(self.intake(j, &mut tasks));
             }
-            if running.len() < self.cfg.max_batch.max(1) {
-                if let Some(job) = waiting.pop_front() {
-                    let events = job.events.clone();
-                    match catch_unwind(AssertUnwindSafe(|| self.start(job))) {
-                        Ok(Some(seq)) => running.push(seq),
-                        Ok(None) => {}
-                        Err(p) => {
-                            let m = panic_message(p);
-                            let _ = events.send(Event::Failed(ApiError::internal(format!(
-                                "the request failed with a panic: {m}"
-                            ))));
-                        }
+            self.drop_cancelled(&mut tasks, &mut assembling);
+            let admitted = self.sched.admit();
+            // New requests that must wait: read their stored documents meanwhile.
+            if let Some(p) = &self.prefetch {
+                for id in fresh.drain(..).filter(|id| !admitted.contains(id)) {
+                    if let Some(t) = tasks.get(&id) {
+                        p.request(t.document_ids(&self.engine));
                     }
                 }
             }
-            self.decode_step(&mut running);
-            let bytes: usize = running.iter().map(|s| s.cache.bytes()).sum();
-            self.metrics.active_kv_bytes.store(bytes as u64, Relaxed);
-            self.metrics
-                .active_sequences
-                .store(running.len() as u64, Relaxed);
+            fresh.clear();
+            for id in admitted {
+                if let Some(t) = tasks.get(&id) {
+                    self.metrics
+                        .queue_wait
+                        .observe(t.received.elapsed().as_secs_f64());
+                }
+                assembling.push(id);
+            }
+            let costs: Vec<(ReqId, usize)> = assembling
+                .iter()
+                .filter_map(|id| tasks.get(id).map(|t| (*id, t.cost())))
+                .collect();
+            for id in self.sched.plan(running.len(), &costs) {
+                let Some(mut task) = tasks.remove(&id) else {
+                    continue;
+                };
+                let events = task.events.clone();
+                let out =
+                    catch_unwind(AssertUnwindSafe(|| self.step(&mut task))).unwrap_or_else(|p| {
+                        Outcome::Failed(ApiError::internal(format!(
+                            "the request failed with a panic: {}",
+                            panic_message(p)
+                        )))
+                    });
+                self.metrics.assembly_steps.fetch_add(1, Relaxed);
+                match out {
+                    Outcome::Continue => {
+                        tasks.insert(id, task);
+                        continue;
+                    }
+                    Outcome::Decode(seq) => running.push(*seq),
+                    Outcome::Answered => self.sched.release(id),
+                    Outcome::Failed(e) => {
+                        drop(task);
+                        let _ = events.send(Event::Failed(e));
+                        self.sched.release(id);
+                    }
+                }
+                assembling.retain(|a| *a != id);
+            }
+            for id in self.decode_step(&mut running) {
+                self.sched.release(id);
+            }
+            self.publish(&running, tasks.len().saturating_sub(assembling.len()));
         }
+    }
+
+    /// The first step of every request: tokenize and check it, and queue it for admission
+    /// under the KV budget (or refuse it at once when it could never fit).
+    fn intake(&mut self, job: Job, tasks: &mut HashMap<ReqId, Task>) -> Option<ReqId> {
+        if job.events.is_closed() {
+            self.metrics.cancelled.fetch_add(1, Relaxed);
+            return None;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let events = job.events.clone();
+        let r = catch_unwind(AssertUnwindSafe(|| Task::new(self, id, job))).unwrap_or_else(|p| {
+            Err(ApiError::internal(format!(
+                "the request failed with a panic: {}",
+                panic_message(p)
+            )))
+        });
+        let task = match r {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = events.send(Event::Failed(e));
+                return None;
+            }
+        };
+        let bytes = task.reserve_tokens(self.engine.model.cfg.max_context) as u64
+            * self.cfg.kv_bytes_per_token;
+        if let Err(refusal) = self.sched.submit(id, bytes) {
+            self.metrics.kv_refused.fetch_add(1, Relaxed);
+            let (ctx, out) = task.token_counts();
+            let _ = events.send(Event::Failed(
+                ApiError::invalid(refusal.message(ctx, out)).code("kv_budget_exceeded"),
+            ));
+            return None;
+        }
+        tasks.insert(id, task);
+        Some(id)
+    }
+
+    /// Drops requests whose client went away before they decode.
+    fn drop_cancelled(&mut self, tasks: &mut HashMap<ReqId, Task>, assembling: &mut Vec<ReqId>) {
+        let gone: Vec<ReqId> = tasks
+            .iter()
+            .filter(|(_, t)| t.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            tasks.remove(&id);
+            assembling.retain(|a| *a != id);
+            self.sched.release(id);
+            self.metrics.cancelled.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn publish(&self, running: &[Seq], waiting: usize) {
+        let m = &self.metrics;
+        let bytes: usize = running.iter().map(|s| s.cache.bytes()).sum();
+        m.active_kv_bytes.store(bytes as u64, Relaxed);
+        m.active_sequences.store(running.len() as u64, Relaxed);
+        m.kv_reserved_bytes.store(self.sched.reserved(), Relaxed);
+        m.waiting_for_kv.store(waiting as u64, Relaxed);
     }
 
     /// One decode step for every running sequence: each samples its next token; those not
     /// finished go through the model together ([`crate::model::Model::decode_batch`]: one
     /// pass over the weights for all of them), which is what makes concurrent requests cheap.
-    fn decode_step(&self, running: &mut Vec<Seq>) {
+    /// Returns the ids of the sequences that ended.
+    fn decode_step(&self, running: &mut Vec<Seq>) -> Vec<ReqId> {
         let (engine, metrics) = (&self.engine, &*self.metrics);
         let mut feed = Vec::with_capacity(running.len());
+        let mut ended = Vec::new();
         running.retain_mut(|s| {
             let r = catch_unwind(AssertUnwindSafe(|| s.next_token(engine, metrics)))
                 .unwrap_or_else(|p| Err(internal(p)));
             match r {
                 Ok(Ok(tok)) => {
                     feed.push(tok);
-                    true
+                    return true;
                 }
-                Ok(Err(reason)) => {
-                    s.finish(reason, metrics);
-                    false
-                }
-                Err(e) => {
-                    s.fail(e.to_string());
-                    false
-                }
+                Ok(Err(reason)) => s.finish(reason, metrics),
+                Err(e) => s.fail(e.to_string()),
             }
+            ended.push(s.id);
+            false
         });
         if running.is_empty() {
-            return;
+            return ended;
         }
         let positions: Vec<u32> = running.iter().map(|s| s.pos).collect();
         let mut caches: Vec<KvCache> = running
             .iter_mut()
             .map(|s| std::mem::replace(&mut s.cache, KvCache { layers: Vec::new() }))
             .collect();
-        let r = catch_unwind(AssertUnwindSafe(|| {
-            let logits = engine.model.decode_batch(&feed, &positions, &mut caches)?;
-            (0..feed.len())
-                .map(|i| Ok(logits.get(i)?))
-                .collect::<Result<Vec<Tensor>>>()
-        }))
-        .unwrap_or_else(|p| Err(internal(p)));
-        match r {
-            Ok(rows) => {
-                for ((s, cache), logits) in running.iter_mut().zip(caches).zip(rows) {
-                    s.cache = cache;
+        let before = caches.iter().map(KvCache::layer_lens).collect();
+        let n = feed.len();
+        let mut batch = Batch {
+            model: &engine.model,
+            feed: &feed,
+            positions: &positions,
+            caches: &mut caches,
+            before,
+            retried: false,
+        };
+        let results = decode_isolated(&mut batch, n);
+        if batch.retried {
+            metrics.decode_retries.fetch_add(1, Relaxed);
+        }
+        let mut keep = vec![true; n];
+        for (i, ((s, cache), r)) in running.iter_mut().zip(caches).zip(results).enumerate() {
+            s.cache = cache;
+            match r {
+                Ok(logits) => {
                     s.logits = logits;
                     s.pos += 1;
                 }
-            }
-            Err(e) => {
-                // The caches may hold the new token in some layers only: every sequence of
-                // the batch ends.
-                for s in running.iter_mut() {
-                    s.fail(e.to_string());
-                }
-                running.clear();
-            }
-        }
-    }
-
-    /// Runs a job up to its first token; returns the sequence to decode, if any.
-    fn start(&mut self, job: Job) -> Option<Seq> {
-        let Job {
-            work,
-            events,
-            received,
-            permit,
-        } = job;
-        if events.is_closed() {
-            self.metrics.cancelled.fetch_add(1, Relaxed);
-            return None;
-        }
-        self.metrics
-            .queue_wait
-            .observe(received.elapsed().as_secs_f64());
-        match work {
-            Work::Ingest { text } => {
-                let ev = match self.ingest(&text) {
-                    Ok(ev) => ev,
-                    Err(e) => Event::Failed(e),
-                };
-                drop(permit);
-                let _ = events.send(ev);
-                None
-            }
-            Work::Generate(w) => match self.assemble(&w) {
-                Ok((a, usage, method, decoder)) => {
-                    let _ = events.send(Event::Started { usage, method });
-                    let pos = a.cache.next_position();
-                    Some(Seq {
-                        events,
-                        permit: Some(permit),
-                        received,
-                        cache: a.cache,
-                        logits: a.logits,
-                        decoder,
-                        pos,
-                        last_token: None,
-                    })
-                }
                 Err(e) => {
-                    drop(permit);
-                    let _ = events.send(Event::Failed(e));
-                    None
+                    s.fail(e.to_string());
+                    ended.push(s.id);
+                    keep[i] = false;
                 }
-            },
+            }
         }
+        let mut k = keep.into_iter();
+        running.retain(|_| k.next().unwrap_or(true));
+        ended
     }
 
-    fn check_documents(&self, docs: &[Vec<u32>]) -> std::result::Result<(), ApiError> {
+    /// Sets the engine's chat wrapping for one request's step (plain completions are raw).
+    pub(crate) fn set_chat(&mut self, raw: bool) {
+        self.engine.chat = self.chat && !raw;
+    }
+
+    pub(crate) fn check_documents(&self, docs: &[Vec<u32>]) -> std::result::Result<(), ApiError> {
         for (i, d) in docs.iter().enumerate() {
             if d.len() > self.cfg.max_document_tokens {
                 return Err(ApiError::invalid(format!(
@@ -391,7 +543,7 @@ impl Worker {
         Ok(())
     }
 
-    fn check_context(&self, tokens: usize) -> std::result::Result<(), ApiError> {
+    pub(crate) fn check_context(&self, tokens: usize) -> std::result::Result<(), ApiError> {
         let max = self.cfg.max_context_tokens;
         if tokens > max {
             return Err(ApiError::invalid(format!(
@@ -402,108 +554,6 @@ impl Worker {
             .code("context_length_exceeded"));
         }
         Ok(())
-    }
-
-    fn assemble(
-        &mut self,
-        w: &GenerateWork,
-    ) -> std::result::Result<(crate::methods::Assembled, Usage, String, TextDecoder), ApiError>
-    {
-        // Checks the sampling knobs before any model work.
-        let decoder = TextDecoder::new(&self.engine.tokenizer, &w.sampling, w.ignore_eos)?;
-        self.engine.chat = self.chat && !w.raw;
-        let (a, usage, method) = if w.prompt.documents.is_empty() {
-            self.assemble_plain(w)?
-        } else {
-            self.assemble_rag(w)?
-        };
-        Ok((a, usage, method, decoder))
-    }
-
-    fn assemble_rag(
-        &mut self,
-        w: &GenerateWork,
-    ) -> std::result::Result<(crate::methods::Assembled, Usage, String), ApiError> {
-        let t = self.engine.tokenize(&w.prompt)?;
-        self.check_documents(&t.documents)?;
-        self.check_context(
-            t.prefix.len() + t.documents.iter().map(Vec::len).sum::<usize>() + t.question.len(),
-        )?;
-        let prepared = self.engine.prepare(&t)?;
-        let a = self
-            .engine
-            .assemble_prepared(&prepared, w.method.as_ref())?;
-        let mut cached = 0;
-        for (s, src) in prepared.segments.iter().zip(&prepared.sources) {
-            if *src == Source::Store {
-                cached += s.len();
-            }
-            if !s.is_preamble {
-                let c = match src {
-                    Source::Store => &self.metrics.cache_hits,
-                    Source::Computed => &self.metrics.cache_misses,
-                };
-                c.fetch_add(1, Relaxed);
-            }
-        }
-        // Stored KV the method recomputed was not reused: Recompute reuses none of it.
-        let cached = cached.saturating_sub(a.stats.recomputed_tokens.round() as usize);
-        let prompt_tokens =
-            t.prefix.len() + t.documents.iter().map(Vec::len).sum::<usize>() + t.question.len();
-        let m = &self.metrics;
-        m.prompt_tokens.fetch_add(prompt_tokens as u64, Relaxed);
-        m.cached_tokens.fetch_add(cached as u64, Relaxed);
-        let usage = Usage {
-            prompt_tokens,
-            cached_tokens: cached,
-            recomputed_tokens: a.stats.recomputed_tokens.round() as usize,
-            kv_tokens_kept: a.stats.kv_tokens_kept.round() as usize,
-            prompt_tokens_details: super::openai::PromptDetails {
-                cached_tokens: cached,
-            },
-            ..Default::default()
-        };
-        Ok((a, usage, w.method.name()))
-    }
-
-    /// A request without documents: the model's own chat (or, raw, the prompt as given), one
-    /// prefill, nothing from the store; the method is reported as `none`.
-    fn assemble_plain(
-        &mut self,
-        w: &GenerateWork,
-    ) -> std::result::Result<(crate::methods::Assembled, Usage, String), ApiError> {
-        // Tokenizing twice costs little next to a prefill that could not be used.
-        let prompt_tokens = self.engine.tokenize_plain(&w.prompt)?.len();
-        self.check_context(prompt_tokens)?;
-        let a = self.engine.assemble_plain(&w.prompt)?;
-        self.metrics
-            .prompt_tokens
-            .fetch_add(prompt_tokens as u64, Relaxed);
-        let usage = Usage {
-            prompt_tokens,
-            ..Default::default()
-        };
-        let method = a.stats.method.clone();
-        Ok((a, usage, method))
-    }
-
-    fn ingest(&mut self, text: &str) -> std::result::Result<Event, ApiError> {
-        self.engine.chat = self.chat;
-        let t = self.engine.tokenize_document(text)?;
-        self.check_documents(&t.documents)?;
-        // An upload is acknowledged only once its KV is in the store (ingest fails otherwise).
-        let r = self.engine.ingest(&t, None)?;
-        let c = if r.cached {
-            &self.metrics.cache_hits
-        } else {
-            &self.metrics.cache_misses
-        };
-        c.fetch_add(1, Relaxed);
-        Ok(Event::Ingested {
-            kv_id: r.id.to_string(),
-            tokens: r.tokens,
-            cached: r.cached,
-        })
     }
 }
 
