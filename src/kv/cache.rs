@@ -140,6 +140,32 @@ impl LayerKv {
         }
     }
 
+    /// Bytes of the K/V buffers as allocated (valid rows and spare capacity).
+    pub fn allocated_bytes(&self) -> usize {
+        let (h, cap, d) = self.k.dims3().unwrap_or((0, 0, 0));
+        2 * h * d * cap * self.k.dtype().size_in_bytes()
+    }
+
+    /// Makes room for `extra` more rows in one allocation of exactly that size, so that the
+    /// appends that follow neither reallocate nor double the buffer: a server that knows a
+    /// sequence's largest length holds exactly the bytes it reserved for it.
+    pub fn reserve(&mut self, extra: usize) -> Result<()> {
+        let (h, cap, d) = self.k.dims3()?;
+        let len = self.len();
+        if len + extra <= cap {
+            return Ok(());
+        }
+        let nk = Tensor::zeros((h, len + extra, d), self.k.dtype(), self.k.device())?;
+        let nv = nk.zeros_like()?;
+        if len > 0 {
+            nk.slice_set(&self.keys()?.contiguous()?, 1, 0)?;
+            nv.slice_set(&self.values()?.contiguous()?, 1, 0)?;
+        }
+        self.k = nk;
+        self.v = nv;
+        Ok(())
+    }
+
     /// Appends rows; decoding appends one at a time, so capacity grows geometrically and rows
     /// are written in place instead of re-concatenating the whole buffer each step.
     pub fn append(&mut self, k: &Tensor, v: &Tensor, pos: &[u32]) -> Result<()> {
@@ -362,6 +388,16 @@ impl KvCache {
         })
     }
 
+    /// [`LayerKv::reserve`] in every layer.
+    pub fn reserve(&mut self, extra: usize) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|l| l.reserve(extra))
+    }
+
+    /// Bytes of every layer's K/V buffers as allocated.
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers.iter().map(LayerKv::allocated_bytes).sum()
+    }
+
     /// Rows in the largest layer (all layers hold the same rows except after per-layer selection).
     pub fn len(&self) -> usize {
         self.layers.iter().map(|l| l.len()).max().unwrap_or(0)
@@ -417,6 +453,28 @@ mod tests {
 
     fn flat(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn reserve_allocates_once_for_the_rows_to_come() {
+        let mut l = LayerKv::empty(1, 2, DType::F32, &Device::Cpu).unwrap();
+        let first: Vec<u32> = (0..20).collect();
+        let (k, v) = rows(&first);
+        l.append(&k, &v, &first).unwrap();
+        l.reserve(5).unwrap();
+        // 25 rows x 2 dims x K and V x 4 bytes, exactly; appends within it keep the buffer
+        // (without reserve the first one would double it to 40 rows).
+        assert_eq!(l.allocated_bytes(), 25 * 2 * 2 * 4);
+        for p in 20..25 {
+            let (k, v) = rows(&[p]);
+            l.append(&k, &v, &[p]).unwrap();
+        }
+        assert_eq!(l.allocated_bytes(), 25 * 2 * 2 * 4);
+        assert_eq!(flat(&l.keys().unwrap())[..4], [0.0, 10.0, 1.0, 11.0]);
+        assert_eq!(l.positions(), (0..25).collect::<Vec<u32>>());
+        // Room already there: nothing moves.
+        l.reserve(0).unwrap();
+        assert_eq!(l.allocated_bytes(), 25 * 2 * 2 * 4);
     }
 
     #[test]

@@ -10,8 +10,10 @@
 //!
 //! KV budget. A request reserves `(context tokens + max_tokens) x bytes per token` when it is
 //! admitted and releases it when it ends, so the caches of everything admitted can never
-//! outgrow the budget (sparse methods keep fewer rows than they reserve: the budget is an
-//! upper bound, not a measurement). A request that could not fit even into an empty server is
+//! outgrow the budget. Once assembled, the reservation shrinks to the cache as allocated, which
+//! the worker sizes once for the rows kept plus `max_tokens` ([`Scheduler::shrink`]): a sparse
+//! method that keeps 15% of the context then holds about 15% of Reuse's bytes, and the budget
+//! admits that many more of its requests. A request that could not fit even into an empty server is
 //! refused at once ([`KvRefusal`]); one that does not fit now waits.
 //!
 //! No starvation. Admission is FIFO, with bounded overtaking: while the request at the head of
@@ -126,6 +128,18 @@ impl Scheduler {
             self.reserved -= b;
         }
         self.waiting.retain(|w| w.id != id);
+    }
+
+    /// Lowers an admitted request's reservation to `bytes` (never raises it): once assembled,
+    /// a request holds only the rows its method kept plus room for its answer, so a sparse
+    /// method leaves room for more requests than its admission reserved.
+    pub fn shrink(&mut self, id: ReqId, bytes: u64) {
+        if let Some((_, b)) = self.admitted.iter_mut().find(|(r, _)| *r == id) {
+            if bytes < *b {
+                self.reserved -= *b - bytes;
+                *b = bytes;
+            }
+        }
     }
 
     /// Admits waiting requests that fit, in FIFO order with bounded overtaking (module docs);

@@ -230,3 +230,24 @@ fn byte_sizes_parse_and_print() {
     assert_eq!(human_bytes(300), "300 B");
     assert_eq!(human_bytes(3 << 29), "1.5 GiB");
 }
+
+#[test]
+fn an_assembled_request_shrinks_its_reservation_and_lets_more_in() {
+    // Budget for two full requests and a half; three wait.
+    let mut s = Scheduler::new(budgets(250, 8));
+    for id in 0..3 {
+        s.submit(id, 100 * BPT).unwrap();
+    }
+    assert_eq!(s.admit(), vec![0, 1]);
+    assert_eq!(s.reserved(), 200 * BPT);
+    // Request 0 kept 15 rows of 100 (a sparse method): the third now fits.
+    s.shrink(0, 15 * BPT);
+    assert_eq!(s.reserved(), 115 * BPT);
+    assert_eq!(s.admit(), vec![2]);
+    // Never raised; unknown ids are ignored; release frees what is left.
+    s.shrink(1, 500 * BPT);
+    s.shrink(42, 0);
+    assert_eq!(s.reserved(), 215 * BPT);
+    s.release(0);
+    assert_eq!(s.reserved(), 200 * BPT);
+}

@@ -380,7 +380,21 @@ impl Worker {
                         tasks.insert(id, task);
                         continue;
                     }
-                    Outcome::Decode(seq) => running.push(*seq),
+                    Outcome::Decode(mut seq) => {
+                        // Room for the whole answer in one allocation, then the reservation
+                        // becomes exactly what the sequence holds.
+                        let (_, answer) = task.token_counts();
+                        match seq.cache.reserve(answer) {
+                            Ok(()) => {
+                                self.sched.shrink(id, seq.cache.allocated_bytes() as u64);
+                                running.push(*seq);
+                            }
+                            Err(e) => {
+                                seq.fail(format!("allocating the answer's KV rows: {e}"));
+                                self.sched.release(id);
+                            }
+                        }
+                    }
                     Outcome::Answered => self.sched.release(id),
                     Outcome::Failed(e) => {
                         drop(task);
