@@ -1,6 +1,22 @@
-# Sourced by the scripts that run on the GPU machine (gpu-run.sh, gpu-qa.sh): finds the CUDA 13
-# libraries of that machine's python packages and unpacks the CUDA binaries carried in
-# dist/gpu/*.xz into $BIN. Expects $RUN (a log file) to be set.
+# Sourced by the scripts that run on the GPU machine (gpu-run.sh, gpu-serve.sh, gpu-qa.sh):
+# defines log and step, finds the CUDA 13 libraries of that machine's python packages and
+# unpacks the CUDA binaries carried in dist/gpu/*.xz into $BIN. Expects $RUN (a log file) to
+# be set.
+log() { printf '%s\n' "$*" | tee -a "$RUN"; }
+
+# Runs a step under `timeout`, output to a file; records exit code and duration.
+step() {
+    local name=$1 secs=$2 file=$3
+    shift 3
+    local t0=$SECONDS
+    log "== $name: timeout ${secs}s: $*"
+    timeout -k 10 "$secs" "$@" >"$file" 2>&1
+    local rc=$?
+    local note=""
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && note=" (timed out)"
+    log "== $name: exit $rc$note after $((SECONDS - t0)) s"
+}
+
 # The CUDA 13 libraries (cuBLAS, cuRAND, cudart) from the python packages' nvidia/ tree.
 NVLIBS=$(timeout 60 python3 - <<'EOF' 2>>"$RUN"
 import glob, os

@@ -29,21 +29,6 @@ mkdir -p "$OUT"
 BUDGET="${SAMKV_GPU_BUDGET_S:-570}"
 RUN="$OUT/run.txt"
 : >"$RUN"
-log() { printf '%s\n' "$*" | tee -a "$RUN"; }
-
-# Runs a step under `timeout`, output to a file; records exit code and duration.
-step() {
-    local name=$1 secs=$2 file=$3
-    shift 3
-    local t0=$SECONDS
-    log "== $name: timeout ${secs}s: $*"
-    timeout -k 10 "$secs" "$@" >"$file" 2>&1
-    local rc=$?
-    local note=""
-    [ "$rc" = 124 ] || [ "$rc" = 137 ] && note=" (timed out)"
-    log "== $name: exit $rc$note after $((SECONDS - t0)) s"
-}
-
 # shellcheck source=scripts/gpu-env.sh
 source scripts/gpu-env.sh
 MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf

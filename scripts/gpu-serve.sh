@@ -21,17 +21,6 @@ mkdir -p "$OUT"
 BUDGET="${SAMKV_GPU_BUDGET_S:-570}"
 RUN="$OUT/run.txt"
 : >"$RUN"
-log() { printf '%s\n' "$*" | tee -a "$RUN"; }
-step() {
-    local name=$1 secs=$2 file=$3
-    shift 3
-    local t0=$SECONDS
-    log "== $name: timeout ${secs}s: $*"
-    timeout -k 10 "$secs" "$@" >"$file" 2>&1
-    local rc=$?
-    log "== $name: exit $rc after $((SECONDS - t0)) s"
-}
-
 # shellcheck source=scripts/gpu-env.sh
 source scripts/gpu-env.sh
 MODEL="${TOKENIZER_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
